@@ -1,1 +1,30 @@
-"""QueryInst (Fang et al., "Instances as Queries", ICCV 2021) on Detectron2."""
+"""QueryInst (Fang et al., "Instances as Queries", ICCV 2021) on Detectron2.
+
+Importing the package registers the meta-architecture ``QueryInst``, the proposal generator
+``LearnableProposals``, the ROI heads ``QueryInstROIHeads``, the backbone
+``build_resnet_fpn_p2_p5_backbone`` and the bundled datasets.
+"""
+from .box_head import DIIHead
+from .config import add_queryinst_config
+from .detector import QueryInst, queryinst_postprocess
+from .dynamic_conv import DynamicConv
+from .losses import QueryInstCriterion
+from .mask_head import DynamicMaskHead
+from .matcher import HungarianMatcher
+from .proposals import LearnableProposals
+from .roi_heads import QueryInstROIHeads, StageOutput
+from . import backbone as _  # noqa: F401  (registration only)
+
+__all__ = [
+    "add_queryinst_config",
+    "DIIHead",
+    "DynamicConv",
+    "DynamicMaskHead",
+    "HungarianMatcher",
+    "LearnableProposals",
+    "QueryInst",
+    "QueryInstCriterion",
+    "QueryInstROIHeads",
+    "StageOutput",
+    "queryinst_postprocess",
+]

@@ -1,0 +1,65 @@
+"""Config keys of QueryInst. Defaults are the paper's R50-FPN 1x, 100-query setting.
+
+Numbers come from ``queryinst-spec.md`` (the project's digest of the paper, arXiv 2105.01928,
+and the official code); each key says which section.
+"""
+import math
+
+from detectron2.config import CfgNode as CN
+
+
+def add_queryinst_config(cfg: CN) -> None:
+    """Add QueryInst's keys to a Detectron2 config, in place.
+
+    Keys that Detectron2 already has (backbone, input, solver schedule, ``MODEL.MASK_ON``,
+    ``TEST.DETECTIONS_PER_IMAGE``) are set in ``configs/Base-QueryInst.yaml`` instead.
+
+    Args:
+        cfg: a Detectron2 config, usually ``detectron2.config.get_cfg()``.
+    """
+    cfg.MODEL.QUERYINST = CN()
+    _C = cfg.MODEL.QUERYINST
+    _C.NUM_CLASSES = 80  # C: foreground classes; sigmoid scores, no background logit
+    _C.NUM_PROPOSALS = 100  # N: object queries per image (spec 1: 100 or 300)
+    _C.NUM_STAGES = 6  # box stages, each with its own dynamic mask head (spec 1)
+    _C.HIDDEN_DIM = 256  # D: query and FPN/RoI feature channels
+    _C.DIM_FEEDFORWARD = 2048  # FFN hidden width of each box stage
+    _C.NUM_HEADS = 8  # self-attention heads over the queries of an image
+    _C.DROPOUT = 0.0  # dropout in self-attention, instance interaction and FFN
+    _C.DYNAMIC_DIM = 64  # inner width of DynamicConv: params (D x 64) then (64 x D)
+    _C.NUM_CLS_FCS = 1  # [Linear, LayerNorm, ReLU] blocks before the class logits
+    _C.NUM_REG_FCS = 3  # [Linear, LayerNorm, ReLU] blocks before the box deltas
+    _C.IN_FEATURES = ["p2", "p3", "p4", "p5"]  # FPN levels pooled by RoIAlign (no P6)
+    _C.BOX_POOLER_RESOLUTION = 7  # RoIAlign output side for the box stages
+    _C.MASK_POOLER_RESOLUTION = 14  # RoIAlign output side for the mask heads (-> 28x28 masks)
+    _C.POOLER_SAMPLING_RATIO = 2  # RoIAlign sampling points per bin side
+    _C.POOLER_TYPE = "ROIAlignV2"  # aligned RoIAlign (half-pixel offset)
+    _C.NUM_MASK_CONVS = 4  # 3x3 convs in each dynamic mask head
+    _C.MASK_CONV_DIM = 256  # channels of those convs and of the 2x deconv
+    _C.MASK_NORM = "BN"  # norm after each mask conv: "BN", "SyncBN" or ""
+    # Box decoding: deltas divided by these weights (= stds 0.5, 0.5, 1, 1), class-agnostic.
+    _C.BBOX_REG_WEIGHTS = (2.0, 2.0, 1.0, 1.0)
+    _C.SCALE_CLAMP = math.log(1000.0 / 16)  # box clamp: |dw|, |dh| <= log(1000/16) ~ 4.135
+    _C.PRIOR_PROB = 0.01  # initial foreground probability of every class logit (spec 2, Init)
+
+    # Loss weights (spec 2); every stage has weight 1 ("parallel supervision").
+    _C.CLASS_WEIGHT = 2.0  # sigmoid focal loss over all queries x classes
+    _C.L1_WEIGHT = 5.0  # L1 on boxes normalised by the unpadded image size
+    _C.GIOU_WEIGHT = 2.0  # GIoU loss on absolute boxes
+    _C.MASK_WEIGHT = 8.0  # Dice loss on the GT-class mask (28x28)
+    _C.FOCAL_ALPHA = 0.25  # focal loss (and focal matching cost) alpha
+    _C.FOCAL_GAMMA = 2.0  # focal loss (and focal matching cost) gamma
+    _C.DICE_EPS = 1e-5  # Dice denominator epsilon
+
+    # Hungarian matching cost weights (spec 2).
+    _C.MATCHER = CN()
+    _C.MATCHER.COST_CLASS = 2.0  # focal class cost
+    _C.MATCHER.COST_BBOX = 5.0  # L1 on normalised xyxy boxes
+    _C.MATCHER.COST_GIOU = 2.0  # -GIoU on absolute boxes
+
+    # Inference (spec 3): top-k over (queries x classes) of the last stage, k = N by default.
+    _C.TEST_TOPK = 100
+
+    # Optimiser (spec 2); read by train_net.py's optimiser builder.
+    cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" (paper) or "SGD"
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0  # backbone lr factor (MMDetection's recipe: 0.1)

@@ -1,0 +1,363 @@
+"""QueryInst's ROI heads: six box stages, each with a dynamic mask head that shares its query.
+
+Paper section 3 ("Instances as Queries"): stage t refines the object queries and boxes of
+stage t-1 (a Sparse R-CNN "DIIHead"), and its mask head reads the same stage's
+post-attention query; all stages are supervised in parallel. Shapes and rules follow
+``queryinst-spec.md`` sections 1-3.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import ROI_HEADS_REGISTRY
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.structures import Boxes, Instances
+from torch import Tensor, nn
+
+from .box_head import DIIHead
+from .losses import QueryInstCriterion, num_matched_across_processes
+from .mask_head import DynamicMaskHead
+from .matcher import HungarianMatcher
+
+__all__ = ["StageOutput", "QueryInstROIHeads", "mask_targets_in_boxes"]
+
+
+@dataclass
+class StageOutput:
+    """What box stage t computed for a batch of B images with N queries each (spec 1).
+
+    Attributes:
+        cls_logits: float (B, N, C), classification logits (sigmoid, no background).
+        pred_boxes: float (B, N, 4), decoded boxes, absolute xyxy pixels of the resized
+            image, not detached (the box losses use them; the next stage gets them detached).
+        object_feats: float (B, N, D), the stage's output query, input of stage t+1.
+        attn_feats: float (B, N, D), the post-self-attention query that parametrises
+            mask head t (the paper's q*_{t-1}).
+    """
+
+    cls_logits: Tensor
+    pred_boxes: Tensor
+    object_feats: Tensor
+    attn_feats: Tensor
+
+
+def mask_targets_in_boxes(gt_masks, boxes: Tensor, image_size: tuple[int, int], mask_size: int):
+    """Crop GT masks by predicted boxes and resize them: the mask head's targets (spec 2).
+
+    Args:
+        gt_masks (PolygonMasks or BitMasks): M masks of one image, row i matched to boxes[i].
+        boxes: float (M, 4), absolute xyxy pixels; clipped to the image before cropping.
+        image_size: (h, w) of the resized, unpadded image.
+        mask_size: side of the target (28).
+
+    Returns:
+        Tensor: float (M, mask_size, mask_size) in {0, 1}; bitmasks are resampled with
+        aligned RoIAlign and thresholded at 0.5, polygons rasterised inside the box
+        (Detectron2's ``crop_and_resize``).
+    """
+    clipped = Boxes(boxes.detach().clone())
+    clipped.clip(image_size)
+    return gt_masks.crop_and_resize(clipped.tensor, mask_size).to(boxes.dtype)
+
+
+@ROI_HEADS_REGISTRY.register()
+class QueryInstROIHeads(nn.Module):
+    """The box stages and dynamic mask heads of QueryInst (paper section 3, spec 1-3).
+
+    ``forward_stages`` runs the box stages and returns every stage's queries, which is the
+    hook for extensions (for example, video models that associate queries across frames).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        in_features: list[str],
+        box_pooler: ROIPooler,
+        box_heads: list[nn.Module],
+        box2box_transform: Box2BoxTransform,
+        criterion: QueryInstCriterion,
+        mask_pooler: ROIPooler | None = None,
+        mask_heads: list[nn.Module] | None = None,
+        test_topk: int = 100,
+    ):
+        """
+        Args:
+            in_features: names of the feature maps pooled by RoIAlign ("p2".."p5").
+            box_pooler: RoIAlign for the box stages (7x7).
+            box_heads: one ``DIIHead`` per stage.
+            box2box_transform: decodes (dx, dy, dw, dh) deltas against the stage's input boxes.
+            criterion: matcher and per-stage losses.
+            mask_pooler: RoIAlign for the mask heads (14x14); None with ``mask_heads``
+                None for detection only (Sparse R-CNN).
+            mask_heads: one ``DynamicMaskHead`` per stage, or None.
+            test_topk: k of the inference top-k over (queries x classes) (spec 3).
+
+        Raises:
+            ValueError: if the number of mask heads differs from the number of box stages,
+                or only one of mask_pooler and mask_heads is given.
+        """
+        super().__init__()
+        if (mask_pooler is None) != (mask_heads is None):
+            raise ValueError("mask_pooler and mask_heads must be given together")
+        if mask_heads is not None and len(mask_heads) != len(box_heads):
+            raise ValueError(f"{len(mask_heads)} mask heads for {len(box_heads)} box stages")
+        self.in_features = in_features
+        self.box_pooler = box_pooler
+        self.box_heads = nn.ModuleList(box_heads)
+        self.box2box_transform = box2box_transform
+        self.criterion = criterion
+        self.mask_pooler = mask_pooler
+        self.mask_heads = nn.ModuleList(mask_heads) if mask_heads is not None else None
+        self.test_topk = test_topk
+
+    @property
+    def mask_on(self) -> bool:
+        return self.mask_heads is not None
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
+        q = cfg.MODEL.QUERYINST
+        for name in q.IN_FEATURES:
+            if input_shape[name].channels != q.HIDDEN_DIM:
+                raise ValueError(
+                    f"feature {name} has {input_shape[name].channels} channels, "
+                    f"MODEL.QUERYINST.HIDDEN_DIM is {q.HIDDEN_DIM}"
+                )
+        scales = tuple(1.0 / input_shape[name].stride for name in q.IN_FEATURES)
+
+        def pooler(resolution):
+            return ROIPooler(
+                output_size=resolution,
+                scales=scales,
+                sampling_ratio=q.POOLER_SAMPLING_RATIO,
+                pooler_type=q.POOLER_TYPE,
+            )
+
+        box_heads = [
+            DIIHead(
+                num_classes=q.NUM_CLASSES,
+                hidden_dim=q.HIDDEN_DIM,
+                dim_feedforward=q.DIM_FEEDFORWARD,
+                num_heads=q.NUM_HEADS,
+                dropout=q.DROPOUT,
+                dynamic_dim=q.DYNAMIC_DIM,
+                pooler_resolution=q.BOX_POOLER_RESOLUTION,
+                num_cls_fcs=q.NUM_CLS_FCS,
+                num_reg_fcs=q.NUM_REG_FCS,
+                prior_prob=q.PRIOR_PROB,
+            )
+            for _ in range(q.NUM_STAGES)
+        ]
+        ret = {
+            "in_features": list(q.IN_FEATURES),
+            "box_pooler": pooler(q.BOX_POOLER_RESOLUTION),
+            "box_heads": box_heads,
+            "box2box_transform": Box2BoxTransform(
+                weights=tuple(q.BBOX_REG_WEIGHTS), scale_clamp=q.SCALE_CLAMP
+            ),
+            "criterion": QueryInstCriterion(
+                num_classes=q.NUM_CLASSES,
+                matcher=HungarianMatcher(
+                    cost_class=q.MATCHER.COST_CLASS,
+                    cost_bbox=q.MATCHER.COST_BBOX,
+                    cost_giou=q.MATCHER.COST_GIOU,
+                    focal_alpha=q.FOCAL_ALPHA,
+                    focal_gamma=q.FOCAL_GAMMA,
+                ),
+                class_weight=q.CLASS_WEIGHT,
+                l1_weight=q.L1_WEIGHT,
+                giou_weight=q.GIOU_WEIGHT,
+                mask_weight=q.MASK_WEIGHT,
+                focal_alpha=q.FOCAL_ALPHA,
+                focal_gamma=q.FOCAL_GAMMA,
+                dice_eps=q.DICE_EPS,
+            ),
+            "test_topk": q.TEST_TOPK,
+        }
+        if cfg.MODEL.MASK_ON:
+            ret["mask_pooler"] = pooler(q.MASK_POOLER_RESOLUTION)
+            ret["mask_heads"] = [
+                DynamicMaskHead(
+                    num_classes=q.NUM_CLASSES,
+                    hidden_dim=q.HIDDEN_DIM,
+                    dynamic_dim=q.DYNAMIC_DIM,
+                    pooler_resolution=q.MASK_POOLER_RESOLUTION,
+                    num_convs=q.NUM_MASK_CONVS,
+                    conv_dim=q.MASK_CONV_DIM,
+                    norm=q.MASK_NORM,
+                )
+                for _ in range(q.NUM_STAGES)
+            ]
+        return ret
+
+    def forward_stages(
+        self, features: dict[str, Tensor], proposals: list[Instances]
+    ) -> list[StageOutput]:
+        """Run all box stages (spec 1, "Box stage t").
+
+        Args:
+            features: FPN maps by name, each (B, D, H_l, W_l).
+            proposals: B Instances with ``proposal_boxes`` (N absolute xyxy boxes) and
+                ``proposal_features`` (float (N, D)), the same N for every image.
+
+        Returns:
+            list[StageOutput]: one per stage. Stage t+1 pools at stage t's boxes, detached.
+        """
+        x = [features[name] for name in self.in_features]
+        boxes = [p.proposal_boxes.tensor for p in proposals]
+        query = torch.stack([p.proposal_features for p in proposals])
+        B, N = query.shape[:2]
+        stages = []
+        for head in self.box_heads:
+            roi_features = self.box_pooler(x, [Boxes(b) for b in boxes])
+            cls_logits, deltas, query, attn_feats = head(roi_features, query)
+            pred_boxes = self.box2box_transform.apply_deltas(
+                deltas.reshape(B * N, 4), torch.cat(boxes)
+            ).view(B, N, 4)
+            stages.append(StageOutput(cls_logits, pred_boxes, query, attn_feats))
+            boxes = list(pred_boxes.detach().unbind(0))
+        return stages
+
+    def mask_logits(
+        self, stage: int, features: dict[str, Tensor], boxes: list[Tensor], attn_feats: Tensor
+    ) -> Tensor:
+        """Run mask head ``stage`` (spec 1, "Mask stage t").
+
+        Args:
+            stage: index of the box stage whose query and boxes are used (-1: the last).
+            features: FPN maps by name.
+            boxes: per image, float (M_i, 4) absolute xyxy boxes (detached).
+            attn_feats: float (sum M_i, D), the matching post-attention queries, in the same
+                image-by-image order.
+
+        Returns:
+            Tensor: float (sum M_i, C, 28, 28) class-specific mask logits.
+        """
+        x = [features[name] for name in self.in_features]
+        roi_features = self.mask_pooler(x, [Boxes(b) for b in boxes])
+        return self.mask_heads[stage](roi_features, attn_feats)
+
+    def forward(self, images, features, proposals, targets=None):
+        """Detectron2's ROI-heads interface.
+
+        Args:
+            images (ImageList): the padded batch (only its image sizes are used).
+            features (dict[str, Tensor]): FPN maps.
+            proposals (list[Instances]): from ``LearnableProposals``.
+            targets (list[Instances] or None): in training, per image ``gt_boxes``,
+                ``gt_classes`` and (with masks) ``gt_masks``, in resized-image pixels.
+
+        Returns:
+            In training: ([], dict of losses ``s{t}_loss_{cls,bbox,giou,mask}``, t = 0..5).
+            In inference: (list[Instances] in resized-image coordinates, {}).
+
+        Raises:
+            ValueError: in training without targets.
+        """
+        stages = self.forward_stages(features, proposals)
+        if self.training:
+            if targets is None:
+                raise ValueError("QueryInst needs 'instances' in every training input")
+            return [], self.losses(stages, features, targets)
+        image_sizes = [p.image_size for p in proposals]
+        return self.inference(stages, features, image_sizes), {}
+
+    def losses(
+        self, stages: list[StageOutput], features: dict[str, Tensor], targets: list[Instances]
+    ) -> dict[str, Tensor]:
+        """Hungarian matching and losses at every stage ("parallel supervision", spec 2).
+
+        Returns:
+            dict[str, Tensor]: ``s{t}_loss_cls``, ``s{t}_loss_bbox``, ``s{t}_loss_giou`` and,
+            with masks, ``s{t}_loss_mask`` for each stage t, already weighted.
+        """
+        device = stages[0].cls_logits.device
+        match_targets = [
+            {
+                "labels": t.gt_classes,
+                "boxes": t.gt_boxes.tensor,
+                "image_size_xyxy": torch.tensor(
+                    [t.image_size[1], t.image_size[0]] * 2, dtype=torch.float32, device=device
+                ),
+            }
+            for t in targets
+        ]
+        losses = {}
+        num_matched = None
+        for t, stage in enumerate(stages):
+            indices = self.criterion.matcher(stage.cls_logits, stage.pred_boxes, match_targets)
+            if num_matched is None:  # min(N, G_b) per image: the same at every stage
+                num_matched = num_matched_across_processes(indices, device)
+            stage_losses = self.criterion.box_losses(
+                stage.cls_logits, stage.pred_boxes, match_targets, indices, num_matched
+            )
+            if self.mask_on:
+                stage_losses.update(
+                    self._mask_loss(t, stage, features, targets, indices, num_matched)
+                )
+            losses.update({f"s{t}_{name}": value for name, value in stage_losses.items()})
+        return losses
+
+    def _mask_loss(self, t, stage, features, targets, indices, num_matched):
+        """Mask head t on the matched queries only, with their detached stage-t boxes."""
+        boxes = [b[q] for b, (q, _) in zip(stage.pred_boxes.detach(), indices)]
+        attn_feats = torch.cat([a[q] for a, (q, _) in zip(stage.attn_feats, indices)])
+        logits = self.mask_logits(t, features, boxes, attn_feats)
+        mask_size = logits.shape[-1]
+        gt_classes = torch.cat([tg.gt_classes[g] for tg, (_, g) in zip(targets, indices)])
+        mask_targets = torch.cat(
+            [
+                mask_targets_in_boxes(tg.gt_masks[g], b, tg.image_size, mask_size)
+                if len(g)
+                else logits.new_zeros((0, mask_size, mask_size))
+                for tg, b, (_, g) in zip(targets, boxes, indices)
+            ]
+        )
+        return self.criterion.mask_loss(logits, gt_classes, mask_targets, num_matched)
+
+    @torch.no_grad()
+    def inference(
+        self,
+        stages: list[StageOutput],
+        features: dict[str, Tensor],
+        image_sizes: list[tuple[int, int]],
+    ) -> list[Instances]:
+        """Top-k over (queries x classes) of the last stage, masks from the last head (spec 3).
+
+        One query may give several detections with different classes. Each image uses its
+        own top-k indices (the mmdet 2.x bug of reusing the last image's is avoided).
+
+        Returns:
+            list[Instances]: per image, k detections sorted by score with ``pred_boxes``
+            (absolute xyxy in the resized image, unclipped), ``scores``, ``pred_classes``,
+            ``query_indices`` (int64, which query), and with masks ``pred_masks``
+            (float (k, 1, 28, 28) probabilities).
+        """
+        last = stages[-1]
+        B, N, C = last.cls_logits.shape
+        scores, flat_idx = last.cls_logits.sigmoid().flatten(1).topk(min(self.test_topk, N * C))
+        labels, queries = flat_idx % C, flat_idx // C
+        boxes = torch.gather(last.pred_boxes, 1, queries.unsqueeze(-1).expand(-1, -1, 4))
+        if self.mask_on:
+            # The mask head is per-RoI, so run it once on all N queries and pick (query, class).
+            logits = self.mask_logits(
+                -1, features, list(last.pred_boxes.unbind(0)), last.attn_feats.flatten(0, 1)
+            )
+            rows = (queries + N * torch.arange(B, device=queries.device)[:, None]).flatten()
+            masks = logits[rows, labels.flatten()].sigmoid().view(B, -1, 1, *logits.shape[-2:])
+        results = []
+        for i, image_size in enumerate(image_sizes):
+            inst = Instances(image_size)
+            inst.pred_boxes = Boxes(boxes[i])
+            inst.scores = scores[i]
+            inst.pred_classes = labels[i]
+            inst.query_indices = queries[i]
+            if self.mask_on:
+                inst.pred_masks = masks[i]
+            results.append(inst)
+        return results
