@@ -1,0 +1,28 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (the test suite).
+# Both set up .venv on first use (tools/setup_env.sh) and are quick when it is ready.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export VENV
+
+.PHONY: setup data demo test test-slow test-all clean-venv
+
+setup:
+	@bash tools/setup_env.sh
+
+data: setup
+	@$(PY) tools/prepare_datasets.py
+
+demo: data
+	@$(PY) tools/run_demo.py
+
+test: setup
+	@$(PY) -m pytest
+
+test-slow: setup
+	@$(PY) -m pytest -m slow
+
+test-all: setup
+	@$(PY) -m pytest -m "slow or not slow"
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create or update the project's virtualenv: dependencies, detectron2, queryinst (editable).
+# Idempotent: a stamp keyed to the dependency specification makes a repeated run a no-op.
+#   VENV=.venv (default)   PYTHON=python3 (interpreter used to create the venv)
+# A user with a working detectron2 (e.g. a full build with compiled ops) can point VENV at
+# that environment: tools/install_detectron2.py leaves an importable detectron2 untouched.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+key=$(cat requirements.txt pyproject.toml tools/install_detectron2.py tools/setup_env.sh \
+      | sha256sum | cut -c1-16)
+stamp="$VENV/.queryinst-setup-$key"
+[ -f "$stamp" ] && exit 0
+
+echo "[setup] preparing $VENV (first run: a few minutes, torch is large)"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PY="$VENV/bin/python"
+"$PY" -m pip install -q --disable-pip-version-check -r requirements.txt
+"$PY" tools/install_detectron2.py
+"$PY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+"$PY" -W ignore -c "import detectron2, detectron2.modeling, queryinst" \
+  || { echo "[setup] import check failed" >&2; exit 1; }
+rm -f "$VENV"/.queryinst-setup-*
+touch "$stamp"
+echo "[setup] ready: $VENV"
