@@ -1,0 +1,236 @@
+"""COCO-format instance datasets, checked before Detectron2 loads them.
+
+Detectron2's ``load_coco_json`` trusts its input: it drops polygons with fewer than 3 points and
+instances left without a valid segmentation (with only a log warning), asserts on some problems
+and fails late, inside the data loader, on others (a missing image file). The functions here
+check the whole file first and raise :class:`DatasetFormatError` naming the file and each
+problem, then delegate the parsing itself to ``load_coco_json``, so no annotation is ever lost
+without an error.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import List, Optional
+
+from PIL import Image
+
+__all__ = [
+    "DatasetFormatError",
+    "validate_coco_instances",
+    "load_coco_instances",
+    "register_coco_instances_checked",
+]
+
+_MAX_LISTED = 20  # problems listed in one error message; the total is always given
+_TRANSPOSING_EXIF = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+class DatasetFormatError(ValueError):
+    """A dataset file is missing, unreadable, or not valid COCO instances format."""
+
+
+def _read_json(json_file: str) -> dict:
+    if not os.path.isfile(json_file):
+        raise DatasetFormatError(f"{json_file}: annotation file does not exist")
+    with open(json_file, "rb") as f:
+        raw = f.read()
+    if not raw.strip():
+        raise DatasetFormatError(f"{json_file}: annotation file is empty")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetFormatError(f"{json_file}: malformed json ({e})") from e
+    if not isinstance(data, dict):
+        raise DatasetFormatError(f"{json_file}: top level must be a json object")
+    missing = [k for k in ("images", "annotations", "categories")
+               if not isinstance(data.get(k), list)]
+    if missing:
+        raise DatasetFormatError(f"{json_file}: no list named {', '.join(map(repr, missing))}")
+    for key in ("images", "categories"):
+        if not data[key]:
+            raise DatasetFormatError(f"{json_file}: '{key}' is empty")
+    return data
+
+
+def _check_image_file(path: str, width: int, height: int, verify: bool) -> Optional[str]:
+    """Return a problem with one image file, or None. Reads the header (and verifies) only."""
+    if not os.path.isfile(path):
+        return f"image file {path} does not exist"
+    if not verify:
+        return None
+    try:
+        with Image.open(path) as im:
+            im.verify()  # headers and, for PNG, checksums; a truncated JPEG body passes
+        with Image.open(path) as im:  # verify() must come first and leaves the file unusable
+            size = im.size
+            transposed = im.getexif().get(0x0112, 1) in _TRANSPOSING_EXIF
+    except Exception as e:  # PIL raises many types for bad files
+        return f"image file {path} cannot be read by PIL ({type(e).__name__}: {e})"
+    if transposed:  # Detectron2's read_image applies the EXIF rotation
+        size = size[::-1]
+    if size != (width, height):
+        return f"image file {path} is {size[0]}x{size[1]} but the json says {width}x{height}"
+    return None
+
+
+def _segmentation_problem(segm, height: int, width: int) -> Optional[str]:
+    if isinstance(segm, dict):  # RLE, compressed (str counts) or not (list counts)
+        if not isinstance(segm.get("counts"), (str, list)):
+            return "RLE without 'counts'"
+        if list(segm.get("size", ())) != [height, width]:
+            return f"RLE size {segm.get('size')} differs from the image's [{height}, {width}]"
+        return None
+    if not isinstance(segm, list) or not segm:
+        return "segmentation must be a non-empty list of polygons or an RLE dict"
+    for polygon in segm:
+        if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
+            n = len(polygon) if isinstance(polygon, list) else "?"
+            return f"polygon with {n} coordinates (needs an even number, at least 6 = 3 points)"
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in polygon):
+            return "polygon with non-numeric or non-finite coordinates"
+    return None
+
+
+def validate_coco_instances(json_file: str, image_root: str, verify_images: bool = True) -> dict:
+    """Check a COCO instances json (and its image files) without changing anything.
+
+    Checked: the file exists, is non-empty, valid json with lists "images" and "categories"
+    (each non-empty) and "annotations"; ids are unique; every annotation names an existing image
+    and category, has a bbox [x, y, w, h] of 4 finite numbers with w, h >= 0, and, if it has a
+    segmentation, polygons of >= 3 points or an RLE of the image's size; every image file
+    exists under ``image_root`` and, with ``verify_images``, PIL opens and verifies it and its
+    size (after EXIF rotation) matches the json. Images without annotations are valid.
+
+    Args:
+        json_file (str): path of the json file.
+        image_root (str): directory that the images' "file_name" entries are relative to.
+        verify_images (bool): open each image with PIL (reads headers, not pixels).
+
+    Returns:
+        dict: the parsed json.
+
+    Raises:
+        DatasetFormatError: listing the file and its problems (the first 20, and the count).
+    """
+    data = _read_json(json_file)
+    problems: List[str] = []
+
+    category_ids = set()
+    for cat in data["categories"]:
+        cid = cat.get("id") if isinstance(cat, dict) else None
+        if not isinstance(cid, int) or not isinstance(cat.get("name"), str):
+            problems.append(f"category {cat!r} needs an integer 'id' and a string 'name'")
+            continue
+        if cid in category_ids:
+            problems.append(f"category id {cid} appears twice")
+        category_ids.add(cid)
+
+    images = {}
+    for img in data["images"]:
+        iid = img.get("id") if isinstance(img, dict) else None
+        fields_ok = isinstance(img, dict) and isinstance(img.get("file_name"), str) and all(
+            isinstance(img.get(k), int) and img[k] > 0 for k in ("height", "width"))
+        if iid is None or not fields_ok:
+            problems.append(f"image {img!r} needs 'id', 'file_name' and positive 'height', 'width'")
+            continue
+        if iid in images:
+            problems.append(f"image id {iid} appears twice")
+        images[iid] = img
+        problem = _check_image_file(os.path.join(image_root, img["file_name"]),
+                                    img["width"], img["height"], verify_images)
+        if problem:
+            problems.append(f"image id {iid}: {problem}")
+
+    annotation_ids = set()
+    for ann in data["annotations"]:
+        aid = ann.get("id") if isinstance(ann, dict) else None
+        if aid is None:
+            problems.append(f"annotation without 'id': {str(ann)[:200]}")
+            continue
+        where = f"annotation id {aid}"
+        if aid in annotation_ids:
+            problems.append(f"{where} appears twice")
+        annotation_ids.add(aid)
+        if ann.get("image_id") not in images:
+            problems.append(f"{where} refers to image_id {ann.get('image_id')!r}, not in 'images'")
+            continue
+        if ann.get("category_id") not in category_ids:
+            problems.append(f"{where} has category_id {ann.get('category_id')!r}, not in "
+                            f"'categories' (ids {sorted(category_ids)})")
+        box = ann.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
+                and box[2] >= 0 and box[3] >= 0):
+            problems.append(f"{where} has bbox {box!r}; needs [x, y, w, h] with w, h >= 0")
+        if ann.get("ignore", 0):
+            problems.append(f"{where} has 'ignore' set, which Detectron2 does not support")
+        if "segmentation" in ann:
+            img = images[ann["image_id"]]
+            problem = _segmentation_problem(ann["segmentation"], img["height"], img["width"])
+            if problem:
+                problems.append(f"{where} (image_id {ann['image_id']}): {problem}")
+
+    if problems:
+        listed = "\n  ".join(problems[:_MAX_LISTED])
+        hidden = len(problems) - _MAX_LISTED
+        more = f"\n  ... and {hidden} more" if hidden > 0 else ""
+        raise DatasetFormatError(f"{json_file}: {len(problems)} problem(s):\n  {listed}{more}")
+    return data
+
+
+def load_coco_instances(
+    json_file: str, image_root: str, dataset_name: Optional[str] = None, verify_images: bool = True
+) -> List[dict]:
+    """Validate a COCO instances json, then load it with Detectron2's ``load_coco_json``.
+
+    Args:
+        json_file (str): path of the json file.
+        image_root (str): directory of the images.
+        dataset_name (str or None): as in ``load_coco_json``: when given, category ids are
+            mapped to contiguous ids 0..C-1 and "thing_classes" /
+            "thing_dataset_id_to_contiguous_id" are set in that dataset's metadata.
+        verify_images (bool): see :func:`validate_coco_instances`.
+
+    Returns:
+        list[dict]: Detectron2 dataset dicts (file_name, height, width, image_id,
+        annotations), one per image, images without annotations included.
+
+    Raises:
+        DatasetFormatError: see :func:`validate_coco_instances`; also if Detectron2's loader
+            returned fewer annotations than the file holds.
+    """
+    from detectron2.data.datasets import load_coco_json  # heavy import, needed only here
+
+    data = validate_coco_instances(json_file, image_root, verify_images=verify_images)
+    dicts = load_coco_json(json_file, image_root, dataset_name=dataset_name)
+    loaded = sum(len(d["annotations"]) for d in dicts)
+    if loaded != len(data["annotations"]) or len(dicts) != len(data["images"]):
+        raise DatasetFormatError(
+            f"{json_file}: Detectron2 loaded {len(dicts)} images / {loaded} annotations of "
+            f"{len(data['images'])} / {len(data['annotations'])}"
+        )
+    return dicts
+
+
+def register_coco_instances_checked(name: str, metadata: dict, json_file: str, image_root: str):
+    """Register a COCO-format dataset like Detectron2's ``register_coco_instances``, but loaded
+    with :func:`load_coco_instances` (validated) when ``DatasetCatalog.get(name)`` is called.
+
+    Args:
+        name (str): dataset name, e.g. "my_cells_train".
+        metadata (dict): extra metadata (e.g. thing_classes); json_file, image_root and
+            evaluator_type="coco" are added.
+        json_file (str): path of the COCO instances json.
+        image_root (str): directory of the images.
+
+    Raises:
+        AssertionError: ``name`` is already registered (as in Detectron2).
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    DatasetCatalog.register(name, lambda: load_coco_instances(json_file, image_root, name))
+    MetadataCatalog.get(name).set(
+        json_file=json_file, image_root=image_root, evaluator_type="coco", **metadata
+    )
