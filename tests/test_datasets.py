@@ -221,6 +221,9 @@ def test_registration_metadata_and_idempotence(built):
     assert {f: os.stat(f).st_mtime_ns for f in files} == mtimes  # nothing rewritten
     assert sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs) == sorted(files)
     assert not any(f.endswith(".tmp") for f in files)
+    index = open(os.path.join(root, "README")).read()  # datasets/README: sources, licences
+    for spec in BUNDLED_DATASETS.values():
+        assert spec.name in index and spec.license in index and spec.source in index
 
 
 def test_interrupted_build_is_redone_and_changed_counts_are_caught(built, tmp_path):

@@ -14,6 +14,7 @@ from .matcher import HungarianMatcher
 from .proposals import LearnableProposals
 from .roi_heads import QueryInstROIHeads, StageOutput
 from . import backbone as _  # noqa: F401  (registration only)
+from . import data  # noqa: F401  (registers the bundled datasets; no IO)
 
 __all__ = [
     "add_queryinst_config",
