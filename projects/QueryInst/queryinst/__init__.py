@@ -6,6 +6,7 @@ Importing the package registers the meta-architecture ``QueryInst``, the proposa
 """
 from .box_head import DIIHead
 from .config import add_queryinst_config
+from .dataset_mapper import QueryInstDatasetMapper, RandomSelect, build_train_augmentation
 from .detector import QueryInst, queryinst_postprocess
 from .dynamic_conv import DynamicConv
 from .losses import QueryInstCriterion
@@ -18,6 +19,7 @@ from . import data  # noqa: F401  (registers the bundled datasets; no IO)
 
 __all__ = [
     "add_queryinst_config",
+    "build_train_augmentation",
     "DIIHead",
     "DynamicConv",
     "DynamicMaskHead",
@@ -25,7 +27,9 @@ __all__ = [
     "LearnableProposals",
     "QueryInst",
     "QueryInstCriterion",
+    "QueryInstDatasetMapper",
     "QueryInstROIHeads",
+    "RandomSelect",
     "StageOutput",
     "queryinst_postprocess",
 ]

@@ -63,3 +63,13 @@ def add_queryinst_config(cfg: CN) -> None:
     # Optimiser (spec 2); read by train_net.py's optimiser builder.
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" (paper) or "SGD"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0  # backbone lr factor (MMDetection's recipe: 0.1)
+
+    # Training crop policy of the 300-query configs (spec 2, from DETR); read by
+    # dataset_mapper.build_train_augmentation. Flip, then with probability 0.5 either the
+    # INPUT.MIN_SIZE_TRAIN resize, or [resize to PRE_RESIZE -> random crop -> that resize].
+    cfg.INPUT.CROP_POLICY = CN()
+    cfg.INPUT.CROP_POLICY.ENABLED = False
+    # Shorter-side choices (pixels) of the resize before the crop; longer side <= MAX_SIZE_TRAIN.
+    cfg.INPUT.CROP_POLICY.PRE_RESIZE = (400, 500, 600)
+    # (min, max) crop height and width, pixels, each drawn uniformly ("absolute_range").
+    cfg.INPUT.CROP_POLICY.SIZE = (384, 600)

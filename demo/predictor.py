@@ -1,0 +1,78 @@
+"""Run a QueryInst model on images and video frames and draw what it finds.
+
+The model runs through Detectron2's ``DefaultPredictor`` (weights from ``MODEL.WEIGHTS``,
+test-time resize ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, input format
+``INPUT.FORMAT``); drawing is Detectron2's ``Visualizer`` (masks, boxes, class names and
+scores).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Tuple
+
+import numpy as np
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultPredictor
+from detectron2.structures import Instances
+from detectron2.utils.visualizer import ColorMode, Visualizer
+
+__all__ = ["VisualizationDemo", "demo_metadata"]
+
+
+def demo_metadata(cfg):
+    """Class names to draw with: the metadata of ``cfg.DATASETS.TEST[0]``.
+
+    Falls back to ``MetadataCatalog.get("__unused")`` (no class names: the Visualizer then
+    writes class indices) when ``DATASETS.TEST`` is empty.
+    """
+    name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
+    return MetadataCatalog.get(name)
+
+
+class VisualizationDemo:
+    """Predict on BGR uint8 images and draw the detections scoring >= a threshold.
+
+    Args:
+        cfg: a frozen or unfrozen QueryInst config (``MODEL.DEVICE`` chooses the device).
+        confidence_threshold: minimum score, in [0, 1], of a drawn / counted detection.
+        instance_mode: Detectron2's ``ColorMode`` of the Visualizer.
+    """
+
+    def __init__(self, cfg, confidence_threshold: float = 0.5,
+                 instance_mode: ColorMode = ColorMode.IMAGE):
+        self.metadata = demo_metadata(cfg)
+        self.confidence_threshold = confidence_threshold
+        self.instance_mode = instance_mode
+        self.predictor = DefaultPredictor(cfg)
+
+    def predict(self, image_bgr: np.ndarray) -> Instances:
+        """Detections of one image above the threshold, on the CPU.
+
+        Args:
+            image_bgr: uint8 array (H, W, 3), BGR (OpenCV's order).
+
+        Returns:
+            Instances of size (H, W): ``pred_boxes`` (pixels of the input), ``scores``,
+            ``pred_classes`` and, with masks on, ``pred_masks`` (bool (R, H, W)).
+        """
+        with torch.no_grad():
+            instances = self.predictor(image_bgr)["instances"].to("cpu")
+        return instances[instances.scores >= self.confidence_threshold]
+
+    def draw(self, image_bgr: np.ndarray, instances: Instances) -> np.ndarray:
+        """The image with ``instances`` drawn: uint8 BGR array of the input's size (H, W, 3)."""
+        visualizer = Visualizer(image_bgr[:, :, ::-1], self.metadata,
+                                instance_mode=self.instance_mode)
+        drawn = visualizer.draw_instance_predictions(predictions=instances).get_image()
+        return np.ascontiguousarray(drawn[:, :, ::-1])
+
+    def run_on_image(self, image_bgr: np.ndarray) -> Tuple[Instances, np.ndarray]:
+        """(detections above the threshold, drawn BGR image); see :meth:`predict`."""
+        instances = self.predict(image_bgr)
+        return instances, self.draw(image_bgr, instances)
+
+    def run_on_frames(self, frames: Iterable[np.ndarray]
+                      ) -> Iterator[Tuple[Instances, np.ndarray]]:
+        """:meth:`run_on_image` for each BGR frame of a video, lazily, in order."""
+        for frame in frames:
+            yield self.run_on_image(frame)

