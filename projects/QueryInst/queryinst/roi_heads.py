@@ -23,7 +23,7 @@ from .losses import QueryInstCriterion, num_matched_across_processes
 from .mask_head import DynamicMaskHead
 from .matcher import HungarianMatcher
 
-__all__ = ["StageOutput", "QueryInstROIHeads", "mask_targets_in_boxes"]
+__all__ = ["StageOutput", "QueryInstROIHeads", "clamp_size_deltas", "mask_targets_in_boxes"]
 
 
 @dataclass
@@ -43,6 +43,25 @@ class StageOutput:
     pred_boxes: Tensor
     object_feats: Tensor
     attn_feats: Tensor
+
+
+def clamp_size_deltas(deltas: Tensor, transform: Box2BoxTransform) -> Tensor:
+    """Clamp dw, dh from below as well: |dw|, |dh| <= log(1000/16) (spec 1, step 8).
+
+    Detectron2's ``Box2BoxTransform.apply_deltas`` clamps dw, dh only from above; the
+    official decoder (mmdet ``delta2bbox``) clamps both sides, so a box never shrinks by more
+    than the same factor it may grow by.
+
+    Args:
+        deltas: float (R, 4) raw (dx, dy, dw, dh), in ``transform``'s weighted units.
+        transform: the box coder; its ``scale_clamp`` and weights give the bound.
+
+    Returns:
+        Tensor: (R, 4), dw and dh raised to at least ``-scale_clamp * weight``.
+    """
+    ww, wh = transform.weights[2], transform.weights[3]
+    low = deltas.new_tensor([-transform.scale_clamp * ww, -transform.scale_clamp * wh])
+    return torch.cat([deltas[:, :2], deltas[:, 2:].clamp(min=low)], dim=1)
 
 
 def mask_targets_in_boxes(gt_masks, boxes: Tensor, image_size: tuple[int, int], mask_size: int):
@@ -217,7 +236,8 @@ class QueryInstROIHeads(nn.Module):
             roi_features = self.box_pooler(x, [Boxes(b) for b in boxes])
             cls_logits, deltas, query, attn_feats = head(roi_features, query)
             pred_boxes = self.box2box_transform.apply_deltas(
-                deltas.reshape(B * N, 4), torch.cat(boxes)
+                clamp_size_deltas(deltas.reshape(B * N, 4), self.box2box_transform),
+                torch.cat(boxes),
             ).view(B, N, 4)
             stages.append(StageOutput(cls_logits, pred_boxes, query, attn_feats))
             boxes = list(pred_boxes.detach().unbind(0))
