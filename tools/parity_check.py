@@ -1,0 +1,303 @@
+#!/usr/bin/env python
+"""Output parity with the reference implementation (MMDetection 3.3 QueryInst, the "peer").
+
+The peer (``/work/shared/peer``, ``run_peer.py``) writes a checkpoint in the official layout
+and an ``.npz`` with its preprocessed input, every stage's internals and its detections. This
+script builds our model from ``configs/Base-QueryInst.yaml`` plus the config the checkpoint
+implies, loads the checkpoint through ``QueryInstCheckpointer`` (the converter), feeds the
+peer's own input tensor (bypassing our preprocessing, with the peer's unpadded image size)
+and compares, tensor by tensor:
+
+- with the peer's ``_aux.npz`` (if present): backbone C2-C5, FPN P2-P5, RoI features;
+- the proposals, each stage's input boxes (rois), class logits, box deltas, decoded boxes,
+  ``object_feats``, ``attn_feats``; each stage's mask head on its own boxes;
+- the final detections sorted by score: scores and boxes (original image), labels
+  (identical), mask logits, and masks in the original image (IoU per mask).
+
+A tensor passes when max|ours - peer| / max|peer| <= --rtol (1e-4): the peer's random
+running statistics make activations large (FPN ~1e3), so a relative measure is used.
+
+With ``--image`` it also runs the whole path from the image file through our own
+preprocessing (ResizeShortestEdge(800, 1333), RGB, normalisation) and reports how close
+that gets (resize interpolation differs between the frameworks: reported, not required).
+
+    python tools/parity_check.py --peer-npz peer_100.npz --ckpt official_100.pth --variant 100
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import transforms as T
+from detectron2.data.detection_utils import read_image
+from detectron2.modeling import build_model
+from detectron2.structures import ImageList
+
+from queryinst import add_queryinst_config, queryinst_postprocess
+from queryinst.checkpoint import (
+    QueryInstCheckpointer,
+    config_as_opts,
+    detect_official_config,
+    format_config_summary,
+    load_official_state_dict,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--peer-npz", required=True, help="the peer's .npz (run_peer.py --out)")
+    p.add_argument("--ckpt", required=True, help="the official-layout .pth (run_peer.py --ckpt)")
+    p.add_argument("--variant", choices=["100", "300"], default=None,
+                   help="expected number of queries (checked against the checkpoint)")
+    p.add_argument("--aux-npz", default=None,
+                   help="the peer's _aux.npz (default: next to --peer-npz, if present)")
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "Base-QueryInst.yaml"))
+    p.add_argument("--image", default=None,
+                   help="the image the peer ran on: also check the full path from the file")
+    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--min-iou", type=float, default=0.999)
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args(argv)
+
+
+class Table:
+    """Rows of (name, shape, max abs diff, max rel diff, verdict)."""
+
+    def __init__(self, rtol: float, min_iou: float):
+        self.rtol, self.min_iou = rtol, min_iou
+        self.rows: list[tuple[str, str, str, str, bool]] = []
+
+    def compare(self, name: str, ours, ref) -> bool:
+        ours = np.asarray(ours.detach().cpu() if torch.is_tensor(ours) else ours, np.float64)
+        ref = np.asarray(ref, np.float64)
+        if ours.shape != ref.shape:
+            self.rows.append((name, f"{ours.shape} vs {ref.shape}", "-", "-", False))
+            return False
+        diff = np.abs(ours - ref).max() if ours.size else 0.0
+        scale = np.abs(ref).max() if ref.size else 0.0
+        rel = diff / max(scale, 1e-12)
+        ok = bool(rel <= self.rtol)
+        self.rows.append((name, "x".join(map(str, ref.shape)), f"{diff:.3g}", f"{rel:.3g}", ok))
+        return ok
+
+    def check(self, name: str, shape: str, value: str, ok: bool) -> bool:
+        self.rows.append((name, shape, value, "-", bool(ok)))
+        return bool(ok)
+
+    def print(self) -> bool:
+        w = max(len(r[0]) for r in self.rows)
+        print(f"{'tensor':<{w}}  {'shape':<16} {'max abs':>10} {'max rel':>10}  result")
+        for name, shape, a, r, ok in self.rows:
+            print(f"{name:<{w}}  {shape:<16} {a:>10} {r:>10}  {'PASS' if ok else 'FAIL'}")
+        ok = all(r[4] for r in self.rows)
+        print(f"{sum(r[4] for r in self.rows)}/{len(self.rows)} passed (rtol {self.rtol:g}): "
+              f"{'PASS' if ok else 'FAIL'}")
+        return ok
+
+
+def build(cfg_path: str, ckpt: str, variant: str | None):
+    """Our model in eval mode with the official checkpoint loaded through the converter."""
+    detected = detect_official_config(load_official_state_dict(ckpt))
+    print("config detected from the checkpoint:\n" + format_config_summary(detected))
+    if variant is not None and detected["MODEL.QUERYINST.NUM_PROPOSALS"] != int(variant):
+        sys.exit(f"--variant {variant} but the checkpoint has "
+                 f"{detected['MODEL.QUERYINST.NUM_PROPOSALS']} queries")
+    cfg = get_cfg()
+    add_queryinst_config(cfg)
+    cfg.merge_from_file(cfg_path)
+    cfg.merge_from_list(config_as_opts(detected) + ["MODEL.DEVICE", "cpu"])
+    cfg.freeze()
+    model = build_model(cfg)
+    QueryInstCheckpointer(model).load(ckpt)
+    return model.eval(), cfg
+
+
+class Recorder:
+    """Forward hooks that keep our internals: backbone outputs, pooled boxes and features."""
+
+    def __init__(self, model):
+        self.data: dict[str, list] = {"bottom_up": [], "box_rois": [], "box_feats": [],
+                                      "mask_feats": [], "mask_logits": [], "deltas": []}
+        heads = model.roi_heads
+        self.handles = [
+            model.backbone.bottom_up.register_forward_hook(self._keep("bottom_up")),
+            heads.box_pooler.register_forward_hook(self._pooled("box_rois", "box_feats")),
+            heads.mask_pooler.register_forward_hook(self._pooled(None, "mask_feats")),
+            heads.mask_heads[-1].register_forward_hook(self._keep("mask_logits")),
+        ] + [h.register_forward_hook(self._delta) for h in heads.box_heads]
+
+    def _keep(self, key):
+        return lambda m, a, o: self.data[key].append(o)
+
+    def _pooled(self, rois_key, feats_key):
+        def hook(m, args, out):
+            if rois_key:
+                self.data[rois_key].append(torch.cat([b.tensor for b in args[1]]))
+            self.data[feats_key].append(out)
+        return hook
+
+    def _delta(self, m, a, out):
+        self.data["deltas"].append(out[1])
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def sorted_detections(scores, flat_idx):
+    """Score descending, then (query * C + label) ascending: the peer's det_sort_order."""
+    return np.lexsort((np.asarray(flat_idx), -np.asarray(scores)))
+
+
+def mask_ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    inter = (a & b).sum(1)
+    union = (a | b).sum(1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+@torch.no_grad()
+def run_on_peer_input(model, peer, aux, table: Table):
+    """Feed the peer's preprocessed tensor; compare every stage and the detections."""
+    h, w = (int(x) for x in peer["img_shape"][:2])
+    if tuple(peer["input_resized_uint8_bgr"].shape[1:]) != (h, w):
+        raise ValueError("img_shape and input_resized_uint8_bgr disagree")
+    ori_h, ori_w = (int(x) for x in peer["ori_shape"][:2])
+    images = ImageList(torch.from_numpy(peer["input_tensor"]), [(h, w)])
+    rec = Recorder(model)
+    t0 = time.perf_counter()
+    features = model.backbone(images.tensor)
+    proposals, _ = model.proposal_generator(images, features, None)
+    heads = model.roi_heads
+    stages = heads.forward_stages(features, proposals)
+    results = heads.inference(stages, features, [(h, w)])
+    out = queryinst_postprocess(results[0], ori_h, ori_w)
+    print(f"our forward + postprocess: {time.perf_counter() - t0:.2f}s")
+    d = rec.data
+    C = stages[-1].cls_logits.shape[-1]
+
+    if aux is not None:
+        for i, name in enumerate(("res2", "res3", "res4", "res5")):
+            table.compare(f"backbone_c{i + 2}", d["bottom_up"][0][name], aux[f"backbone_c{i + 2}"])
+        for i in range(4):
+            table.compare(f"fpn_p{i + 2}", features[f"p{i + 2}"], aux[f"fpn_p{i + 2}"])
+    table.compare("rpn_proposals", proposals[0].proposal_boxes.tensor, peer["rpn_proposals"])
+    table.compare("rpn_features", proposals[0].proposal_features, peer["rpn_features"])
+    for s, st in enumerate(stages):
+        table.compare(f"stage{s}_rois", d["box_rois"][s], peer[f"stage{s}_rois"][:, 1:])
+        if aux is not None:
+            table.compare(f"stage{s}_bbox_roi_feats", d["box_feats"][s],
+                          aux[f"stage{s}_bbox_roi_feats"])
+        table.compare(f"stage{s}_cls_logits", st.cls_logits[0], peer[f"stage{s}_cls_logits"])
+        table.compare(f"stage{s}_bbox_deltas", d["deltas"][s][0], peer[f"stage{s}_bbox_deltas"])
+        table.compare(f"stage{s}_decoded_bboxes", st.pred_boxes[0],
+                      peer[f"stage{s}_decoded_bboxes"])
+        table.compare(f"stage{s}_object_feats", st.object_feats[0], peer[f"stage{s}_object_feats"])
+        table.compare(f"stage{s}_attn_feats", st.attn_feats[0], peer[f"stage{s}_attn_feats"])
+    # The inference path ran the last mask head once, on all N queries.
+    final_logits = d["mask_logits"][0]
+    if aux is not None:
+        table.compare("final_mask_roi_feats", d["mask_feats"][0], aux["final_mask_roi_feats"])
+    table.compare("final_mask_logits", final_logits, peer["final_mask_logits"])
+    # Diagnostic of the peer: mask head s on stage s's boxes and attn_feats (the training pairing).
+    for s, st in enumerate(stages):
+        logits = heads.mask_logits(s, features, [st.pred_boxes[0]], st.attn_feats[0])
+        cls = torch.from_numpy(peer[f"stage{s}_cls_logits"]).argmax(-1)
+        table.compare(f"stage{s}_mask_logits_diag", logits[torch.arange(len(cls)), cls],
+                      peer[f"stage{s}_mask_logits_diag_argmaxcls"])
+    rec.remove()
+
+    compare_detections(table, "det", out, results[0], final_logits, C, peer)
+
+
+def compare_detections(table: Table, prefix: str, out, resized, final_logits, C, peer):
+    """Final detections of both, each sorted by (score desc, query*C+label asc)."""
+    ours_flat = (resized.query_indices * C + resized.pred_classes).numpy()
+    ours_order = sorted_detections(resized.scores.numpy(), ours_flat)
+    peer_order = peer["det_sort_order"]
+    k = min(len(ours_order), len(peer_order))
+    table.check(f"{prefix}_count", "", f"{len(ours_order)} vs {len(peer_order)}",
+                len(ours_order) == len(peer_order))
+    o, p = ours_order[:k], peer_order[:k]
+    table.compare(f"{prefix}_scores", out.scores[o], peer["det_scores"][p])
+    table.compare(f"{prefix}_bboxes", out.pred_boxes.tensor[o], peer["det_bboxes"][p])
+    same = (out.pred_classes.numpy()[o] == peer["det_labels"][p])
+    table.check(f"{prefix}_labels", str(k), f"{(~same).sum()} differ", same.all())
+    same_q = ours_flat[o] == peer["topk_inds"][p]
+    table.check(f"{prefix}_query_x_label", str(k), f"{(~same_q).sum()} differ", same_q.all())
+    if final_logits is not None:
+        q = resized.query_indices.numpy()[o]
+        lab = resized.pred_classes.numpy()[o]
+        table.compare(f"{prefix}_mask_logits", final_logits[q, lab], peer["det_mask_logits"][p])
+    ious = mask_ious(out.pred_masks.numpy()[o], peer["det_masks"][p])
+    i = int(ious.argmin())
+    table.check(f"{prefix}_masks_iou", "x".join(map(str, peer["det_masks"].shape)),
+                f"min {ious.min():.5f} (#{i})", ious.min() >= table.min_iou)
+
+
+@torch.no_grad()
+def run_full_path(model, cfg, image_path: str, peer, table: Table):
+    """Image file -> our preprocessing (Detectron2 resize, RGB, normalisation) -> detections."""
+    bgr = read_image(image_path, format="BGR")
+    ori_h, ori_w = bgr.shape[:2]
+    if (ori_h, ori_w) != tuple(int(x) for x in peer["ori_shape"][:2]):
+        raise ValueError(f"{image_path} is {ori_h}x{ori_w}, the peer ran on {peer['ori_shape']}")
+    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    resized = aug.get_transform(bgr).apply_image(bgr)
+    ours_hw, peer_hw = tuple(resized.shape[:2]), tuple(int(x) for x in peer["img_shape"][:2])
+    table.check("full_resized_size", "", f"{ours_hw} vs {peer_hw}", ours_hw == peer_hw)
+    diff = np.abs(resized.astype(np.int16).transpose(2, 0, 1)
+                  - peer["input_resized_uint8_bgr"].astype(np.int16))
+    table.check("full_resized_uint8", "", f"max {diff.max()}, mean {diff.mean():.3f}",
+                diff.max() == 0)
+
+    def as_input(bgr_hwc):
+        rgb = bgr_hwc[:, :, ::-1] if cfg.INPUT.FORMAT == "RGB" else bgr_hwc
+        image = torch.as_tensor(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+        return [{"image": image, "height": ori_h, "width": ori_w}]
+
+    # Our normalisation and padding on the peer's resized pixels: isolates the resize.
+    peer_resized = as_input(peer["input_resized_uint8_bgr"].transpose(1, 2, 0))
+    table.compare("full_input_from_peer_pixels", model.preprocess_image(peer_resized).tensor,
+                  peer["input_tensor"])
+    inputs = as_input(resized)
+    table.compare("full_input_tensor", model.preprocess_image(inputs).tensor, peer["input_tensor"])
+    results = model.inference(inputs, do_postprocess=False)
+    out = queryinst_postprocess(results[0], ori_h, ori_w)
+    num_classes = model.roi_heads.box_heads[-1].cls_score.out_features
+    compare_detections(table, "full_det", out, results[0], None, num_classes, peer)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    peer = np.load(args.peer_npz)
+    aux_path = args.aux_npz or args.peer_npz[:-4] + "_aux.npz"
+    aux = np.load(aux_path) if os.path.exists(aux_path) else None
+    print(f"peer: {args.peer_npz} (aux: {aux_path if aux is not None else 'none'})")
+    print("peer versions:", json.loads(str(peer["versions_json"])))
+    model, cfg = build(args.config, args.ckpt, args.variant)
+
+    table = Table(args.rtol, args.min_iou)
+    run_on_peer_input(model, peer, aux, table)
+    print("\n== peer's preprocessed input -> our model ==")
+    ok = table.print()
+    if args.image:
+        full = Table(args.rtol, args.min_iou)
+        run_full_path(model, cfg, args.image, peer, full)
+        print(f"\n== {args.image} -> our preprocessing -> our model (informative) ==")
+        full.print()
+    print(f"\nPARITY (peer input): {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
