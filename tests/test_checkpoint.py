@@ -29,6 +29,7 @@ from queryinst.checkpoint import (
     detect_official_config,
     load_checkpoint_file,
     load_official_state_dict,
+    official_config_opts,
 )
 
 BASE = "configs/Base-QueryInst.yaml"
@@ -355,6 +356,15 @@ def test_model_weights_may_name_an_official_file(official, official_file):
     model = build_model(cfg)
     QueryInstCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
     _assert_loaded(model, official)
+
+
+def test_official_config_opts_reads_the_file_or_gives_nothing(official_file, model, tmp_path):
+    opts = official_config_opts(official_file)
+    assert dict(zip(opts[::2], opts[1::2]))["MODEL.QUERYINST.NUM_PROPOSALS"] == 10
+    own = _save(tmp_path, "model_final.pth", {"model": model.state_dict()})
+    for path in (own, "", "detectron2://ImageNetPretrained/torchvision/R-50.pkl",
+                 str(tmp_path / "missing.pth")):
+        assert official_config_opts(path) == []
 
 
 def test_official_file_for_another_config_is_refused(official_file):

@@ -11,7 +11,7 @@ Public names:
 
 - :func:`convert_official_state_dict`: official ``state_dict`` -> this model's state dict.
 - :func:`detect_official_config`: the config values (queries, classes, stages, depth) that
-  the tensors imply.
+  the tensors imply; :func:`official_config_opts`: the same for a file, as overrides.
 - :func:`load_checkpoint_file`: ``torch.load`` that stays in ``weights_only`` mode unless the
   file is an official checkpoint that needs more (see there).
 - :class:`QueryInstCheckpointer`: ``DetectionCheckpointer`` that also reads official files.
@@ -19,6 +19,7 @@ Public names:
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import pickletools
 import re
@@ -43,6 +44,7 @@ __all__ = [
     "is_official_state_dict",
     "load_checkpoint_file",
     "load_official_state_dict",
+    "official_config_opts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -235,6 +237,26 @@ def format_config_summary(config: Mapping[str, Any]) -> str:
 def config_as_opts(config: Mapping[str, Any]) -> list:
     """``detect_official_config``'s result as a flat list for ``cfg.merge_from_list``."""
     return [x for kv in config.items() for x in kv]
+
+
+def official_config_opts(path: str) -> list:
+    """Config overrides for ``MODEL.WEIGHTS`` if it is a local official file, else ``[]``.
+
+    For programs that accept official files in ``MODEL.WEIGHTS``: merge the result before
+    building the model, so that e.g. a 300-query file gets a 300-query model. Cheap: a
+    zip-format file is memory-mapped, and ``.pkl``/``.pyth``, URLs and missing paths are not
+    opened at all. Detectron2 checkpoints give ``[]``.
+    """
+    if not path or path.endswith((".pkl", ".pyth")) or not os.path.isfile(path):
+        return []
+    try:
+        data = load_checkpoint_file(path, mmap=True)
+    except pickle.UnpicklingError:
+        return []  # not loadable as weights: QueryInstCheckpointer will say what it expected
+    sd = data.get("state_dict") if isinstance(data, Mapping) else None
+    if not isinstance(sd, Mapping) or not is_official_state_dict(sd):
+        return []
+    return config_as_opts(detect_official_config(sd))
 
 
 # --------------------------------------------------------------------------- conversion
