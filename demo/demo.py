@@ -53,6 +53,7 @@ sys.path.insert(0, _HERE)
 from predictor import VisualizationDemo  # noqa: E402
 
 from queryinst import add_queryinst_config  # noqa: E402
+from queryinst.checkpoint import official_config_opts  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
@@ -87,6 +88,8 @@ def setup_cfg(args):
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    # An official checkpoint implies its own queries / classes / stages / depth.
+    cfg.merge_from_list(official_config_opts(cfg.MODEL.WEIGHTS))
     cfg.freeze()
     return cfg
 

@@ -1,7 +1,7 @@
 """Run a QueryInst model on images and video frames and draw what it finds.
 
 The model runs through Detectron2's ``DefaultPredictor`` (weights from ``MODEL.WEIGHTS``,
-test-time resize ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, input format
+which may also be an official MMDetection/QueryInst ``.pth``, converted on load; test-time resize ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, input format
 ``INPUT.FORMAT``); drawing is Detectron2's ``Visualizer`` (masks, boxes, class names and
 scores).
 """
@@ -15,6 +15,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
+from queryinst.checkpoint import QueryInstCheckpointer
 
 __all__ = ["VisualizationDemo", "demo_metadata"]
 
@@ -43,7 +44,13 @@ class VisualizationDemo:
         self.metadata = demo_metadata(cfg)
         self.confidence_threshold = confidence_threshold
         self.instance_mode = instance_mode
-        self.predictor = DefaultPredictor(cfg)
+        # DefaultPredictor loads with a plain DetectionCheckpointer, which cannot read the
+        # official layout: build it without weights, then load through QueryInstCheckpointer.
+        no_weights = cfg.clone()
+        no_weights.defrost()
+        no_weights.MODEL.WEIGHTS = ""
+        self.predictor = DefaultPredictor(no_weights)
+        QueryInstCheckpointer(self.predictor.model).load(cfg.MODEL.WEIGHTS)
 
     def predict(self, image_bgr: np.ndarray) -> Instances:
         """Detections of one image above the threshold, on the CPU.

@@ -145,3 +145,36 @@ def test_command_line_errors(demo, args, capsys):
     with pytest.raises(SystemExit) as exit_info:
         demo.main(["--config-file", BASE, *args])
     assert exit_info.value.code == 2 and "usage:" in capsys.readouterr().err
+
+
+def test_official_checkpoint_as_model_weights(demo, tmp_path, capsys):
+    """MODEL.WEIGHTS may name an official MMDetection/QueryInst .pth: the demo reads its
+    config (queries, classes, stages) from the file and loads it converted."""
+    from test_checkpoint import SMALL, make_state_dict, official_layout
+
+    official = make_state_dict(official_layout(stages=2, queries=10, classes=3, **SMALL))
+    path = tmp_path / "queryinst_official.pth"
+    torch.save({"meta": {"mmdet_version": "3.3.0"}, "state_dict": official}, path)
+    d, w = SMALL["dim"], SMALL["width"]
+    narrow = ["MODEL.FPN.OUT_CHANNELS", str(d), "MODEL.QUERYINST.HIDDEN_DIM", str(d),
+              "MODEL.QUERYINST.MASK_CONV_DIM", str(d),
+              "MODEL.QUERYINST.DIM_FEEDFORWARD", str(SMALL["ffn"]),
+              "MODEL.QUERYINST.DYNAMIC_DIM", str(SMALL["dyn"]), "MODEL.QUERYINST.NUM_HEADS", "2",
+              "MODEL.RESNETS.STEM_OUT_CHANNELS", str(w),
+              "MODEL.RESNETS.RES2_OUT_CHANNELS", str(4 * w),
+              "MODEL.RESNETS.WIDTH_PER_GROUP", str(w)]
+    args = demo.get_parser().parse_args(
+        ["--config-file", BASE, "--input", PHOTO, "--opts", "MODEL.WEIGHTS", str(path),
+         "MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "128",
+         *narrow])
+    cfg = demo.setup_cfg(args)
+    q = cfg.MODEL.QUERYINST
+    assert (q.NUM_PROPOSALS, q.NUM_CLASSES, q.NUM_STAGES) == (10, 3, 2)  # read from the file
+    vis = demo.VisualizationDemo(cfg, confidence_threshold=0.0)
+    ours = vis.predictor.model.state_dict()
+    assert torch.equal(ours["roi_heads.box_heads.1.cls_score.weight"],
+                       official["roi_head.bbox_head.1.fc_cls.weight"])
+    assert torch.equal(ours["backbone.bottom_up.res4.2.conv2.norm.running_var"],
+                       official["backbone.layer3.2.bn2.running_var"])
+    instances, drawn = vis.run_on_image(cv2.imread(PHOTO))
+    assert len(instances) == 10 and drawn.shape == cv2.imread(PHOTO).shape
