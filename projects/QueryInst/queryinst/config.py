@@ -60,7 +60,7 @@ def add_queryinst_config(cfg: CN) -> None:
     # Inference (spec 3): top-k over (queries x classes) of the last stage, k = N by default.
     _C.TEST_TOPK = 100
 
-    # Optimiser (spec 2); read by train_net.py's optimiser builder.
+    # Optimiser (spec 2); read by queryinst.solver.build_optimizer.
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" (paper) or "SGD"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0  # backbone lr factor (MMDetection's recipe: 0.1)
 

@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""``make demo``: train QueryInst on the bundled nuclei tiles, evaluate, and draw the results.
+
+1. Trains the bundled config (default ``configs/bundled/queryinst_R50_FPN_nuclei.yaml``) with
+   ``train_net.main`` in this process. A re-run resumes from ``OUTPUT_DIR/last_checkpoint``
+   (Detectron2's ``resume_or_load(resume=True)``); a finished run is only evaluated again.
+2. Evaluates on the config's first test set (``nuclei_dsb_val``: the held-out quadrant):
+   COCO box and mask AP.
+3. Writes ``OUTPUT_DIR/val_predictions.png``: ground truth (left) and the detections with
+   score >= ``--score-threshold`` (right) on the held-out tile, drawn by Detectron2's
+   ``Visualizer``.
+4. Writes ``OUTPUT_DIR/losses.png``: total training loss and each stage's loss (the sum of
+   its cls, bbox, giou and mask terms) against iteration, from ``OUTPUT_DIR/metrics.json``.
+
+Run from the repository root (dataset and output paths are relative to it)::
+
+    python tools/run_demo.py [--config-file FILE] [--score-threshold 0.3] [KEY VALUE ...]
+
+Trailing ``KEY VALUE`` pairs override the config (e.g. ``SOLVER.MAX_ITER 10``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _REPO)  # train_net.py (it puts the package of this checkout on the path)
+
+import train_net  # noqa: E402  (registers the model and the bundled datasets)
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.engine import default_argument_parser  # noqa: E402
+
+from queryinst import add_queryinst_config  # noqa: E402
+
+DEFAULT_CONFIG = os.path.join("configs", "bundled", "queryinst_R50_FPN_nuclei.yaml")
+_STAGE_LOSS = re.compile(r"^s(\d+)_loss_")
+
+
+def read_loss_curves(metrics_file: str) -> tuple[list[int], dict[str, list[float]]]:
+    """Read the training losses that Detectron2's ``JSONWriter`` logged.
+
+    Args:
+        metrics_file: ``OUTPUT_DIR/metrics.json``, one json object per line. Lines without
+            "total_loss" (evaluation results) are skipped; when a resumed run logged an
+            iteration again, its last line wins.
+
+    Returns:
+        (iterations, curves): sorted iterations, and per curve name ("total", "s0", "s1",
+        ...) the values at those iterations. A stage's value is the sum of its
+        ``s{t}_loss_*`` terms (already weighted by the model).
+    """
+    by_iter = {}
+    with open(metrics_file) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            record = json.loads(line)
+            if "total_loss" in record:
+                by_iter[record["iteration"]] = record
+    iterations = sorted(by_iter)
+    curves: dict[str, list[float]] = defaultdict(list)
+    for it in iterations:
+        record = by_iter[it]
+        curves["total"].append(record["total_loss"])
+        stages = defaultdict(float)
+        for key, value in record.items():
+            match = _STAGE_LOSS.match(key)
+            if match:
+                stages[int(match.group(1))] += value
+        for t in sorted(stages):
+            curves[f"s{t}"].append(stages[t])
+    return iterations, dict(curves)
+
+
+def plot_losses(metrics_file: str, out_file: str) -> bool:
+    """Plot :func:`read_loss_curves` to ``out_file`` (PNG, matplotlib Agg, log y axis).
+
+    Returns:
+        bool: False (and no file) when ``metrics_file`` is missing or has no loss lines.
+    """
+    if not os.path.isfile(metrics_file):
+        return False
+    iterations, curves = read_loss_curves(metrics_file)
+    if not iterations:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, values in curves.items():
+        ax.plot(iterations, values, label=name, marker=".",
+                linewidth=2.5 if name == "total" else 1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training loss (smoothed, weighted)")
+    ax.set_title("QueryInst training losses: total and per stage")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(ncol=2, fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out_file, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def draw_val_predictions(cfg, weights: str, dataset_name: str, out_file: str,
+                         score_threshold: float) -> int:
+    """Draw ground truth and predictions on the first image of ``dataset_name``.
+
+    Args:
+        cfg: the training config.
+        weights: checkpoint to load.
+        dataset_name: a registered dataset (its metadata gives ``thing_classes``).
+        out_file: PNG path; the image is [ground truth | predictions], enlarged 2x.
+        score_threshold: only detections with score >= this are drawn.
+
+    Returns:
+        int: the number of detections drawn.
+    """
+    import cv2
+    import numpy as np
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.engine import DefaultPredictor
+    from detectron2.utils.visualizer import Visualizer
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = weights
+    predictor = DefaultPredictor(cfg)
+    record = DatasetCatalog.get(dataset_name)[0]
+    metadata = MetadataCatalog.get(dataset_name)
+    image_bgr = cv2.imread(record["file_name"], cv2.IMREAD_COLOR)
+    instances = predictor(image_bgr)["instances"].to("cpu")
+    instances = instances[instances.scores >= score_threshold]
+    rgb = image_bgr[:, :, ::-1]
+    gt = Visualizer(rgb, metadata=metadata, scale=2.0).draw_dataset_dict(record).get_image()
+    pred = Visualizer(rgb, metadata=metadata, scale=2.0).draw_instance_predictions(instances)
+    gap = np.full((gt.shape[0], 8, 3), 255, dtype=np.uint8)
+    panel = np.concatenate([gt, gap, pred.get_image()], axis=1)
+    cv2.imwrite(out_file, panel[:, :, ::-1])
+    return len(instances)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE")
+    parser.add_argument("--score-threshold", type=float, default=0.3,
+                        help="drawn detections: score >= this (default 0.3)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    """Run the demo; see the module docstring.
+
+    Returns:
+        dict: the evaluation results, {"bbox": {"AP": ...}, "segm": {"AP": ...}}.
+    """
+    args = parse_args(argv)
+    train_args = default_argument_parser().parse_args(
+        ["--config-file", args.config_file, "--resume", *args.opts]
+    )
+    start = time.perf_counter()
+    results = train_net.main(train_args)  # resumes, or only evaluates a finished run
+    elapsed = time.perf_counter() - start
+
+    cfg = get_cfg()
+    add_queryinst_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    out_dir = cfg.OUTPUT_DIR
+    dataset = cfg.DATASETS.TEST[0]
+    checkpointer = DetectionCheckpointer(None, save_dir=out_dir)  # only to find the last checkpoint
+    weights = checkpointer.get_checkpoint_file()
+    if not results:  # no evaluation ran during training (TEST.EVAL_PERIOD 0)
+        eval_args = default_argument_parser().parse_args(
+            ["--config-file", args.config_file, "--eval-only", *args.opts,
+             "MODEL.WEIGHTS", weights]
+        )
+        results = train_net.main(eval_args)
+    if dataset in results:  # several test sets: results by dataset name
+        results = results[dataset]
+
+    predictions_png = os.path.join(out_dir, "val_predictions.png")
+    drawn = draw_val_predictions(cfg, weights, dataset, predictions_png, args.score_threshold)
+    losses_png = os.path.join(out_dir, "losses.png")
+    plotted = plot_losses(os.path.join(out_dir, "metrics.json"), losses_png)
+
+    print(f"\n[demo] training + evaluation wall time: {elapsed / 60:.1f} min "
+          f"({cfg.SOLVER.MAX_ITER} iterations, batch {cfg.SOLVER.IMS_PER_BATCH})")
+    print(f"[demo] outputs in {out_dir}/:")
+    print(f"  checkpoint        {weights}")
+    print(f"  log, metrics      {os.path.join(out_dir, 'log.txt')}, "
+          f"{os.path.join(out_dir, 'metrics.json')}")
+    print(f"  COCO predictions  {os.path.join(out_dir, 'inference')}/")
+    print(f"  predictions image {predictions_png} ({drawn} detections with score >= "
+          f"{args.score_threshold}; left: ground truth)")
+    print(f"  loss curves       {losses_png if plotted else '(no losses logged)'}")
+    for task, name in (("bbox", "box"), ("segm", "mask")):
+        if task in results:
+            r = results[task]
+            print(f"[demo] {dataset} {name} AP {r['AP']:.1f}  AP50 {r['AP50']:.1f}  "
+                  f"AP75 {r['AP75']:.1f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

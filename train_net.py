@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""QueryInst training and evaluation script (Detectron2's ``DefaultTrainer``).
+
+It only wires Detectron2 to the ``queryinst`` package: the model, datasets and config keys
+register on ``import queryinst``; the optimiser is ``queryinst.solver.build_optimizer``
+(AdamW with full-model gradient clipping, spec section 2).
+
+Examples::
+
+    # train (add MODEL.DEVICE cpu on a machine without CUDA)
+    python train_net.py --config-file configs/bundled/queryinst_R50_FPN_nuclei.yaml
+    # continue from OUTPUT_DIR/last_checkpoint
+    python train_net.py --config-file ... --resume
+    # evaluate a checkpoint
+    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
+"""
+import os
+import sys
+
+# Use the package of this checkout, installed or not.
+_REPO = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(_REPO, "projects", "QueryInst"))
+
+import weakref  # noqa: E402
+
+import detectron2.utils.comm as comm  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import build_detection_train_loader  # noqa: E402
+from detectron2.engine import (  # noqa: E402
+    DefaultTrainer,
+    default_argument_parser,
+    default_setup,
+    launch,
+)
+from detectron2.evaluation import COCOEvaluator, verify_results  # noqa: E402
+
+import queryinst  # noqa: E402,F401  (registers the model)
+import queryinst.data  # noqa: E402,F401  (registers the bundled datasets)
+from queryinst import QueryInstDatasetMapper, add_queryinst_config  # noqa: E402
+from queryinst.checkpoint import QueryInstCheckpointer, official_config_opts  # noqa: E402
+from queryinst.solver import build_optimizer  # noqa: E402
+
+
+class Trainer(DefaultTrainer):
+    """``DefaultTrainer`` with COCO evaluation, QueryInst's optimiser, data and checkpoints.
+
+    Training data go through ``QueryInstDatasetMapper`` (the paper's augmentations: resize,
+    flip, and with ``INPUT.CROP_POLICY.ENABLED`` the 300-query crop policy; images without
+    annotations dropped by ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``). Checkpoints load through
+    ``QueryInstCheckpointer``, so ``MODEL.WEIGHTS`` may also be an official ``.pth``.
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.checkpointer = QueryInstCheckpointer(
+            self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """Detectron2's training loader with ``QueryInstDatasetMapper`` (spec 2)."""
+        return build_detection_train_loader(cfg, mapper=QueryInstDatasetMapper(cfg, True))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """COCO box AP, and mask AP when ``MODEL.MASK_ON``.
+
+        Args:
+            cfg: the config.
+            dataset_name (str): a registered dataset with COCO metadata (json_file).
+            output_folder (str or None): default ``OUTPUT_DIR/inference``.
+
+        Returns:
+            COCOEvaluator: its ``evaluate()`` gives {"bbox": {"AP": ...}, "segm": {...}}.
+        """
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        return COCOEvaluator(dataset_name, tasks=tasks, distributed=True,
+                             output_dir=output_folder,
+                             max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """AdamW / SGD with the backbone lr factor and full-model clipping (spec 2)."""
+        return build_optimizer(cfg, model)
+
+    # Detectron2 0.6's DefaultTrainer checkpoints only the iteration and the hooks (the LR
+    # scheduler), not the optimizer: a resumed run restarted AdamW's moments and ran its
+    # first iteration at the iteration-0 warmup lr. Later Detectron2 versions save the inner
+    # trainer's state under "_trainer", as here.
+    def state_dict(self):
+        """Iteration, hook states, and the optimizer (and AMP grad scaler) state."""
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        """Inverse of :meth:`state_dict`; checkpoints without "_trainer" keep a new optimizer."""
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+
+
+def setup(args):
+    """Build the frozen config from ``args.config_file`` and ``args.opts``.
+
+    Also runs Detectron2's ``default_setup`` (logging, OUTPUT_DIR/config.yaml, seed).
+
+    Args:
+        args (argparse.Namespace): from ``default_argument_parser()``.
+
+    Returns:
+        CfgNode: the frozen config.
+    """
+    cfg = get_cfg()
+    add_queryinst_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    # An official checkpoint in MODEL.WEIGHTS implies its queries / classes / stages / depth.
+    cfg.merge_from_list(official_config_opts(cfg.MODEL.WEIGHTS))
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    """Train (``--resume``: continue from ``OUTPUT_DIR/last_checkpoint``) or evaluate.
+
+    Args:
+        args (argparse.Namespace): from ``default_argument_parser()``.
+
+    Returns:
+        dict: evaluation results, {dataset: {"bbox": {...}, "segm": {...}}} for several
+        test sets or {"bbox": ..., "segm": ...} for one; after training, those of the last
+        evaluation (Detectron2's ``EvalHook`` always evaluates after the last iteration,
+        and every ``TEST.EVAL_PERIOD`` iterations).
+    """
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        QueryInstCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    trainer.train()
+    # Set by DefaultTrainer's evaluation hook (TEST.EVAL_PERIOD and at the end of training).
+    return getattr(trainer, "_last_eval_results", {})
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
