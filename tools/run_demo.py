@@ -169,7 +169,8 @@ def main(argv=None) -> dict:
         ["--config-file", args.config_file, "--resume", *args.opts]
     )
     start = time.perf_counter()
-    results = train_net.main(train_args)  # resumes, or only evaluates a finished run
+    # Resumes (or only evaluates a finished run); Detectron2 evaluates after the last iteration.
+    results = train_net.main(train_args)
     elapsed = time.perf_counter() - start
 
     cfg = get_cfg()
@@ -180,12 +181,6 @@ def main(argv=None) -> dict:
     dataset = cfg.DATASETS.TEST[0]
     checkpointer = DetectionCheckpointer(None, save_dir=out_dir)  # only to find the last checkpoint
     weights = checkpointer.get_checkpoint_file()
-    if not results:  # no evaluation ran during training (TEST.EVAL_PERIOD 0)
-        eval_args = default_argument_parser().parse_args(
-            ["--config-file", args.config_file, "--eval-only", *args.opts,
-             "MODEL.WEIGHTS", weights]
-        )
-        results = train_net.main(eval_args)
     if dataset in results:  # several test sets: results by dataset name
         results = results[dataset]
 
