@@ -111,3 +111,12 @@ def test_queryinst_and_detectron2_import_in_a_fresh_interpreter():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().startswith(os.path.join(REPO, "projects", "QueryInst"))
+
+
+def test_flop_counter_imports_without_caffe2():
+    """detectron2.export (TracingAdapter, hence FLOP counting) must not need caffe2."""
+    from detectron2.export import TracingAdapter  # noqa: F401
+    from detectron2.utils.analysis import FlopCountAnalysis
+
+    model = torch.nn.Linear(4, 3)
+    assert FlopCountAnalysis(model, (torch.rand(2, 4),)).total() == 2 * 4 * 3

@@ -37,7 +37,7 @@ SDIST = "pb1-detectron2==0.6"
 # optional "all" extra names a direct URL (panopticapi on GitHub).
 DOWNLOAD_PIP = "pip==25.0.1"
 # Bump when PATCHES or the layout changes, so that older builds of this script get replaced.
-BUILD_TAG = "queryinst-pure-python-1"
+BUILD_TAG = "queryinst-pure-python-2"
 MARKER = "_queryinst_build.txt"
 
 _COMPILED_OPS = '''\
@@ -95,6 +95,15 @@ PATCHES = [
         "            self._logger.info(\"detectron2._C is missing: using pycocotools' COCOeval\")\n"
         "        self._use_fast_impl = use_fast_impl and _has_compiled_ops\n",
         "the fast evaluator is C++; fall back to pycocotools' official COCOeval",
+    ),
+    (
+        "export/__init__.py",
+        "from .api import *\n",
+        "import importlib.util as _importlib_util\n\n"
+        "if _importlib_util.find_spec(\"caffe2\") is not None:\n"
+        "    from .api import *\n",
+        "the Caffe2 export API needs caffe2, which PyTorch 2 no longer ships; without this guard "
+        "TracingAdapter (and so detectron2.utils.analysis, FLOP counting) cannot be imported",
     ),
     (
         "layers/nms.py",
