@@ -280,6 +280,23 @@ def test_inference_follows_topk_rule():
                 )
 
 
+def test_inference_runs_mask_head_once_per_distinct_query():
+    """Speed rule of the inference: the last mask head sees each selected query once."""
+    model = build_small(seed=2, num_classes=4, num_proposals=6, test_topk=10).eval()
+    inputs = [{"image": random_image(96, 128, seed=7)}, {"image": random_image(80, 120, seed=8)}]
+    rows_seen = []
+    hook = model.roi_heads.mask_heads[-1].register_forward_hook(
+        lambda mod, args, out: rows_seen.append(out.shape[0])
+    )
+    with torch.no_grad():
+        results = model.inference(inputs, do_postprocess=False)
+    hook.remove()
+    distinct = [len(set(r.query_indices.tolist())) for r in results]
+    # k = 10 detections from 6 queries: some query holds two classes, so fewer rows than k.
+    assert all(d < 10 for d in distinct)
+    assert rows_seen == [sum(distinct)]
+
+
 # ---------------------------------------------------------------- parameter count
 
 

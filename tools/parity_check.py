@@ -202,10 +202,16 @@ def run_on_peer_input(model, peer, aux, table: Table):
                       peer[f"stage{s}_decoded_bboxes"])
         table.compare(f"stage{s}_object_feats", st.object_feats[0], peer[f"stage{s}_object_feats"])
         table.compare(f"stage{s}_attn_feats", st.attn_feats[0], peer[f"stage{s}_attn_feats"])
-    # The inference path ran the last mask head once, on all N queries.
-    final_logits = d["mask_logits"][0]
+    # The inference ran the last mask head once per distinct selected query; the peer's
+    # final mask tensors cover all N queries. Run ours on all N as well (records [1]), then
+    # check that the inference rows are those of the distinct queries.
+    last = stages[-1]
+    final_logits = heads.mask_logits(-1, features, [last.pred_boxes[0]], last.attn_feats[0])
+    distinct = torch.unique(results[0].query_indices)
+    table.compare("inference_mask_logits_vs_all_queries", d["mask_logits"][0],
+                  final_logits[distinct])
     if aux is not None:
-        table.compare("final_mask_roi_feats", d["mask_feats"][0], aux["final_mask_roi_feats"])
+        table.compare("final_mask_roi_feats", d["mask_feats"][1], aux["final_mask_roi_feats"])
     table.compare("final_mask_logits", final_logits, peer["final_mask_logits"])
     # Diagnostic of the peer: mask head s on stage s's boxes and attn_feats (the training pairing).
     for s, st in enumerate(stages):

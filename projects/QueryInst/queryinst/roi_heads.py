@@ -364,12 +364,7 @@ class QueryInstROIHeads(nn.Module):
         labels, queries = flat_idx % C, flat_idx // C
         boxes = torch.gather(last.pred_boxes, 1, queries.unsqueeze(-1).expand(-1, -1, 4))
         if self.mask_on:
-            # The mask head is per-RoI, so run it once on all N queries and pick (query, class).
-            logits = self.mask_logits(
-                -1, features, list(last.pred_boxes.unbind(0)), last.attn_feats.flatten(0, 1)
-            )
-            rows = (queries + N * torch.arange(B, device=queries.device)[:, None]).flatten()
-            masks = logits[rows, labels.flatten()].sigmoid().view(B, -1, 1, *logits.shape[-2:])
+            masks = self._top_k_masks(last, features, queries, labels)
         results = []
         for i, image_size in enumerate(image_sizes):
             inst = Instances(image_size)
@@ -381,3 +376,33 @@ class QueryInstROIHeads(nn.Module):
                 inst.pred_masks = masks[i]
             results.append(inst)
         return results
+
+    def _top_k_masks(
+        self, last: StageOutput, features: dict[str, Tensor], queries: Tensor, labels: Tensor
+    ) -> Tensor:
+        """Mask probabilities of the top-k detections from the last mask head (spec 3).
+
+        A query can hold several of the k detections (with different classes), and its
+        mask logits do not depend on the class. So the head runs once per distinct selected
+        query, neither once per detection (as the reference does) nor on all N queries, and
+        each detection then takes its class channel: the same values for fewer RoIs.
+
+        Args:
+            last: the last stage's output.
+            features: FPN maps by name.
+            queries, labels: int64 (B, k), the query and class of each detection.
+
+        Returns:
+            Tensor: float (B, k, 1, M, M) probabilities, M = 2 x the mask pooler resolution.
+        """
+        B, N = last.attn_feats.shape[:2]
+        rows = (queries + N * torch.arange(B, device=queries.device)[:, None]).flatten()
+        distinct, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+        # Sorted rows are grouped image by image, the order the pooler expects.
+        per_image = torch.bincount(distinct // N, minlength=B).tolist()
+        boxes = last.pred_boxes.flatten(0, 1)[distinct].split(per_image)
+        logits = self.mask_logits(
+            -1, features, list(boxes), last.attn_feats.flatten(0, 1)[distinct]
+        )
+        masks = logits[inverse, labels.flatten()].sigmoid()
+        return masks.view(B, -1, 1, *masks.shape[-2:])
