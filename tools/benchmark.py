@@ -1,93 +1,167 @@
 #!/usr/bin/env python
-"""CPU latency and size of a QueryInst model with random weights.
+"""Speed, memory and FLOPs of QueryInst side by side with Detectron2's Mask R-CNN / Cascade.
 
-Builds the model of a config on the CPU (random init: no checkpoint is read), then times
-inference on one random image of a fixed size (warm-up iterations excluded) and, with
-``--train``, one training iteration (forward + backward + AdamW step) on a batch of two
-random images with a few synthetic instances each. Prints a small table and, last, one JSON
-line with the same numbers.
+All models are built in one process with random weights (no checkpoint is read) and run on
+the same random images of a fixed size, one model after the other:
+
+- inference latency (median, p90, per image) and throughput, warm-up iterations excluded;
+- peak memory during inference: process RSS on the CPU (sampled every millisecond),
+  ``torch.cuda.max_memory_allocated`` on CUDA;
+- parameters, and FLOPs of one image counted by fvcore through Detectron2's
+  ``FlopCountAnalysis`` (the counter of Detectron2's ``tools/analyze_model.py``; one fused
+  multiply-add counts as one flop);
+- with ``--train``, one training iteration at batch 2 (forward + backward + optimiser step,
+  each model with its own recipe's optimiser) on random images with synthetic instances;
+- with ``--profile K``, the K PyTorch-profiler entries with the most self time.
+
+Fair comparison (README, "Benchmark"): the baselines get QueryInst's ResNet depth, stride
+placement and class count; their score threshold is 0 and ``TEST.DETECTIONS_PER_IMAGE`` is
+QueryInst's top-k, so their mask head also sees 100 detections whatever the random weights
+score. The same threads, input and warm-up hold for all. A table is printed, then one JSON
+line (also written to ``--json-out``).
 
 Example::
 
-    python tools/benchmark.py --config-file configs/Base-QueryInst.yaml \\
-        --input-size 800 1333 --iters 3 --warmup 1 --threads 2 --train
+    python tools/benchmark.py --config-file configs/queryinst_R50_FPN_1x_coco.yaml \\
+        --baselines mask_rcnn_R_50_FPN,cascade_mask_rcnn_R_50_FPN \\
+        --input-size 800 1333 --iters 5 --warmup 1 --threads 2 --train
 
-Extra ``KEY VALUE`` pairs override the config, as in ``train_net.py``
-(e.g. ``MODEL.QUERYINST.NUM_PROPOSALS 300``).
+Extra ``KEY VALUE`` pairs override the QueryInst config, as in ``train_net.py``.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import gc
 import json
+import os
 import platform
+import re
 import statistics
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import torch
-from detectron2.config import get_cfg
+from detectron2 import model_zoo
+from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
+from detectron2.solver import build_optimizer as build_detectron2_optimizer
 from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.analysis import FlopCountAnalysis
+from detectron2.utils.events import EventStorage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "QueryInst"))
 from queryinst import add_queryinst_config  # noqa: E402
+from queryinst.solver import build_optimizer as build_queryinst_optimizer  # noqa: E402
 
 NUM_SYNTHETIC_INSTANCES = 5  # GT instances per training image
+TRAIN_BATCH = 2  # images per timed training iteration (issue 6)
+# Baseline name -> model-zoo config of that architecture; the depth comes from the name.
+BASELINE_ZOO = {
+    "mask_rcnn": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
+    "cascade_mask_rcnn": "Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml",
+}
+_BASELINE_NAME = re.compile(r"^(?P<arch>[a-z_]+)_R_(?P<depth>18|34|50|101|152)_FPN$")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True, help="path to a QueryInst yaml config")
     parser.add_argument(
-        "--input-size", nargs=2, type=int, default=(800, 1333), metavar=("H", "W"),
-        help="height and width of the input image in pixels (no resize is applied)",
+        "--baselines", default="mask_rcnn_R_50_FPN,cascade_mask_rcnn_R_50_FPN",
+        help="comma-separated Detectron2 baselines: {mask_rcnn,cascade_mask_rcnn}_R_<depth>_FPN "
+        "(depth must equal QueryInst's); 'none' for QueryInst alone",
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--input-size", nargs=2, type=int, default=(800, 1333), metavar=("H", "W"),
+        help="height and width of the input images in pixels (no resize is applied)",
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="images per inference call")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--train", action="store_true", help="also time a training iteration")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="K",
+        help="also profile one inference and report the K ops with the most self time",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    parser.add_argument("--json-out", default=None, help="also write the JSON to this file")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="QueryInst overrides: KEY VALUE")
     args = parser.parse_args(argv)
-    if args.iters < 1 or args.warmup < 0:
-        parser.error("--iters must be >= 1 and --warmup >= 0")
+    if args.iters < 1 or args.warmup < 0 or args.batch_size < 1 or args.profile < 0:
+        parser.error("--iters and --batch-size must be >= 1, --warmup and --profile >= 0")
+    if min(args.input_size) < 32:
+        parser.error("--input-size must be at least 32 x 32 pixels")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: PyTorch sees no CUDA device on this machine")
+    args.baselines = [] if args.baselines in ("", "none") else args.baselines.split(",")
+    for name in args.baselines:
+        match = _BASELINE_NAME.match(name)
+        if match is None or match["arch"] not in BASELINE_ZOO:
+            parser.error(
+                f"unknown baseline {name!r}; expected "
+                f"{{{','.join(BASELINE_ZOO)}}}_R_<18|34|50|101|152>_FPN"
+            )
     return args
 
 
-def setup_cfg(args):
+# ----------------------------------------------------------------------------- configs
+
+
+def queryinst_cfg(config_file: str, opts: list[str], device: str) -> CfgNode:
+    """The QueryInst config of ``config_file`` with ``opts``, random weights, on ``device``."""
     cfg = get_cfg()
     add_queryinst_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.DEVICE = "cpu"
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
+    cfg.MODEL.DEVICE = device
     cfg.MODEL.WEIGHTS = ""
     cfg.freeze()
     return cfg
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolation percentile (numpy's default) of a non-empty list."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+def baseline_cfg(name: str, reference: CfgNode, device: str) -> CfgNode:
+    """Model-zoo config of baseline ``name``, made comparable with QueryInst's ``reference``.
+
+    Raises:
+        ValueError: if the depth in ``name`` differs from QueryInst's (unfair comparison).
+    """
+    match = _BASELINE_NAME.match(name)
+    depth = int(match["depth"])
+    if depth != reference.MODEL.RESNETS.DEPTH:
+        raise ValueError(
+            f"baseline {name} has ResNet-{depth}, QueryInst ResNet-{reference.MODEL.RESNETS.DEPTH}"
+            f": compare the same depth (e.g. {match['arch']}_R_"
+            f"{reference.MODEL.RESNETS.DEPTH}_FPN)"
+        )
+    cfg = model_zoo.get_config(BASELINE_ZOO[match["arch"]])
+    ref = reference.MODEL
+    cfg.MODEL.RESNETS.DEPTH = depth
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = ref.RESNETS.RES2_OUT_CHANNELS
+    # The same ResNet as QueryInst's: stride placement changes the FLOPs of every block.
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = ref.RESNETS.STRIDE_IN_1X1
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = ref.QUERYINST.NUM_CLASSES
+    # Keep every detection up to QueryInst's top-k, so the mask head sees as many boxes.
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    cfg.TEST.DETECTIONS_PER_IMAGE = ref.QUERYINST.TEST_TOPK
+    cfg.MODEL.DEVICE = device
+    cfg.MODEL.WEIGHTS = ""
+    cfg.freeze()
+    return cfg
 
 
-def time_calls(fn, iters: int, warmup: int) -> list[float]:
-    """Seconds of each of ``iters`` calls of ``fn``, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+# ----------------------------------------------------------------------------- inputs
 
 
 def random_image(height: int, width: int, gen: torch.Generator) -> torch.Tensor:
+    """uint8 (3, H, W) uniform noise."""
     return torch.randint(0, 256, (3, height, width), generator=gen, dtype=torch.uint8)
 
 
@@ -109,102 +183,489 @@ def synthetic_instances(height: int, width: int, num_classes: int, gen: torch.Ge
     return inst
 
 
+# ----------------------------------------------------------------------------- measuring
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default) of a non-empty list."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def interleaved_times(fns: list, iters: int, warmup: int, device: str) -> list[list[float]]:
+    """Wall seconds of ``iters`` calls of each function, after ``warmup`` untimed rounds.
+
+    The functions take turns (f0, f1, ..., f0, f1, ...), so a change in the machine's speed
+    during the run (other tenants, clock changes) affects every model alike.
+    """
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(iters):
+        for fn, spent in zip(fns, times):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            spent.append(time.perf_counter() - start)
+    return times
+
+
+_START = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """Progress on stderr, with the seconds since the tool started."""
+    print(f"[benchmark {time.perf_counter() - _START:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process in bytes (Linux ``/proc``; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class PeakMemory:
+    """Context manager: peak memory in bytes while the block runs, and the start value.
+
+    On CUDA, ``torch.cuda.max_memory_allocated`` (reset on entry). On the CPU, the process
+    RSS sampled by a thread every ``interval_s`` (PyTorch ops release the GIL, so sampling
+    continues during them); a peak shorter than the interval can be missed.
+    """
+
+    def __init__(self, device: str, interval_s: float = 0.001):
+        self.device, self.interval_s = device, interval_s
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.start = self.peak = current_rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, current_rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, current_rss_bytes())
+
+
+def _mha_flop_jit(inputs, outputs) -> int:
+    """FLOPs (multiply-adds) of ``aten::_native_multi_head_attention``.
+
+    The fused attention that ``nn.MultiheadAttention`` runs in inference; fvcore has no
+    handle for it. Inputs: query (B, Lq, D), key and value (B, Lk, D), ... Counted: the
+    q/k/v and output projections (B*Lq*D*D each for q and out, B*Lk*D*D for k and v) and
+    the two attention products (B*Lq*Lk*D each); softmax is not counted, as in fvcore.
+    """
+    from fvcore.nn.jit_handles import get_shape
+
+    batch, len_q, dim = get_shape(inputs[0])
+    len_k = get_shape(inputs[1])[1]
+    projections = batch * dim * dim * (2 * len_q + 2 * len_k)
+    return projections + 2 * batch * len_q * len_k * dim
+
+
+def count_flops(model: torch.nn.Module, inputs) -> FlopCountAnalysis:
+    """Detectron2's FlopCountAnalysis of ``model(inputs)``, plus a handle for fused attention.
+
+    Args:
+        model: a Detectron2 model in eval mode (or any module taking ``inputs``).
+        inputs: what ``model`` is called with (``list[dict]`` for Detectron2 models).
+
+    Returns:
+        FlopCountAnalysis: ``.total()`` in multiply-adds (fvcore's "flops"), ``.by_module()``
+        (module names prefixed with "model.", the attribute of Detectron2's TracingAdapter),
+        ``.unsupported_ops()``.
+    """
+    flops = FlopCountAnalysis(model, inputs)
+    flops.set_op_handle("aten::_native_multi_head_attention", _mha_flop_jit)
+    flops.unsupported_ops_warnings(False)
+    flops.uncalled_modules_warnings(False)
+    return flops
+
+
+def phase_seconds(model: torch.nn.Module, fn) -> dict[str, float]:
+    """Wall seconds of ``model``'s backbone, proposal generator and ROI heads in one ``fn()``.
+
+    "rest" is everything else in the call: preprocessing and post-processing (mask pasting).
+    """
+    phases = ("backbone", "proposal_generator", "roi_heads")
+    spent = dict.fromkeys(phases, 0.0)
+    starts = {}
+    handles = []
+    for name in phases:
+        module = getattr(model, name)
+        handles.append(module.register_forward_pre_hook(
+            lambda mod, args, name=name: starts.__setitem__(name, time.perf_counter())))
+        handles.append(module.register_forward_hook(
+            lambda mod, args, out, name=name: spent.__setitem__(
+                name, spent[name] + time.perf_counter() - starts[name])))
+    start = time.perf_counter()
+    fn()
+    total = time.perf_counter() - start
+    for h in handles:
+        h.remove()
+    spent["rest"] = total - sum(spent.values())
+    return {k: round(v, 4) for k, v in spent.items()}
+
+
+def profile_top(fn, k: int) -> list[dict]:
+    """Run ``fn`` once under torch.profiler; the ``k`` ops with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [
+        {
+            "op": e.key,
+            "self_cpu_ms": round(e.self_cpu_time_total / 1000, 2),
+            "calls": e.count,
+        }
+        for e in events[:k]
+    ]
+
+
+def calibrate_frozen_bn(model: torch.nn.Module, inputs: list[dict]) -> int:
+    """Set every ``FrozenBatchNorm2d``'s statistics to those of its input on ``inputs``.
+
+    A randomly initialised ResNet with identity FrozenBN multiplies the activations at every
+    block (FPN outputs ~1e4 here). Then Mask R-CNN's RPN decodes every anchor to the whole
+    image, NMS leaves a couple of proposals, and saturated softmax scores fall below any
+    threshold: the baselines would skip most of their work. Normalising each FrozenBN by its
+    input's per-channel mean and variance (one pass, layer by layer, applied to every
+    model alike) gives activations of a trained model's scale, so the RPN keeps its 1000
+    proposals and the ROI heads score every class.
+
+    Args:
+        model: a Detectron2 model with ``preprocess_image`` and ``backbone``.
+        inputs: Detectron2 inputs (``list[dict]`` with "image").
+
+    Returns:
+        int: the number of FrozenBN layers calibrated.
+    """
+    from detectron2.layers import FrozenBatchNorm2d
+
+    def set_stats(module, args):
+        x = args[0]
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3)))
+
+    layers = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    handles = [m.register_forward_pre_hook(set_stats) for m in layers]
+    try:
+        with torch.no_grad():
+            model.backbone(model.preprocess_image(inputs).tensor)
+    finally:
+        for h in handles:
+            h.remove()
+    return len(layers)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass
+class Candidate:
+    """One model to measure: its name, config and optimiser recipe."""
+
+    name: str
+    cfg: CfgNode
+    build_optimizer: Callable
+    extra: dict = field(default_factory=dict)
+
+
+class Bench:
+    """A built, calibrated model with its inputs; ``result`` collects its numbers.
+
+    Args:
+        cand: what to build.
+        inputs: Detectron2 inference inputs (the same tensors for every model).
+        seed: seed of the random weights.
+    """
+
+    def __init__(self, cand: Candidate, inputs: list[dict], seed: int):
+        torch.manual_seed(seed)
+        self.cand, self.inputs = cand, inputs
+        self.model = build_model(cand.cfg).eval()
+        self.outputs = None
+        self.proposals: list[int] = []
+        self.model.proposal_generator.register_forward_hook(self._count_proposals)
+        self.result = {
+            "name": cand.name,
+            "meta_architecture": cand.cfg.MODEL.META_ARCHITECTURE,
+            "resnet_depth": cand.cfg.MODEL.RESNETS.DEPTH,
+            "params": sum(p.numel() for p in self.model.parameters()),
+            **cand.extra,
+            "frozen_bn_calibrated": calibrate_frozen_bn(self.model, inputs),
+        }
+
+    def _count_proposals(self, module, args, out) -> None:
+        self.proposals = [len(p) for p in out[0]]
+
+    def infer(self) -> None:
+        with torch.no_grad():
+            self.outputs = self.model(self.inputs)
+
+    def start_training(self, batch: list[dict]) -> None:
+        self.model.train()
+        self.batch = batch
+        self.optimizer = self.cand.build_optimizer(self.cand.cfg, self.model)
+        self.result["train_optimizer"] = type(self.optimizer).__name__
+
+    def train_step(self) -> None:
+        losses = self.model(self.batch)
+        loss = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.result["train_last_loss"] = round(loss.item(), 4)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by earlier models back to the OS (glibc), so RSS growth is fair."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure_memory_and_outputs(bench: Bench, device: str) -> None:
+    """One inference under ``PeakMemory``; records memory, detections and proposals."""
+    release_freed_memory()
+    with PeakMemory(device) as mem:
+        bench.infer()
+    bench.result.update(
+        peak_mem_mib=round(mem.peak / 2**20, 1),
+        infer_mem_mib=round((mem.peak - mem.start) / 2**20, 1),
+        detections_per_image=[len(o["instances"]) for o in bench.outputs],
+        proposals_per_image=bench.proposals,
+    )
+    if bench.outputs[0]["instances"].has("query_indices"):
+        # QueryInst's mask head runs once per distinct query among the top-k detections.
+        bench.result["mask_head_rois_per_image"] = [
+            len(torch.unique(o["instances"].query_indices)) for o in bench.outputs
+        ]
+    bench.outputs = None
+
+
+def measure_flops(bench: Bench) -> None:
+    """FLOPs of one image (the first input), in total and per top-level module."""
+    with torch.no_grad():
+        flops = count_flops(bench.model, bench.inputs[:1])
+        by_module = flops.by_module()
+        total = flops.total()
+    bench.result.update(
+        gflops=round(total / 1e9, 2),
+        # Detectron2 traces the model inside a TracingAdapter: names start with "model.".
+        gflops_by_module={
+            k: round(by_module.get(f"model.{k}", 0) / 1e9, 2)
+            for k in ("backbone", "proposal_generator", "roi_heads")
+        },
+        flops_uncounted_ops=dict(flops.unsupported_ops()),
+    )
+
+
+def summarise(times: list[float], num_images: int, prefix: str) -> dict:
+    """Median, p90 and all times (seconds) of one model's timed calls."""
+    median = statistics.median(times)
+    out = {
+        f"{prefix}_median_s": round(median, 4),
+        f"{prefix}_p90_s": round(percentile(times, 90), 4),
+        f"{prefix}_times_s": [round(t, 4) for t in times],
+    }
+    if prefix == "infer":
+        out.update(
+            infer_per_image_s=round(median / num_images, 4),
+            images_per_s=round(num_images / median, 3),
+        )
+    return out
+
+
+def measure_all(candidates: list[Candidate], args, images, train_batch) -> list[dict]:
+    """Build every model, then measure them; timed calls alternate between the models."""
+    height, width = args.input_size
+    inputs = [{"image": im, "height": height, "width": width} for im in images]
+    benches = []
+    for cand in candidates:
+        log(f"building {cand.name}")
+        benches.append(Bench(cand, inputs, args.seed))
+    for bench in benches:
+        log(f"memory and outputs of {bench.cand.name}")
+        measure_memory_and_outputs(bench, args.device)
+        if not args.no_flops:
+            measure_flops(bench)
+    log(f"timing inference: {args.warmup} warm-up + {args.iters} rounds")
+    times = interleaved_times([b.infer for b in benches], args.iters, args.warmup, args.device)
+    for bench, t in zip(benches, times):
+        bench.result.update(summarise(t, len(images), "infer"))
+        if args.profile:
+            log(f"profiling {bench.cand.name}")
+            bench.result["profile_top"] = profile_top(bench.infer, args.profile)
+            phases = [phase_seconds(bench.model, bench.infer) for _ in range(args.iters)]
+            bench.result["phase_s"] = {
+                k: round(statistics.median(p[k] for p in phases), 4) for k in phases[0]
+            }
+    if args.train:
+        for bench in benches:
+            bench.start_training(train_batch)
+        log(f"timing training: {args.warmup} warm-up + {args.iters} rounds")
+        with EventStorage():  # Detectron2's RPN and ROI heads log training statistics into it
+            times = interleaved_times(
+                [b.train_step for b in benches], args.iters, args.warmup, args.device
+            )
+        for bench, t in zip(benches, times):
+            bench.result.update(train_batch=len(train_batch), **summarise(t, 0, "train"))
+    results = [b.result for b in benches]
+    for r in results:
+        r["latency_vs_queryinst"] = round(r["infer_median_s"] / results[0]["infer_median_s"], 3)
+    return results
+
+
+def machine_info(device: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+# ----------------------------------------------------------------------------- report
+
+
+COLUMNS = [  # (header, key, format)
+    ("model", "name", "{}"),
+    ("ResNet", "resnet_depth", "R{}"),
+    ("params (M)", "params", lambda v: f"{v / 1e6:.1f}"),
+    ("GFLOPs", "gflops", "{:.1f}"),
+    ("median (s)", "infer_median_s", "{:.3f}"),
+    ("p90 (s)", "infer_p90_s", "{:.3f}"),
+    ("per image (s)", "infer_per_image_s", "{:.3f}"),
+    ("img/s", "images_per_s", "{:.2f}"),
+    ("vs QueryInst", "latency_vs_queryinst", "{:.2f}x"),
+    ("infer mem (MiB)", "infer_mem_mib", "{:.0f}"),
+    ("dets/img", "detections_per_image", lambda v: "/".join(map(str, sorted(set(v))))),
+    ("train iter (s)", "train_median_s", "{:.3f}"),
+]
+
+
+def format_table(models: list[dict]) -> str:
+    """A plain-text table with one row per model; missing values print as '-'."""
+
+    def cell(model, key, fmt):
+        if key not in model:
+            return "-"
+        return fmt(model[key]) if callable(fmt) else fmt.format(model[key])
+
+    rows = [[h for h, _, _ in COLUMNS]] + [[cell(m, k, f) for _, k, f in COLUMNS] for m in models]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    cfg = setup_cfg(args)
     height, width = args.input_size
-
-    torch.manual_seed(args.seed)
-    start = time.perf_counter()
-    model = build_model(cfg)
-    build_s = time.perf_counter() - start
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    qcfg = queryinst_cfg(args.config_file, args.opts, args.device)
+    candidates = [
+        Candidate(
+            "queryinst", qcfg, build_queryinst_optimizer,
+            {"config": args.config_file, "opts": args.opts,
+             "num_queries": qcfg.MODEL.QUERYINST.NUM_PROPOSALS},
+        )
+    ]
+    for name in args.baselines:
+        cfg = baseline_cfg(name, qcfg, args.device)
+        zoo = BASELINE_ZOO[_BASELINE_NAME.match(name)["arch"]]
+        candidates.append(Candidate(name, cfg, build_detectron2_optimizer, {"config": zoo}))
 
     gen = torch.Generator().manual_seed(args.seed)
-    image = random_image(height, width, gen)
-    model.eval()
-    num_detections = []
+    images = [random_image(height, width, gen) for _ in range(args.batch_size)]
+    train_batch = [
+        {"image": random_image(height, width, gen),
+         "instances": synthetic_instances(height, width, qcfg.MODEL.QUERYINST.NUM_CLASSES, gen)}
+        for _ in range(TRAIN_BATCH)
+    ] if args.train else None
 
-    def infer():
-        with torch.no_grad():
-            (out,) = model([{"image": image, "height": height, "width": width}])
-        num_detections.append(len(out["instances"]))
+    models = measure_all(candidates, args, images, train_batch)
 
-    infer_times = time_calls(infer, args.iters, args.warmup)
-
-    result = {
-        "config": args.config_file,
-        "opts": args.opts,
-        "input_size": [height, width],
-        "threads": torch.get_num_threads(),
-        "params": params,
-        "trainable_params": trainable,
-        "build_s": round(build_s, 3),
-        "iters": args.iters,
-        "warmup": args.warmup,
-        "infer_median_s": round(statistics.median(infer_times), 4),
-        "infer_p90_s": round(percentile(infer_times, 90), 4),
-        "infer_times_s": [round(t, 4) for t in infer_times],
-        "detections": num_detections[-1],
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "device": args.device,
+        "machine": machine_info(args.device),
+        "settings": {
+            "input_size": [height, width],
+            "batch_size": args.batch_size,
+            "threads": torch.get_num_threads(),
+            "iters": args.iters,
+            "warmup": args.warmup,
+            "seed": args.seed,
+            "flops": "fvcore via detectron2.utils.analysis; 1 multiply-add = 1 flop; 1 image",
+        },
+        "models": models,
     }
-
-    if args.train:
-        batch = [
-            {
-                "image": random_image(height, width, gen),
-                "instances": synthetic_instances(
-                    height, width, cfg.MODEL.QUERYINST.NUM_CLASSES, gen
-                ),
-            }
-            for _ in range(2)
-        ]
-        model.train()
-        optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad],
-            lr=cfg.SOLVER.BASE_LR,
-            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-        )
-        last_loss = []
-
-        def train_step():
-            losses = model(batch)
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            last_loss.append(loss.item())
-
-        train_times = time_calls(train_step, args.iters, args.warmup)
-        result.update(
-            train_batch=2,
-            train_median_s=round(statistics.median(train_times), 4),
-            train_p90_s=round(percentile(train_times, 90), 4),
-            train_times_s=[round(t, 4) for t in train_times],
-            train_last_loss=round(last_loss[-1], 4),
-        )
-
-    rows = [
-        ("config", f"{args.config_file} {' '.join(args.opts)}".strip()),
-        ("input (H x W)", f"{height} x {width}"),
-        ("threads", str(result["threads"])),
-        ("parameters", f"{params:,} ({trainable:,} trainable)"),
-        ("inference median", f"{result['infer_median_s']:.3f} s"),
-        ("inference p90", f"{result['infer_p90_s']:.3f} s"),
-        ("iterations", f"{args.iters} timed, {args.warmup} warm-up"),
-    ]
-    if args.train:
-        rows.append(("train iter median (batch 2)", f"{result['train_median_s']:.3f} s"))
-        rows.append(("train iter p90 (batch 2)", f"{result['train_p90_s']:.3f} s"))
-    width_col = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width_col}}  {value}")
-    print(json.dumps(result))
-    return result
+    machine = report["machine"]
+    print(
+        f"{args.device} ({machine.get('gpu', machine['cpu'])}), {report['settings']['threads']} "
+        f"threads, input {height}x{width}, batch {args.batch_size}, {args.iters} timed + "
+        f"{args.warmup} warm-up iterations, torch {torch.__version__}, {report['date']}"
+    )
+    print(format_table(models))
+    for m in models:
+        if "phase_s" in m:
+            print(f"  {m['name']:<28} phases (s): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in m["phase_s"].items()))
+        for row in m.get("profile_top", []):
+            print(f"  {m['name']:<28} {row['op']:<44} {row['self_cpu_ms']:>10.1f} ms "
+                  f"x{row['calls']}")
+    line = json.dumps(report)
+    if args.json_out:
+        Path(args.json_out).write_text(line + "\n")
+    print(line)
+    return report
 
 
 if __name__ == "__main__":

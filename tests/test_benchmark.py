@@ -1,0 +1,199 @@
+"""tools/benchmark.py: a short CPU run gives a well-formed table and JSON; FLOPs match hand counts.
+
+Truth from outside the tool: hand-counted multiply-adds of a toy module, the parameter
+difference between Cascade and Mask R-CNN added up from Detectron2's head shapes, the
+hand-derived QueryInst parameter count (tests/test_model.py), numpy's percentile, and the
+invariance that all three models share one backbone (equal backbone FLOPs).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from detectron2 import model_zoo
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling import build_model
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_CONFIG = str(ROOT / "configs" / "Base-QueryInst.yaml")
+QUERYINST_R50_PARAMS = 172_635_688  # hand-derived in tests/test_model.py
+TOPK = 20  # QueryInst's TEST_TOPK in the short run
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location(
+        "queryinst_benchmark", ROOT / "tools" / "benchmark.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_tool()
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """One iteration of every model at 64x96 on one thread, with training and profiling."""
+    out = tmp_path_factory.mktemp("bench") / "report.json"
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        report = bench.main(
+            [
+                "--config-file", BASE_CONFIG, "--input-size", "64", "96", "--iters", "1",
+                "--warmup", "0", "--threads", "1", "--train", "--profile", "3",
+                "--json-out", str(out),
+                # QueryInst's top-k, which the baselines' detections follow; 20 keeps it quick.
+                "MODEL.QUERYINST.TEST_TOPK", "20",
+            ]
+        )
+    return report, stdout.getvalue(), out
+
+
+def test_json_is_printed_written_and_returned(short_run):
+    report, text, out = short_run
+    last_line = text.strip().splitlines()[-1]
+    assert json.loads(last_line) == report
+    assert json.loads(out.read_text()) == report
+    assert report["settings"]["input_size"] == [64, 96]
+    assert report["settings"]["threads"] == 1
+    assert [m["name"] for m in report["models"]] == [
+        "queryinst", "mask_rcnn_R_50_FPN", "cascade_mask_rcnn_R_50_FPN",
+    ]
+
+
+def test_numbers_are_consistent(short_run):
+    report, _, _ = short_run
+    for m in report["models"]:
+        assert m["resnet_depth"] == 50
+        assert len(m["infer_times_s"]) == 1 and m["infer_times_s"][0] > 0
+        assert m["infer_median_s"] == m["infer_p90_s"] == m["infer_times_s"][0]
+        assert m["images_per_s"] == pytest.approx(1 / m["infer_median_s"], rel=1e-2)
+        assert m["peak_mem_mib"] > 0
+        assert m["train_median_s"] > 0 and np.isfinite(m["train_last_loss"])
+        assert len(m["profile_top"]) == 3
+        assert m["gflops"] >= sum(m["gflops_by_module"].values()) - 0.05
+        # The fairness rule: every mask head serves QueryInst's top-k detections.
+        assert m["detections_per_image"] == [TOPK]
+    qi, mrcnn, cascade = report["models"]
+    assert qi["params"] == QUERYINST_R50_PARAMS
+    assert qi["proposals_per_image"] == [100]
+    assert qi["train_optimizer"] == "AdamWWithFullModelGradientClip"
+    assert mrcnn["train_optimizer"] == cascade["train_optimizer"] == "SGD"
+    assert 1 <= qi["mask_head_rois_per_image"][0] <= TOPK
+    # One backbone for all: ResNet-50 (stride on the 3x3 conv) + FPN, so equal FLOPs there.
+    assert qi["gflops_by_module"]["backbone"] > 0
+    assert (
+        qi["gflops_by_module"]["backbone"]
+        == mrcnn["gflops_by_module"]["backbone"]
+        == cascade["gflops_by_module"]["backbone"]
+    )
+    # Cascade = Mask R-CNN - (1 box head, class-specific regression) + 3 x (box head,
+    # class-agnostic regression); a box head is fc 12544->1024, fc 1024->1024, cls 1024->81.
+    head = (12544 * 1024 + 1024) + (1024 * 1024 + 1024) + (1024 * 81 + 81)
+    assert cascade["params"] - mrcnn["params"] == 3 * (head + 1024 * 4 + 4) - (
+        head + 1024 * 320 + 320
+    )
+    assert qi["latency_vs_queryinst"] == 1.0
+
+
+def test_table_has_a_row_per_model(short_run):
+    report, text, _ = short_run
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("model "))
+    assert set(lines[header + 1]) == {"-"}
+    rows = lines[header + 2 : header + 2 + len(report["models"])]
+    for row, m in zip(rows, report["models"]):
+        cells = row.split()
+        assert cells[0] == m["name"]
+        assert len(cells) == len(bench.COLUMNS)
+        assert cells[1] == "R50" and cells[-2] == str(TOPK)
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 10 * 10, 10)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, image, a, b, tokens):
+        x = self.fc(self.conv(image).flatten(1))
+        y = torch.bmm(a, b)
+        z = self.attn(tokens, tokens, tokens, need_weights=False)[0]
+        return x, y, z
+
+
+def test_flops_of_toy_module_match_hand_count():
+    model = Toy().eval()
+    inputs = (
+        torch.rand(1, 3, 10, 10), torch.rand(2, 5, 4), torch.rand(2, 4, 6), torch.rand(2, 5, 16)
+    )
+    with torch.no_grad():
+        flops = bench.count_flops(model, inputs)
+        by_module = flops.by_module()
+        total = flops.total()
+    conv = 8 * 3 * 3 * 3 * 10 * 10  # out channels x in channels x kernel x positions
+    fc = 800 * 10
+    bmm = 2 * 5 * 4 * 6
+    # q, k, v and output projections (4 x 2 x 5 tokens x 16 x 16), then QK^T and AV.
+    attn = 4 * 2 * 5 * 16 * 16 + 2 * (2 * 5 * 5 * 16)
+    # Detectron2 traces inside a TracingAdapter, whose attribute "model" is the toy.
+    assert by_module["model.conv"] == conv
+    assert by_module["model.fc"] == fc
+    assert by_module["model.attn"] == attn
+    assert total == conv + fc + bmm + attn
+    assert not flops.unsupported_ops()
+
+
+def test_percentile_matches_numpy():
+    values = [0.3, 1.7, 0.2, 5.0, 2.2, 0.9]
+    for q in (0, 10, 50, 90, 100):
+        assert bench.percentile(values, q) == pytest.approx(np.percentile(values, q))
+
+
+def test_calibration_normalises_every_frozen_bn_input():
+    cfg = model_zoo.get_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml")
+    cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = "cpu", ""
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    inputs = [{"image": torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)}]
+    assert bench.calibrate_frozen_bn(model, inputs) == sum(
+        isinstance(m, FrozenBatchNorm2d) for m in model.modules()
+    )
+    outputs = []
+    hooks = [
+        # clone: the ReLU that follows runs in place
+        m.register_forward_hook(lambda mod, args, out: outputs.append(out.clone()))
+        for m in model.modules()
+        if isinstance(m, FrozenBatchNorm2d)
+    ]
+    with torch.no_grad():
+        model.backbone(model.preprocess_image(inputs).tensor)
+    for h in hooks:
+        h.remove()
+    assert len(outputs) == 53  # ResNet-50: stem + 16 blocks x 3 + 4 shortcuts
+    for out in outputs:
+        channels = out.shape[1]
+        mean, var = out.mean(dim=(0, 2, 3)), out.var(dim=(0, 2, 3))
+        torch.testing.assert_close(mean, torch.zeros(channels), atol=1e-3, rtol=0)
+        torch.testing.assert_close(var, torch.ones(channels), atol=1e-2, rtol=0)
+
+
+def test_unfair_or_unknown_baselines_are_refused():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--config-file", BASE_CONFIG, "--baselines", "retinanet_R_50_FPN"])
+    with pytest.raises(ValueError, match="compare the same depth"):
+        bench.main(
+            ["--config-file", BASE_CONFIG, "--baselines", "mask_rcnn_R_101_FPN", "--iters", "1"]
+        )
