@@ -41,7 +41,7 @@ bench = load_tool()
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
-    """One iteration of every model at 64x96 on one thread, with training and profiling."""
+    """One iteration of every model at 64x96 on one thread: training, profiling, channels-last."""
     out = tmp_path_factory.mktemp("bench") / "report.json"
     import contextlib
     import io
@@ -51,7 +51,7 @@ def short_run(tmp_path_factory):
         report = bench.main(
             [
                 "--config-file", BASE_CONFIG, "--input-size", "64", "96", "--iters", "1",
-                "--warmup", "0", "--threads", "1", "--train", "--profile", "3",
+                "--warmup", "0", "--threads", "1", "--train", "--profile", "3", "--channels-last",
                 "--json-out", str(out),
                 # QueryInst's top-k, which the baselines' detections follow; 20 keeps it quick.
                 "MODEL.QUERYINST.TEST_TOPK", "20",
@@ -67,6 +67,7 @@ def test_json_is_printed_written_and_returned(short_run):
     assert json.loads(out.read_text()) == report
     assert report["settings"]["input_size"] == [64, 96]
     assert report["settings"]["threads"] == 1
+    assert report["settings"]["channels_last"] is True
     assert [m["name"] for m in report["models"]] == [
         "queryinst", "mask_rcnn_R_50_FPN", "cascade_mask_rcnn_R_50_FPN",
     ]

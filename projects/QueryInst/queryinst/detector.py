@@ -7,6 +7,7 @@ clipped and no detection is dropped, as in the reference implementation (spec 3)
 from __future__ import annotations
 
 import torch
+from detectron2.config import configurable
 from detectron2.layers import paste_masks_in_image
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes, Instances
@@ -51,6 +52,8 @@ def _paste_masks(masks, boxes, height: int, width: int, threshold: float):
     """
     x0, y0, x1, y1 = boxes.unbind(1)
     inside = (x0 < width) & (y0 < height) & (x1 > 0) & (y1 > 0)
+    if inside.all():  # the usual case: no second (R, H, W) buffer and copy
+        return paste_masks_in_image(masks, Boxes(boxes), (height, width), threshold=threshold)
     pasted = masks.new_zeros((len(masks), height, width), dtype=torch.bool)
     if inside.any():
         pasted[inside] = paste_masks_in_image(
@@ -74,6 +77,26 @@ class QueryInst(GeneralizedRCNN):
     "instances" holding ``pred_boxes``, ``scores``, ``pred_classes``, ``query_indices`` and
     ``pred_masks`` (bool (R, height, width)) when masks are on.
     """
+
+    @configurable
+    def __init__(self, *, channels_last: bool = False, **kwargs):
+        """
+        Args:
+            channels_last: store 4-D weights channels-last (``MODEL.QUERYINST.CHANNELS_LAST``);
+                convolutions then produce channels-last activations. Faster on CPUs.
+            kwargs: ``GeneralizedRCNN``'s arguments (backbone, proposal_generator,
+                roi_heads, pixel_mean, pixel_std, ...).
+        """
+        super().__init__(**kwargs)
+        if channels_last:
+            # Module.to keeps this layout through later .to(device) and load_state_dict.
+            self.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["channels_last"] = cfg.MODEL.QUERYINST.CHANNELS_LAST
+        return ret
 
     def inference(self, batched_inputs, detected_instances=None, do_postprocess: bool = True):
         """Detect in a batch; see the class docstring for the format.
