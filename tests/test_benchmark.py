@@ -198,3 +198,27 @@ def test_unfair_or_unknown_baselines_are_refused():
         bench.main(
             ["--config-file", BASE_CONFIG, "--baselines", "mask_rcnn_R_101_FPN", "--iters", "1"]
         )
+
+
+def test_timed_calls_alternate_between_models():
+    calls = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    times = bench.interleaved_times(fns, iters=3, warmup=1, device="cpu")
+    assert calls == ["a", "b"] * 4  # one warm-up round, then three timed rounds
+    assert [len(t) for t in times] == [3, 3] and all(x >= 0 for t in times for x in t)
+
+
+def test_batch_of_two_reports_per_image_numbers():
+    report = bench.main(
+        [
+            "--config-file", BASE_CONFIG, "--baselines", "none", "--batch-size", "2",
+            "--input-size", "64", "96", "--iters", "1", "--warmup", "0", "--no-flops",
+            "MODEL.QUERYINST.TEST_TOPK", "5",
+        ]
+    )
+    (qi,) = report["models"]
+    assert qi["detections_per_image"] == [5, 5]
+    assert qi["proposals_per_image"] == [100, 100]
+    assert qi["infer_per_image_s"] == pytest.approx(qi["infer_median_s"] / 2, abs=1e-4)
+    assert qi["images_per_s"] == pytest.approx(2 / qi["infer_median_s"], rel=1e-2)
+    assert "gflops" not in qi

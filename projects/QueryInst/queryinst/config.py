@@ -59,8 +59,8 @@ def add_queryinst_config(cfg: CN) -> None:
 
     # Inference (spec 3): top-k over (queries x classes) of the last stage, k = N by default.
     _C.TEST_TOPK = 100
-    # Keep conv weights (and so activations) in channels-last memory format. Same outputs up
-    # to float rounding; on CPUs, oneDNN runs the ResNet-FPN ~25% faster this way
+    # Keep the backbone's conv weights (and so its maps) in channels-last memory format. Same
+    # outputs up to float rounding; on CPUs, oneDNN runs the ResNet-FPN ~25% faster this way
     # (docs/benchmark.md). Off by default, as in Detectron2.
     _C.CHANNELS_LAST = False
 

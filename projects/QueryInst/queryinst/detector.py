@@ -82,15 +82,17 @@ class QueryInst(GeneralizedRCNN):
     def __init__(self, *, channels_last: bool = False, **kwargs):
         """
         Args:
-            channels_last: store 4-D weights channels-last (``MODEL.QUERYINST.CHANNELS_LAST``);
-                convolutions then produce channels-last activations. Faster on CPUs.
+            channels_last: store the backbone's conv weights channels-last
+                (``MODEL.QUERYINST.CHANNELS_LAST``), so its convolutions run and return
+                channels-last maps: faster on CPUs. The heads stay NCHW (their small
+                RoI convolutions gain nothing, and RoIAlign reads NCHW).
             kwargs: ``GeneralizedRCNN``'s arguments (backbone, proposal_generator,
                 roi_heads, pixel_mean, pixel_std, ...).
         """
         super().__init__(**kwargs)
         if channels_last:
             # Module.to keeps this layout through later .to(device) and load_state_dict.
-            self.to(memory_format=torch.channels_last)
+            self.backbone.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_config(cls, cfg):

@@ -279,6 +279,9 @@ class QueryInstROIHeads(nn.Module):
         Raises:
             ValueError: in training without targets.
         """
+        # RoIAlign reads NCHW-contiguous maps and would copy channels-last ones (CHANNELS_LAST)
+        # in each of its 7+ calls; convert once here (a no-op for contiguous maps).
+        features = {name: features[name].contiguous() for name in self.in_features}
         stages = self.forward_stages(features, proposals)
         if self.training:
             if targets is None:
