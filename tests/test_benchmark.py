@@ -194,10 +194,26 @@ def test_calibration_normalises_every_frozen_bn_input():
 def test_unfair_or_unknown_baselines_are_refused():
     with pytest.raises(SystemExit):
         bench.parse_args(["--config-file", BASE_CONFIG, "--baselines", "retinanet_R_50_FPN"])
-    with pytest.raises(ValueError, match="compare the same depth"):
+    with pytest.raises(SystemExit, match="compare the same depth"):
         bench.main(
             ["--config-file", BASE_CONFIG, "--baselines", "mask_rcnn_R_101_FPN", "--iters", "1"]
         )
+
+
+def test_default_baselines_follow_the_queryinst_depth():
+    args = bench.parse_args(["--config-file", BASE_CONFIG])
+    assert args.baselines is None  # chosen by main() once the config is read
+    report = bench.main(
+        [
+            "--config-file", BASE_CONFIG, "--input-size", "64", "64", "--iters", "1",
+            "--warmup", "0", "--no-flops", "MODEL.RESNETS.DEPTH", "18",
+            "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.QUERYINST.TEST_TOPK", "5",
+        ]
+    )
+    assert [(m["name"], m["resnet_depth"]) for m in report["models"]] == [
+        ("queryinst", 18), ("mask_rcnn_R_18_FPN", 18), ("cascade_mask_rcnn_R_18_FPN", 18),
+    ]
+    assert all(m["detections_per_image"] == [5] for m in report["models"])
 
 
 def test_timed_calls_alternate_between_models():

@@ -79,9 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True, help="path to a QueryInst yaml config")
     parser.add_argument(
-        "--baselines", default="mask_rcnn_R_50_FPN,cascade_mask_rcnn_R_50_FPN",
+        "--baselines", default=None,
         help="comma-separated Detectron2 baselines: {mask_rcnn,cascade_mask_rcnn}_R_<depth>_FPN "
-        "(depth must equal QueryInst's); 'none' for QueryInst alone",
+        "(depth must equal QueryInst's); 'none' for QueryInst alone; default: both at "
+        "QueryInst's depth",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
@@ -113,8 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--input-size must be at least 32 x 32 pixels")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: PyTorch sees no CUDA device on this machine")
-    args.baselines = [] if args.baselines in ("", "none") else args.baselines.split(",")
-    for name in args.baselines:
+    if args.baselines is not None:  # None: chosen in main() from QueryInst's depth
+        args.baselines = [] if args.baselines in ("", "none") else args.baselines.split(",")
+    for name in args.baselines or []:
         match = _BASELINE_NAME.match(name)
         if match is None or match["arch"] not in BASELINE_ZOO:
             parser.error(
@@ -406,8 +408,13 @@ def main(argv=None) -> dict:
              "num_queries": qcfg.MODEL.QUERYINST.NUM_PROPOSALS},
         )
     ]
+    if args.baselines is None:
+        args.baselines = [f"{arch}_R_{qcfg.MODEL.RESNETS.DEPTH}_FPN" for arch in BASELINE_ZOO]
     for name in args.baselines:
-        cfg = baseline_cfg(name, qcfg, args.device)
+        try:
+            cfg = baseline_cfg(name, qcfg, args.device)
+        except ValueError as e:
+            raise SystemExit(f"benchmark.py: error: {e}") from None
         zoo = BASELINE_ZOO[_BASELINE_NAME.match(name)["arch"]]
         candidates.append(Candidate(name, cfg, build_detectron2_optimizer, {"config": zoo}))
 
