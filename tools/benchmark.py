@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Speed, memory and FLOPs of QueryInst side by side with Detectron2's Mask R-CNN / Cascade.
 
-All models are built in one process with random weights (no checkpoint is read) and run on
-the same random images of a fixed size, one model after the other:
+All models are built in one process with random weights (no checkpoint is read; FrozenBN
+statistics calibrated on the input, see ``calibrate_frozen_bn``) and run on the same random
+images of a fixed size, taking turns call by call:
 
 - inference latency (median, p90, per image) and throughput, warm-up iterations excluded;
 - peak memory during inference: process RSS on the CPU (sampled every millisecond),
@@ -12,13 +13,16 @@ the same random images of a fixed size, one model after the other:
   multiply-add counts as one flop);
 - with ``--train``, one training iteration at batch 2 (forward + backward + optimiser step,
   each model with its own recipe's optimiser) on random images with synthetic instances;
-- with ``--profile K``, the K PyTorch-profiler entries with the most self time.
+- with ``--profile K``, the K PyTorch-profiler entries with the most self time and the wall
+  time of each phase (backbone, proposal generator, ROI heads, the rest);
+- with ``--channels-last``, every backbone in channels-last memory format.
 
 Fair comparison (README, "Benchmark"): the baselines get QueryInst's ResNet depth, stride
 placement and class count; their score threshold is 0 and ``TEST.DETECTIONS_PER_IMAGE`` is
 QueryInst's top-k, so their mask head also sees 100 detections whatever the random weights
-score. The same threads, input and warm-up hold for all. A table is printed, then one JSON
-line (also written to ``--json-out``).
+score. The same threads, input and warm-up hold for all. The default baselines are both
+architectures at QueryInst's depth. A table is printed, then one JSON line (also written to
+``--json-out``). Results and method: ``docs/benchmark.md``.
 
 Example::
 
