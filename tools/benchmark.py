@@ -283,7 +283,8 @@ def measure_memory_and_outputs(bench: Bench, device: str) -> None:
         detections_per_image=[len(o["instances"]) for o in bench.outputs],
         proposals_per_image=bench.proposals,
     )
-    if bench.outputs[0]["instances"].has("query_indices"):
+    first = bench.outputs[0]["instances"]
+    if first.has("query_indices") and first.has("pred_masks"):
         # QueryInst's mask head runs once per distinct query among the top-k detections.
         bench.result["mask_head_rois_per_image"] = [
             len(torch.unique(o["instances"].query_indices)) for o in bench.outputs
