@@ -7,7 +7,6 @@ import glob
 import os
 
 import pytest
-import torch
 import yaml
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
@@ -148,14 +147,6 @@ def test_wrong_key_raises_key_error(tmp_path):
     missing.write_text('_BASE_: "no-such-base.yaml"\n')
     with pytest.raises((FileNotFoundError, OSError)):
         _load(str(missing))
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _params(module):

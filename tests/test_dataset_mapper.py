@@ -10,7 +10,6 @@ import os
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
-import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.data import detection_utils as utils
@@ -25,7 +24,10 @@ from queryinst import (
 )
 
 # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*"),
+    pytest.mark.usefixtures("one_torch_thread"),  # tests/conftest.py
+]
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 POLICY_CONFIGS = {
@@ -43,15 +45,6 @@ def _cfg(policy, mask_format="bitmask"):
     cfg.merge_from_file(os.path.join(CONFIGS, POLICY_CONFIGS[policy]))
     cfg.INPUT.MASK_FORMAT = mask_format
     return cfg
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine torch.stack of the masks is ~50x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

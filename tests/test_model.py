@@ -42,6 +42,8 @@ MASK_STAGE_PARAMS = 11_066_320
 
 LOSS_NAMES = ("loss_cls", "loss_bbox", "loss_giou", "loss_mask")
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
 
 # ---------------------------------------------------------------- helpers
 
@@ -143,19 +145,6 @@ def nonzero_grads(loss, model) -> set[str]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, [p for _, p in named], retain_graph=True, allow_unused=True)
     return {n for (n, _), g in zip(named, grads) if g is not None and bool(g.abs().sum() > 0)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Run this module's tiny models on one thread, restoring the setting afterwards.
-
-    Their ops are too small to gain from intra-op threads, and on a busy 2-core machine
-    OpenMP threads waiting for each other made the file ~7x slower (68 s against 9 s).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

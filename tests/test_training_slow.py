@@ -23,7 +23,7 @@ from detectron2.structures import BitMasks, pairwise_iou
 
 from queryinst import add_queryinst_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # conftest.py
 
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "Base-QueryInst.yaml"
 DATASET = "nuclei_dsb_train"
@@ -67,15 +67,6 @@ def _reduced_cfg():
     q.MASK_CONV_DIM = 32
     q.TEST_TOPK = 50
     return cfg
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """One intra-op thread: faster for this small model, and far faster on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_short_training_on_nuclei_lowers_loss():
