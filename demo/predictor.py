@@ -1,9 +1,9 @@
 """Run a QueryInst model on images and video frames and draw what it finds.
 
 The model runs through Detectron2's ``DefaultPredictor`` (weights from ``MODEL.WEIGHTS``,
-which may also be an official MMDetection/QueryInst ``.pth``, converted on load; test-time resize ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, input format
-``INPUT.FORMAT``); drawing is Detectron2's ``Visualizer`` (masks, boxes, class names and
-scores).
+which may also be an official MMDetection/QueryInst ``.pth``, converted on load; test-time
+resize ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, input format ``INPUT.FORMAT``); drawing
+is Detectron2's ``Visualizer`` (masks, boxes, class names and scores).
 """
 from __future__ import annotations
 

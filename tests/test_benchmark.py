@@ -2,12 +2,14 @@
 
 Truth from outside the tool: hand-counted multiply-adds of a toy module, the parameter
 difference between Cascade and Mask R-CNN added up from Detectron2's head shapes, the
-hand-derived QueryInst parameter count (tests/test_model.py), numpy's percentile, and the
-invariance that all three models share one backbone (equal backbone FLOPs).
+hand-derived QueryInst parameter count (tests/test_model.py), and the invariance that all
+three models share one backbone (equal backbone FLOPs).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import sys
 from pathlib import Path
@@ -24,6 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = str(ROOT / "configs" / "Base-QueryInst.yaml")
 QUERYINST_R50_PARAMS = 172_635_688  # hand-derived in tests/test_model.py
 TOPK = 20  # QueryInst's TEST_TOPK in the short run
+
+# The tool calls torch.set_num_threads; the fixture restores the setting after this module.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def load_tool():
@@ -43,9 +48,6 @@ bench = load_tool()
 def short_run(tmp_path_factory):
     """One iteration of every model at 64x96 on one thread: training, profiling, channels-last."""
     out = tmp_path_factory.mktemp("bench") / "report.json"
-    import contextlib
-    import io
-
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         report = bench.main(
@@ -155,12 +157,6 @@ def test_flops_of_toy_module_match_hand_count():
     assert by_module["model.attn"] == attn
     assert total == conv + fc + bmm + attn
     assert not flops.unsupported_ops()
-
-
-def test_percentile_matches_numpy():
-    values = [0.3, 1.7, 0.2, 5.0, 2.2, 0.9]
-    for q in (0, 10, 50, 90, 100):
-        assert bench.percentile(values, q) == pytest.approx(np.percentile(values, q))
 
 
 def test_calibration_normalises_every_frozen_bn_input():

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from detectron2 import model_zoo
 from detectron2.config import CfgNode, get_cfg
@@ -61,7 +62,6 @@ from benchmark_measure import (  # noqa: E402
     count_flops,
     interleaved_times,
     machine_info,
-    percentile,
     phase_seconds,
     profile_top,
     release_freed_memory,
@@ -147,6 +147,14 @@ def queryinst_cfg(config_file: str, opts: list[str], device: str) -> CfgNode:
 
 def baseline_cfg(name: str, reference: CfgNode, device: str) -> CfgNode:
     """Model-zoo config of baseline ``name``, made comparable with QueryInst's ``reference``.
+
+    Args:
+        name: ``{mask_rcnn,cascade_mask_rcnn}_R_<depth>_FPN`` (checked by ``parse_args``).
+        reference: QueryInst's frozen config.
+        device: "cpu" or "cuda".
+
+    Returns:
+        CfgNode: frozen; its model-zoo source is ``BASELINE_ZOO[arch]``.
 
     Raises:
         ValueError: if the depth in ``name`` differs from QueryInst's (unfair comparison).
@@ -309,20 +317,13 @@ def measure_flops(bench: Bench) -> None:
     )
 
 
-def summarise(times: list[float], num_images: int, prefix: str) -> dict:
-    """Median, p90 and all times (seconds) of one model's timed calls."""
-    median = statistics.median(times)
-    out = {
-        f"{prefix}_median_s": round(median, 4),
-        f"{prefix}_p90_s": round(percentile(times, 90), 4),
+def summarise(times: list[float], prefix: str) -> dict:
+    """Median, p90 (numpy's linear interpolation) and all times, in seconds, of timed calls."""
+    return {
+        f"{prefix}_median_s": round(statistics.median(times), 4),
+        f"{prefix}_p90_s": round(float(np.percentile(times, 90)), 4),
         f"{prefix}_times_s": [round(t, 4) for t in times],
     }
-    if prefix == "infer":
-        out.update(
-            infer_per_image_s=round(median / num_images, 4),
-            images_per_s=round(num_images / median, 3),
-        )
-    return out
 
 
 def measure_all(candidates: list[Candidate], args, images, train_batch) -> list[dict]:
@@ -341,7 +342,12 @@ def measure_all(candidates: list[Candidate], args, images, train_batch) -> list[
     log(f"timing inference: {args.warmup} warm-up + {args.iters} rounds")
     times = interleaved_times([b.infer for b in benches], args.iters, args.warmup, args.device)
     for bench, t in zip(benches, times):
-        bench.result.update(summarise(t, len(images), "infer"))
+        median = statistics.median(t)
+        bench.result.update(
+            summarise(t, "infer"),
+            infer_per_image_s=round(median / len(images), 4),
+            images_per_s=round(len(images) / median, 3),
+        )
         if args.profile:
             log(f"profiling {bench.cand.name}")
             bench.result["profile_top"] = profile_top(bench.infer, args.profile, args.device)
@@ -358,7 +364,7 @@ def measure_all(candidates: list[Candidate], args, images, train_batch) -> list[
                 [b.train_step for b in benches], args.iters, args.warmup, args.device
             )
         for bench, t in zip(benches, times):
-            bench.result.update(train_batch=len(train_batch), **summarise(t, 0, "train"))
+            bench.result.update(train_batch=len(train_batch), **summarise(t, "train"))
     results = [b.result for b in benches]
     for r in results:
         r["latency_vs_queryinst"] = round(r["infer_median_s"] / results[0]["infer_median_s"], 3)
@@ -420,8 +426,8 @@ def main(argv=None) -> dict:
             cfg = baseline_cfg(name, qcfg, args.device)
         except ValueError as e:
             raise SystemExit(f"benchmark.py: error: {e}") from None
-        zoo = BASELINE_ZOO[_BASELINE_NAME.match(name)["arch"]]
-        candidates.append(Candidate(name, cfg, build_detectron2_optimizer, {"config": zoo}))
+        zoo = {"config": BASELINE_ZOO[_BASELINE_NAME.match(name)["arch"]]}
+        candidates.append(Candidate(name, cfg, build_detectron2_optimizer, zoo))
 
     gen = torch.Generator().manual_seed(args.seed)
     images = [random_image(height, width, gen) for _ in range(args.batch_size)]

@@ -14,14 +14,6 @@ import time
 import torch
 from detectron2.utils.analysis import FlopCountAnalysis
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolation percentile (numpy's default) of a non-empty list."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
 
 def interleaved_times(fns: list, iters: int, warmup: int, device: str) -> list[list[float]]:
     """Wall seconds of ``iters`` calls of each function, after ``warmup`` untimed rounds.
@@ -155,7 +147,8 @@ def profile_top(fn, k: int, device: str) -> list[dict]:
     """Run ``fn`` once under torch.profiler; the ``k`` ops with the most self time.
 
     Sorted by self CPU time on the CPU and by self device (kernel) time on CUDA; each row
-    has the op name, both self times in milliseconds and the number of calls.
+    has the op name, the self CPU time in milliseconds (and on CUDA the self device time)
+    and the number of calls.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -227,6 +220,7 @@ def release_freed_memory() -> None:
 
 
 def machine_info(device: str) -> dict:
+    """What the numbers were measured on: CPU model and count, torch, Python, and the GPU."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
