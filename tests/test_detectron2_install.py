@@ -120,3 +120,79 @@ def test_flop_counter_imports_without_caffe2():
 
     model = torch.nn.Linear(4, 3)
     assert FlopCountAnalysis(model, (torch.rand(2, 4),)).total() == 2 * 4 * 3
+
+
+def _load_installer():
+    spec = importlib.util.spec_from_file_location(
+        "install_detectron2", os.path.join(REPO, "tools", "install_detectron2.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_numpy_alias_patch_replaces_exactly_the_removed_aliases(tmp_path):
+    installer = _load_installer()
+    src = "a = np.zeros(3, dtype=np.int)\nb = x.astype(np.float)  # np.bool\nc = np.int64(1)\n"
+    (tmp_path / "m.py").write_text(src)
+    installer.patch_numpy_aliases(str(tmp_path), {"m.py": 3})
+    assert (tmp_path / "m.py").read_text() == (
+        "a = np.zeros(3, dtype=int)\nb = x.astype(float)  # bool\nc = np.int64(1)\n"
+    )
+
+
+def test_numpy_alias_patch_refuses_a_source_it_was_not_written_for(tmp_path):
+    installer = _load_installer()
+    src = "a = np.zeros(3, dtype=np.int)\n"
+    (tmp_path / "m.py").write_text(src)
+    with pytest.raises(SystemExit, match=r"m\.py found 1 aliases, expected 2"):
+        installer.patch_numpy_aliases(str(tmp_path), {"m.py": 2})
+    assert (tmp_path / "m.py").read_text() == src  # nothing written
+
+
+def test_class_histogram_is_logged_with_numpy_2():
+    """detectron2 0.6 used np.int here; the AttributeError was swallowed, the table lost."""
+    import logging
+
+    from detectron2.data.build import print_instances_class_histogram
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("detectron2.data.build")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        annos = [{"category_id": 0}, {"category_id": 1}, {"category_id": 1, "iscrowd": 1}]
+        print_instances_class_histogram([{"annotations": annos}], ["histo_cat", "histo_dog"])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    text = "\n".join(r.getMessage() for r in records)
+    assert "Distribution of instances among all 2 categories" in text
+    # one of each class (the crowd box is not counted), total 2
+    assert "histo_cat" in text and "histo_dog" in text and "total" in text
+
+
+def test_sem_seg_evaluator_runs_with_numpy_2(tmp_path):
+    """detectron2 0.6 used np.int / np.float in SemSegEvaluator; mIoU checked by hand."""
+    from PIL import Image
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.evaluation import SemSegEvaluator
+
+    name = "_queryinst_test_semseg_numpy2"
+    gt_file = str(tmp_path / "gt.png")
+    Image.fromarray(np.array([[0, 0], [1, 1]], dtype=np.uint8)).save(gt_file)
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: [{"file_name": "a.png", "sem_seg_file_name": gt_file}])
+        MetadataCatalog.get(name).set(stuff_classes=["a", "b"], ignore_label=255)
+    evaluator = SemSegEvaluator(name, distributed=False, output_dir=None)
+    evaluator.reset()
+    pred = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [1.0, 1.0]]])  # argmax 0 1 / 1 1
+    evaluator.process([{"file_name": "a.png"}], [{"sem_seg": pred}])
+    result = evaluator.evaluate()["sem_seg"]
+    # class a: TP 1, FN 1, FP 0 -> IoU 1/2; class b: TP 2, FP 1 -> IoU 2/3
+    assert result["mIoU"] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2)
+    assert result["pACC"] == pytest.approx(100 * 3 / 4)

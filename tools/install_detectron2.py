@@ -3,14 +3,15 @@
 
 Detectron2's authors publish no package on PyPI and its git source cannot be reached from
 every machine. PyPI does carry a third-party upload of the 0.6 source (``pb1-detectron2``),
-complete except for the C++/CUDA ops. This script (see ``../shared/docs/environment-facts.md``):
+complete except for the C++/CUDA ops. This script:
 
 1. leaves any importable detectron2 alone (for example a full build with compiled ops), unless
    it is an older build made by this script;
 2. downloads the ``pb1-detectron2==0.6`` sdist with pip (a pinned pip, run from its wheel,
    because newer pips refuse that sdist's direct-URL extra);
 3. takes only its ``detectron2/`` package, applies the small patches listed in ``PATCHES``
-   (each must apply exactly once, or the script stops), and installs it as a distribution
+   (each must apply exactly once, or the script stops) and replaces the NumPy aliases that
+   NumPy 1.24 / 2 removed (``np.int``, ``np.float``, ...; exact counts per file checked), and installs it as a distribution
    named ``detectron2`` version 0.6 (``pip uninstall detectron2`` removes it), with the
    model-zoo configs as package data.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,7 +39,7 @@ SDIST = "pb1-detectron2==0.6"
 # optional "all" extra names a direct URL (panopticapi on GitHub).
 DOWNLOAD_PIP = "pip==25.0.1"
 # Bump when PATCHES or the layout changes, so that older builds of this script get replaced.
-BUILD_TAG = "queryinst-pure-python-2"
+BUILD_TAG = "queryinst-pure-python-3"
 MARKER = "_queryinst_build.txt"
 
 _COMPILED_OPS = '''\
@@ -128,6 +130,23 @@ PATCHES = [
     )
 ]
 
+# NumPy removed the aliases np.int, np.float, np.str (1.24) and np.bool (1.24; 2.0 brought it
+# back); they always meant the Python builtins, which is what detectron2's main branch uses now.
+# Without this, print_instances_class_histogram raises AttributeError, which detectron2 0.6
+# swallows: the class histogram silently disappears from training logs. Regex: the alias not
+# followed by a word character (np.int64, np.float32 are left alone).
+NUMPY_ALIAS = re.compile(r"\bnp\.(int|float|bool|str)(?!\w)")
+# file -> the exact number of aliases in the 0.6 source (any other count stops the script).
+NUMPY_ALIAS_COUNTS = {
+    "data/build.py": 2,  # print_instances_class_histogram
+    "data/datasets/pascal_voc.py": 1,
+    "evaluation/pascal_voc_evaluation.py": 2,
+    "evaluation/sem_seg_evaluation.py": 7,
+    "structures/masks.py": 3,
+    "utils/visualizer.py": 3,
+    "utils/video_visualizer.py": 1,
+}
+
 PYPROJECT = """\
 [build-system]
 requires = ["setuptools>=61"]
@@ -208,7 +227,12 @@ def download_sdist(cache: str) -> str:
 
 
 def apply_patches(pkg_dir: str) -> None:
-    """Apply ``PATCHES`` to the extracted ``detectron2/`` package; each must match once."""
+    """Apply ``PATCHES`` and the NumPy alias fixes to the extracted ``detectron2/`` package.
+
+    Each patch must match exactly once and each file must hold exactly the listed number of
+    NumPy aliases (``NUMPY_ALIAS_COUNTS``), else ``SystemExit`` names the file: a patch never
+    applies to a source it was not written for.
+    """
     for rel, old, new, why in PATCHES:
         path = os.path.join(pkg_dir, rel)
         with open(path) as f:
@@ -217,10 +241,34 @@ def apply_patches(pkg_dir: str) -> None:
             raise SystemExit(f"patch for {rel} ({why}) does not apply: source changed?")
         with open(path, "w") as f:
             f.write(text.replace(old, new))
+    patch_numpy_aliases(pkg_dir)
     with open(os.path.join(pkg_dir, "_compiled_ops.py"), "w") as f:
         f.write(_COMPILED_OPS)
     with open(os.path.join(pkg_dir, MARKER), "w") as f:
         f.write(BUILD_TAG + "\n")
+
+
+def patch_numpy_aliases(pkg_dir: str, counts: dict[str, int] = NUMPY_ALIAS_COUNTS) -> None:
+    """Replace ``np.int``/``np.float``/``np.bool``/``np.str`` by the builtins, in place.
+
+    Args:
+        pkg_dir: the extracted ``detectron2/`` package.
+        counts: file (relative to ``pkg_dir``) -> the exact number of aliases it must hold.
+
+    Raises:
+        SystemExit: naming the file whose count differs (nothing is written for it).
+    """
+    for rel, expected in counts.items():
+        path = os.path.join(pkg_dir, rel)
+        with open(path) as f:
+            text, count = NUMPY_ALIAS.subn(r"\1", f.read())
+        if count != expected:
+            raise SystemExit(
+                f"NumPy alias patch for {rel} found {count} aliases, expected {expected}: "
+                "source changed?"
+            )
+        with open(path, "w") as f:
+            f.write(text)
 
 
 def build_and_install(sdist: str) -> None:
