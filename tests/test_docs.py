@@ -1,6 +1,6 @@
 """The documentation stands on its own: what README.md and docs/ name exists in the repository.
 
-- no path of one machine (``/work/...``, ``/tmp/...``) in the tracked text files: the README
+- no path of one machine (under ``/work`` or ``/tmp``) in the tracked text files: the README
   once told users to run a reference set-up from a shared folder and files in a temporary
   folder that nothing creates;
 - every repository file the README names (tools/, configs/, docs/, demo/, .ci/) exists;
