@@ -184,6 +184,24 @@ def test_seeds_are_launched_once_and_resumed(tool, tmp_path, monkeypatch, capsys
     assert "| mean ± std | | 23.0 ± 4.2 |" in out.read_text()
 
 
+def test_run_demo_entry_launches_the_demo_script(tool, tmp_path, monkeypatch):
+    launched = []
+
+    def fake_launch(cmd, run_dir):
+        launched.append(cmd)
+        write_run(run_dir, 5, 24.0, 35.9)
+        return 0
+
+    monkeypatch.setattr(tool, "launch", fake_launch)
+    root = tmp_path / "runs"
+    argv = ["--seeds", "5", "--entry", "run_demo", "--runs-root", str(root),
+            "--out", str(tmp_path / "t.md")]
+    assert tool.main(argv, now=NOW) == 0
+    # run_demo.py resumes by itself; the default config is the bundled one
+    assert launched == [[launched[0][0], os.path.join("tools", "run_demo.py"), "--config-file",
+                         CONFIG, "SEED", "5", "OUTPUT_DIR", str(root / "seed5")]]
+
+
 def test_failed_run_stops_without_a_table(tool, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tool, "launch", lambda cmd, run_dir: 1)
     root, out = tmp_path / "runs", tmp_path / "table.md"

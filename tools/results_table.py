@@ -9,7 +9,8 @@ Two ways to use it, run from the repository root:
     # or tabulate runs that already finished
     python tools/results_table.py --runs output/a output/b --out docs/results/mine.md
 
-With ``--seeds``, seed s trains with ``train_net.py --config-file FILE --resume [KEY VALUE
+Config overrides (``KEY VALUE`` pairs) go last, after an option other than ``--seeds`` (whose
+list would otherwise swallow them). With ``--seeds``, seed s trains with ``train_net.py --config-file FILE --resume [KEY VALUE
 ...] SEED s OUTPUT_DIR RUNS_ROOT/seed<s>`` (or ``tools/run_demo.py`` with ``--entry
 run_demo``) in its own process, output in ``RUNS_ROOT/seed<s>/log.txt``. Resuming: a run
 directory that holds a final evaluation is not trained again; an unfinished one continues
