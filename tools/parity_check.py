@@ -1,9 +1,17 @@
 #!/usr/bin/env python
 """Output parity with the reference implementation (MMDetection 3.3 QueryInst, the "peer").
 
-The peer (``/work/shared/peer``, ``run_peer.py``) writes a checkpoint in the official layout
-and an ``.npz`` with its preprocessed input, every stage's internals and its detections. This
-script builds our model from ``configs/Base-QueryInst.yaml`` plus the config the checkpoint
+The peer's driver script is not in this repository yet (the reference comparison will get
+its own script). What it did for the README's numbers: MMDetection 3.3.0's QueryInst on the
+CPU, with random but fully exercised weights, writes
+a checkpoint in the official layout (``--ckpt``) and an ``.npz`` (``--peer-npz``) with its
+preprocessed input (``input_tensor``, ``img_shape``, ``ori_shape``,
+``input_resized_uint8_bgr``), every stage's internals (``rpn_proposals``, ``rpn_features``,
+``stage{s}_rois``, ``stage{s}_cls_logits``, ``stage{s}_bbox_deltas``,
+``stage{s}_decoded_bboxes``, ``stage{s}_object_feats``, ``stage{s}_attn_feats``, mask
+logits), its detections (``det_scores``, ``det_bboxes``, ``det_labels``, ``det_masks``,
+``det_mask_logits``, ``det_sort_order``, ``topk_inds``) and ``versions_json``. This script
+builds our model from ``configs/Base-QueryInst.yaml`` plus the config the checkpoint
 implies, loads the checkpoint through ``QueryInstCheckpointer`` (the converter), feeds the
 peer's own input tensor (bypassing our preprocessing, with the peer's unpadded image size)
 and compares, tensor by tensor:
@@ -53,8 +61,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--peer-npz", required=True, help="the peer's .npz (run_peer.py --out)")
-    p.add_argument("--ckpt", required=True, help="the official-layout .pth (run_peer.py --ckpt)")
+    p.add_argument("--peer-npz", required=True, help="the peer's .npz (see above for its arrays)")
+    p.add_argument("--ckpt", required=True, help="the official-layout .pth the peer ran with")
     p.add_argument("--variant", choices=["100", "300"], default=None,
                    help="expected number of queries (checked against the checkpoint)")
     p.add_argument("--aux-npz", default=None,
