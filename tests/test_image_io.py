@@ -4,18 +4,23 @@ images stretched (1st..99.8th percentiles -> 0..255) instead of clipped to white
 The real case is the bundled nuclei data: its source is a uint16 microscope image (values
 0..235), and the bundled 8-bit tiles were made from it with the same percentile rule.
 """
+import importlib.util
+import json
+import os
+
 import numpy as np
 import pytest
 import tifffile
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from PIL import Image
 
 from queryinst import QueryInstDatasetMapper, add_queryinst_config
 from queryinst.data import bundled_sources as src
-from queryinst.data import normalize_to_uint8, read_image
+from queryinst.data import normalize_to_uint8, read_image, register_coco_instances_checked
+from test_train_net import REPO, train_net
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
 
@@ -121,3 +126,32 @@ def test_mapper_reads_16bit_like_its_8bit_version(tmp_path, source):
     out8, out16 = mapper(records[0]), mapper(records[1])
     assert out16["image"].shape == (3, 128, 128) and out16["image"].dtype == torch.uint8
     assert torch.equal(out8["image"], out16["image"])
+
+
+def test_evaluation_loader_and_demo_read_16bit(tmp_path, val_tile):
+    """The wiring: Trainer.build_test_loader maps with QueryInstDatasetMapper, and
+    demo/demo.py reads its inputs with queryinst.data.read_image."""
+    record, gray = val_tile
+    _save_png16(tmp_path / "val16.png", gray.astype(np.uint16) * 257)
+    coco = {"images": [{"id": 1, "file_name": "val16.png", "height": 256, "width": 256}],
+            "annotations": [], "categories": [{"id": 1, "name": "nucleus"}]}
+    (tmp_path / "val16.json").write_text(json.dumps(coco))
+    register_coco_instances_checked("val16_test", {}, str(tmp_path / "val16.json"),
+                                    str(tmp_path))
+    cfg = get_cfg()
+    add_queryinst_config(cfg)
+    cfg.INPUT.MIN_SIZE_TEST = 256
+    try:
+        batch = next(iter(train_net.Trainer.build_test_loader(cfg, "val16_test")))
+    finally:
+        DatasetCatalog.remove("val16_test")
+        MetadataCatalog.remove("val16_test")
+    image = batch[0]["image"]
+    assert image.shape == (3, 256, 256)
+    assert (image == 255).float().mean() < 0.01  # Detectron2's mapper: ~99% white
+
+    demo_py = os.path.join(REPO, "demo", "demo.py")
+    spec = importlib.util.spec_from_file_location("demo_main", demo_py)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert demo.read_image is read_image
