@@ -157,6 +157,14 @@ def test_original_failure_test_set_of_other_classes_stops_before_training(tmp_pa
     assert not (tmp_path / "out" / "model_final.pth").exists()
 
 
+def test_eval_only_checks_the_test_sets_before_loading_weights(tmp_path):
+    args = _parse(["--config-file", CONFIG, "--eval-only", *QUICK,
+                   "MODEL.QUERYINST.NUM_CLASSES", "2", "MODEL.WEIGHTS", str(tmp_path / "x.pth"),
+                   "OUTPUT_DIR", str(tmp_path / "out")])  # the weights file does not exist
+    with pytest.raises(ValueError, match="'nuclei_dsb_val'.*named in DATASETS.TEST, has 1 class"):
+        train_net.main(args)
+
+
 # ---- class counts ----------------------------------------------------------------------------
 
 def test_more_categories_than_num_classes_is_an_error(registered):
