@@ -13,6 +13,9 @@ Examples::
     python train_net.py --config-file ... --resume
     # evaluate a checkpoint
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
+    # your own COCO-format data (README "Custom datasets")
+    python train_net.py --config-file ... --dataset my_train:train.json:images/ \
+        DATASETS.TRAIN "('my_train',)" DATASETS.TEST "()" MODEL.QUERYINST.NUM_CLASSES 3
 """
 import os
 import sys
@@ -25,7 +28,10 @@ import weakref  # noqa: E402
 
 import detectron2.utils.comm as comm  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import build_detection_train_loader  # noqa: E402
+from detectron2.data import (  # noqa: E402
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import (  # noqa: E402
     DefaultTrainer,
     default_argument_parser,
@@ -38,6 +44,11 @@ import queryinst  # noqa: E402,F401  (registers the model)
 import queryinst.data  # noqa: E402,F401  (registers the bundled datasets)
 from queryinst import QueryInstDatasetMapper, add_queryinst_config  # noqa: E402
 from queryinst.checkpoint import QueryInstCheckpointer, official_config_opts  # noqa: E402
+from queryinst.data import (  # noqa: E402
+    add_dataset_argument,
+    check_config_datasets,
+    register_dataset_specs,
+)
 from queryinst.solver import build_optimizer  # noqa: E402
 
 
@@ -60,6 +71,12 @@ class Trainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         """Detectron2's training loader with ``QueryInstDatasetMapper`` (spec 2)."""
         return build_detection_train_loader(cfg, mapper=QueryInstDatasetMapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """Detectron2's test loader with ``QueryInstDatasetMapper`` (reads 16-bit images)."""
+        return build_detection_test_loader(cfg, dataset_name,
+                                           mapper=QueryInstDatasetMapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -105,14 +122,17 @@ class Trainer(DefaultTrainer):
 def setup(args):
     """Build the frozen config from ``args.config_file`` and ``args.opts``.
 
-    Also runs Detectron2's ``default_setup`` (logging, OUTPUT_DIR/config.yaml, seed).
+    Also registers the ``--dataset`` datasets and runs Detectron2's ``default_setup``
+    (logging, OUTPUT_DIR/config.yaml, seed).
 
     Args:
-        args (argparse.Namespace): from ``default_argument_parser()``.
+        args (argparse.Namespace): from ``default_argument_parser()`` (``--dataset``
+            optional, see ``queryinst.data.add_dataset_argument``).
 
     Returns:
         CfgNode: the frozen config.
     """
+    register_dataset_specs(getattr(args, "dataset", None) or [])
     cfg = get_cfg()
     add_queryinst_config(cfg)
     cfg.merge_from_file(args.config_file)
@@ -137,6 +157,8 @@ def main(args):
         and every ``TEST.EVAL_PERIOD`` iterations).
     """
     cfg = setup(args)
+    # Class count and masks of every dataset against the model, before anything is trained.
+    check_config_datasets(cfg, ("TEST",) if args.eval_only else ("TRAIN", "TEST"))
     if args.eval_only:
         model = Trainer.build_model(cfg)
         QueryInstCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
@@ -155,7 +177,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = add_dataset_argument(default_argument_parser()).parse_args()
     print("Command Line Args:", args)
     launch(
         main,

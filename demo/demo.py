@@ -40,7 +40,6 @@ import cv2
 import numpy as np
 import torch
 from detectron2.config import get_cfg
-from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 from PIL import Image
 from tqdm import tqdm
@@ -54,6 +53,7 @@ from predictor import VisualizationDemo  # noqa: E402
 
 from queryinst import add_queryinst_config  # noqa: E402
 from queryinst.checkpoint import official_config_opts  # noqa: E402
+from queryinst.data import read_image  # noqa: E402  (16-bit and float images too)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")

@@ -19,6 +19,8 @@ def add_queryinst_config(cfg: CN) -> None:
     """
     cfg.MODEL.QUERYINST = CN()
     _C = cfg.MODEL.QUERYINST
+    # Detectron2's MODEL.ROI_HEADS.NUM_CLASSES is not read: train_net.py rejects a value other
+    # than its default 80 or this one (queryinst.data.check_num_classes_keys).
     _C.NUM_CLASSES = 80  # C: foreground classes; sigmoid scores, no background logit
     _C.NUM_PROPOSALS = 100  # N: object queries per image (spec 1: 100 or 300)
     _C.NUM_STAGES = 6  # box stages, each with its own dynamic mask head (spec 1)

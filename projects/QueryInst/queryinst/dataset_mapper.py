@@ -18,12 +18,17 @@ one of two augmentations, so :class:`RandomSelect` adds that.
 """
 from __future__ import annotations
 
+import copy
 from typing import List, Sequence, Union
 
+import numpy as np
+import torch
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from fvcore.transforms.transform import Transform
+
+from .data.image_io import read_image
 
 __all__ = ["QueryInstDatasetMapper", "RandomSelect", "build_train_augmentation"]
 
@@ -138,7 +143,11 @@ class QueryInstDatasetMapper(DatasetMapper):
     pixels), ``gt_classes`` (int64, (R,)) and, with ``MODEL.MASK_ON``, ``gt_masks``
     (``PolygonMasks`` or ``BitMasks`` (R, H, W) as ``INPUT.MASK_FORMAT`` says). RLE
     annotations need ``INPUT.MASK_FORMAT: "bitmask"`` (Detectron2 raises ``ValueError``
-    otherwise). Inference mapping (``is_train=False``) is Detectron2's unchanged.
+    otherwise). Inference mapping (``is_train=False``) is Detectron2's otherwise unchanged.
+
+    Images are read with :func:`queryinst.data.image_io.read_image`: 8-bit images exactly as
+    Detectron2 reads them, 16-bit and float ones stretched to 8 bits (their 1st..99.8th
+    percentiles to 0..255) instead of clipped to white.
 
     Cropping polygons uses ``shapely`` (through fvcore's ``CropTransform``).
 
@@ -159,3 +168,33 @@ class QueryInstDatasetMapper(DatasetMapper):
             cropping = cfg.INPUT.CROP.ENABLED or cfg.INPUT.CROP_POLICY.ENABLED
             ret["recompute_boxes"] = bool(cfg.MODEL.MASK_ON and cropping)
         return ret
+
+    # Detectron2's DatasetMapper.__call__ with its image reading replaced ("USER: Write your
+    # own image loading" there): it calls detection_utils.read_image directly, no hook.
+    def __call__(self, dataset_dict: dict) -> dict:
+        """Map one Detectron2 dataset dict (see the class docstring for the output)."""
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image = read_image(dataset_dict["file_name"], format=self.image_format)
+        utils.check_image_size(dataset_dict, image)
+        if "sem_seg_file_name" in dataset_dict:
+            sem_seg_gt = utils.read_image(dataset_dict.pop("sem_seg_file_name"), "L").squeeze(2)
+        else:
+            sem_seg_gt = None
+
+        aug_input = T.AugInput(image, sem_seg=sem_seg_gt)
+        transforms = self.augmentations(aug_input)
+        image, sem_seg_gt = aug_input.image, aug_input.sem_seg
+        image_shape = image.shape[:2]  # h, w
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if sem_seg_gt is not None:
+            dataset_dict["sem_seg"] = torch.as_tensor(sem_seg_gt.astype("long"))
+        if self.proposal_topk is not None:
+            utils.transform_proposals(dataset_dict, image_shape, transforms,
+                                      proposal_topk=self.proposal_topk)
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+            dataset_dict.pop("sem_seg_file_name", None)
+            return dataset_dict
+        if "annotations" in dataset_dict:
+            self._transform_annotations(dataset_dict, transforms, image_shape)
+        return dataset_dict

@@ -1,4 +1,4 @@
-"""Datasets: checked COCO-format loading, and real datasets bundled from registry packages.
+"""Datasets: checked COCO-format loading, config checks, image reading, bundled datasets.
 
 Importing this package registers the bundled datasets (``nuclei_dsb_train``,
 ``nuclei_dsb_val``, ``voc_mini``) with Detectron2; nothing is read or downloaded until one
@@ -11,12 +11,20 @@ from .builtin import (
     prepare_bundled_datasets,
     register_bundled_datasets,
 )
+from .checks import check_config_datasets, check_dataset, check_num_classes_keys
 from .coco_format import (
     DatasetFormatError,
     load_coco_instances,
     register_coco_instances_checked,
     validate_coco_instances,
 )
+from .dataset_option import (
+    DatasetSpec,
+    add_dataset_argument,
+    parse_dataset_spec,
+    register_dataset_specs,
+)
+from .image_io import normalize_to_uint8, read_image
 from .package_files import (
     PackageFetchError,
     download_package,
@@ -28,14 +36,23 @@ __all__ = [
     "BUNDLED_DATASETS",
     "BundledDataset",
     "DatasetFormatError",
+    "DatasetSpec",
     "PackageFetchError",
+    "add_dataset_argument",
+    "check_config_datasets",
+    "check_dataset",
+    "check_num_classes_keys",
     "datasets_root",
     "download_package",
     "load_coco_instances",
+    "normalize_to_uint8",
     "package_cache_dir",
+    "parse_dataset_spec",
     "prepare_bundled_datasets",
+    "read_image",
     "read_package_files",
     "register_bundled_datasets",
     "register_coco_instances_checked",
+    "register_dataset_specs",
     "validate_coco_instances",
 ]

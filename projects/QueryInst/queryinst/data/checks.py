@@ -1,0 +1,140 @@
+"""Checks of a config against the datasets it names, run before training and evaluation.
+
+Without them, a mismatch fails deep inside the model or after training: more categories than
+``MODEL.QUERYINST.NUM_CLASSES`` gives an ``IndexError`` in the matcher, boxes without masks
+with ``MODEL.MASK_ON`` an ``AttributeError`` about ``gt_masks``, and a ``DATASETS.TEST`` of
+other classes an ``AssertionError`` in ``COCOEvaluator`` once training has finished.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, List
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from .coco_format import DatasetFormatError
+
+__all__ = ["DETECTRON2_NUM_CLASSES", "check_config_datasets", "check_dataset",
+           "check_num_classes_keys"]
+
+logger = logging.getLogger(__name__)
+
+DETECTRON2_NUM_CLASSES = 80  # Detectron2's default MODEL.ROI_HEADS.NUM_CLASSES
+
+
+def check_num_classes_keys(cfg) -> None:
+    """Reject a ``MODEL.ROI_HEADS.NUM_CLASSES`` that QueryInst would silently ignore.
+
+    QueryInst reads its class count from ``MODEL.QUERYINST.NUM_CLASSES`` only. Detectron2's
+    ``MODEL.ROI_HEADS.NUM_CLASSES`` may stay at Detectron2's default (80) or equal
+    ``MODEL.QUERYINST.NUM_CLASSES``; any other value is an error.
+
+    Raises:
+        ValueError: naming both keys and values, and the key to set.
+    """
+    roi, ours = cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.QUERYINST.NUM_CLASSES
+    if roi not in (DETECTRON2_NUM_CLASSES, ours):
+        raise ValueError(
+            f"MODEL.ROI_HEADS.NUM_CLASSES is {roi} but MODEL.QUERYINST.NUM_CLASSES is {ours}: "
+            f"QueryInst's class count is MODEL.QUERYINST.NUM_CLASSES (MODEL.ROI_HEADS."
+            f"NUM_CLASSES is not read). Set MODEL.QUERYINST.NUM_CLASSES {roi}, and leave "
+            f"MODEL.ROI_HEADS.NUM_CLASSES at {DETECTRON2_NUM_CLASSES} or set it equal.")
+
+
+def _classes(n: int) -> str:
+    return f"{n} class" if n == 1 else f"{n} classes"
+
+
+def _where(name: str) -> str:
+    json_file = MetadataCatalog.get(name).get("json_file", None)
+    return f"{json_file} (dataset '{name}')" if json_file else f"dataset '{name}'"
+
+
+def check_dataset(cfg, name: str, key: str = "DATASETS.TRAIN") -> None:
+    """Check one registered dataset against the model of ``cfg``.
+
+    - its ``thing_classes`` (``MetadataCatalog``; the dataset is loaded with
+      ``DatasetCatalog.get`` first when they are not set yet, as for lazily registered COCO
+      files) must number ``MODEL.QUERYINST.NUM_CLASSES``;
+    - with ``MODEL.MASK_ON``, every annotation must have a "segmentation" (training needs
+      the masks, and mask evaluation compares with them).
+
+    The dataset's annotations are loaded once here (``DatasetCatalog.get``) when masks are
+    checked or the classes are not known yet; the data loader loads them again.
+
+    Args:
+        cfg: a config with :func:`queryinst.add_queryinst_config`'s keys.
+        name (str): a dataset name, as in ``DATASETS.TRAIN``.
+        key (str): the config key that names it, quoted in the messages.
+
+    Raises:
+        KeyError: ``name`` is not registered.
+        ValueError: the class counts differ (naming both numbers, the dataset and the keys).
+        DatasetFormatError: ``MODEL.MASK_ON`` and annotations without "segmentation"
+            (naming the json file, the count and the two ways out).
+    """
+    if name not in DatasetCatalog.list():
+        raise KeyError(
+            f"{key} names dataset '{name}', which is not registered. Register a COCO json and "
+            f"its image folder with train_net.py --dataset {name}:JSON:IMAGES (or "
+            f"queryinst.data.register_coco_instances_checked); registered: "
+            f"{', '.join(sorted(DatasetCatalog.list()))}")
+    metadata = MetadataCatalog.get(name)
+    dicts = None
+    if cfg.MODEL.MASK_ON or not metadata.get("thing_classes", None):
+        dicts = DatasetCatalog.get(name)
+    classes = metadata.get("thing_classes", None)
+    num_classes = cfg.MODEL.QUERYINST.NUM_CLASSES
+    if classes is None:
+        logger.warning("Dataset '%s' has no thing_classes in its metadata: its class count "
+                       "cannot be checked against MODEL.QUERYINST.NUM_CLASSES.", name)
+    elif len(classes) != num_classes:
+        shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+        fix = f"Set MODEL.QUERYINST.NUM_CLASSES {len(classes)}."
+        if key != "DATASETS.TRAIN":
+            fix = (f"Name in {key} a test set with the model's {_classes(num_classes)} (e.g. "
+                   f"--dataset my_val:JSON:IMAGES {key} \"('my_val',)\"), or {key} \"()\" "
+                   f"to skip evaluation; if the model is meant to have {_classes(len(classes))}, "
+                   f"set MODEL.QUERYINST.NUM_CLASSES {len(classes)}.")
+        raise ValueError(
+            f"{_where(name)}, named in {key}, has {_classes(len(classes))} ({shown}) but "
+            f"MODEL.QUERYINST.NUM_CLASSES is {num_classes}. {fix} Every dataset of "
+            f"DATASETS.TRAIN and DATASETS.TEST must have the model's classes.")
+    if cfg.MODEL.MASK_ON:
+        _check_masks(name, dicts)
+
+
+def _check_masks(name: str, dicts: List[dict]) -> None:
+    total, missing, first = 0, 0, None
+    for record in dicts:
+        for ann in record.get("annotations", ()):
+            total += 1
+            if "segmentation" not in ann:
+                missing += 1
+                first = first or record.get("file_name")
+    if missing:
+        raise DatasetFormatError(
+            f"{_where(name)}: {missing} of {total} annotations have no 'segmentation' (the "
+            f"first in image {first}), but MODEL.MASK_ON is True: QueryInst learns and "
+            f"evaluates instance masks. Add masks (polygons or RLE) to the annotations, or "
+            f"set MODEL.MASK_ON False to train and evaluate boxes only.")
+
+
+def check_config_datasets(cfg, splits: Iterable[str] = ("TRAIN", "TEST")) -> None:
+    """Check the config's class keys and every dataset it names, before any training.
+
+    Runs :func:`check_num_classes_keys`, then :func:`check_dataset` on each dataset of
+    ``DATASETS.<split>`` for the given splits. Checking ``DATASETS.TEST`` before training
+    catches at once what would otherwise fail in the evaluation after the last iteration.
+
+    Args:
+        cfg: a config with :func:`queryinst.add_queryinst_config`'s keys.
+        splits: "TRAIN" and / or "TEST" (``--eval-only``: "TEST" alone).
+
+    Raises:
+        KeyError, ValueError, DatasetFormatError: see :func:`check_dataset`.
+    """
+    check_num_classes_keys(cfg)
+    for split in splits:
+        for name in cfg.DATASETS[split]:
+            check_dataset(cfg, name, key=f"DATASETS.{split}")
