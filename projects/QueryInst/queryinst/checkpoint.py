@@ -430,8 +430,13 @@ def _looks_official(path: str) -> bool:
 
 
 def _first_line(text: str, limit: int = 160) -> str:
+    """The first sentence of the first line of ``text``, at most ``limit`` characters."""
     line = text.strip().splitlines()[0] if text.strip() else ""
+    line = line.split(". ")[0]
     return line if len(line) <= limit else line[:limit] + "..."
+
+
+_CORRUPT = "it is truncated or corrupt"
 
 
 def _what_it_is(path: str) -> str:
@@ -445,7 +450,7 @@ def _what_it_is(path: str) -> str:
     if head.lstrip().startswith(b"<"):
         return "it is an HTML/XML page (a failed download?)"
     if head.startswith((b"PK\x03\x04", b"\x80")):  # zip (torch.save) or pickle
-        return "it is truncated or corrupt"
+        return _CORRUPT
     return f"it starts with {head[:16]!r}, which is neither a zip archive nor a pickle"
 
 
@@ -473,7 +478,7 @@ def unreadable_checkpoint_error(path: str, exc: BaseException) -> CheckpointForm
             f"here because that could run code stored in the file; {_EXPECTED}"
         )
     what = _what_it_is(path)
-    if "weights_only" not in text and text.strip():
+    if what == _CORRUPT and "weights_only" not in text and text.strip():
         what += f" ({type(exc).__name__}: {_first_line(text)})"
     return CheckpointFormatError(
         f"{path}: not a readable checkpoint: {what}. Download or copy the file again"
