@@ -73,8 +73,9 @@ def run_dir(tmp_path_factory, one_torch_thread):
     """OUTPUT_DIR of a "training run": model_final.pth and config.yaml (as default_setup)."""
     out = tmp_path_factory.mktemp("run")
     cfg = make_cfg(*TRAINED_AS)
-    DetectionCheckpointer(build_model(cfg), str(out)).save("model_final")
     (out / "config.yaml").write_text(cfg.dump())
+    os.utime(out / "config.yaml", (1e9, 1e9))  # written at the start of the run
+    DetectionCheckpointer(build_model(cfg), str(out)).save("model_final")
     return out
 
 
@@ -186,6 +187,19 @@ def test_strict_load_without_config_yaml_names_the_likely_cause(run_dir, tmp_pat
     assert "model tensors not in the checkpoint:" in message
     assert "roi_heads.box_heads.2." in message
     assert "trained with another config" in message and "config.yaml" not in message
+
+
+def test_config_yaml_newer_than_the_checkpoint_is_named_with_a_doubt(run_dir, tmp_path):
+    """An --eval-only run whose OUTPUT_DIR is the checkpoint's folder rewrites config.yaml
+    (default_setup) with its own config before loading: not named as the training one."""
+    weights = shutil.copy(run_dir / "model_final.pth", tmp_path / "model_final.pth")
+    os.utime(weights, (1e9, 1e9))
+    (tmp_path / "config.yaml").write_text(make_cfg(*OTHER).dump())
+    with pytest.raises(CheckpointFormatError) as info:
+        train_net.main(eval_only_args(str(weights), tmp_path, *OTHER))
+    assert "was written after it" in str(info.value)
+    assert f"if it is the training config, run with --config-file {tmp_path / 'config.yaml'}" \
+        in str(info.value)
 
 
 def test_strict_load_of_its_own_config_loads_everything(run_dir):

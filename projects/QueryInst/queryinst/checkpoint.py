@@ -779,15 +779,20 @@ class QueryInstCheckpointer(DetectionCheckpointer):
         return "; ".join(parts)
 
     def _likely_cause(self) -> str:
-        local_dir = os.path.dirname(os.path.abspath(self._source)) if os.path.isfile(
-            self._source) else ""
-        saved = os.path.join(local_dir, "config.yaml") if local_dir else ""
-        if saved and os.path.isfile(saved):
+        # Detectron2's default_setup writes OUTPUT_DIR/config.yaml beside the checkpoints, at
+        # the start of a run: a newer one was rewritten later (e.g. by this very run, if its
+        # OUTPUT_DIR is the checkpoint's folder) and may not be the training config.
+        saved = os.path.join(os.path.dirname(self._source), "config.yaml")
+        if not (os.path.isfile(self._source) and os.path.isfile(saved)):
+            return ("It was probably trained with another config (e.g. another "
+                    "MODEL.QUERYINST.NUM_CLASSES, NUM_STAGES, HIDDEN_DIM or "
+                    "MODEL.RESNETS.DEPTH): use the config it was trained with")
+        if os.path.getmtime(saved) <= os.path.getmtime(self._source):
             return (f"It was probably trained with another config: {saved} lies next to it; "
                     f"run with --config-file {saved}")
-        return ("It was probably trained with another config (e.g. another "
-                "MODEL.QUERYINST.NUM_CLASSES, NUM_STAGES, HIDDEN_DIM or MODEL.RESNETS.DEPTH): "
-                "use the config it was trained with")
+        return (f"It was probably trained with another config; {saved} lies next to it but "
+                "was written after it (by a later run with that OUTPUT_DIR?): if it is the "
+                f"training config, run with --config-file {saved}")
 
     def _partial_load_problem(self, incompatible) -> str:
         """The strict-mode error message, or "" when every model tensor was filled."""
