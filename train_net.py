@@ -139,6 +139,11 @@ def main(args):
         test sets or {"bbox": ..., "segm": ...} for one; after training, those of the last
         evaluation (Detectron2's ``EvalHook`` always evaluates after the last iteration,
         and every ``TEST.EVAL_PERIOD`` iterations).
+
+    Raises:
+        queryinst.checkpoint.CheckpointError: ``MODEL.WEIGHTS`` cannot be used: missing,
+            unreadable, not downloadable; with ``--eval-only`` also empty or not filling the
+            model (a checkpoint of another config). Run as a script, one ``ERROR:`` line.
     """
     cfg = setup(args)
     if args.eval_only:

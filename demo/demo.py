@@ -252,6 +252,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the demo; returns the exit status (0 all inputs drawn, 1 some failed)."""
     args = get_parser().parse_args(argv)
     setup_logger(name="fvcore")
+    setup_logger(name="queryinst")  # e.g. the "UNTRAINED MODEL" warning, with its level
     setup_logger()
     cfg = setup_cfg(args)
     try:  # an empty MODEL.WEIGHTS only gets a warning (predictor.py)
