@@ -68,6 +68,20 @@ def make_cfg(*opts, config=BASE):
     return cfg
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _own_log_handlers():
+    """Start this module without the handlers that earlier modules' setup_logger calls left
+    (Detectron2 caches them; those made under capsys write to closed streams and print
+    "--- Logging error ---" tracebacks into this module's stderr); restore them after."""
+    loggers = [logging.getLogger(name) for name in ("fvcore", "detectron2", "queryinst")]
+    saved = [list(lg.handlers) for lg in loggers]
+    for lg in loggers:
+        lg.handlers.clear()
+    yield
+    for lg, handlers in zip(loggers, saved):
+        lg.handlers[:] = handlers
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, one_torch_thread):
     """OUTPUT_DIR of a "training run": model_final.pth and config.yaml (as default_setup)."""
