@@ -13,7 +13,8 @@ Public names:
 - :func:`detect_official_config`: the config values (queries, classes, stages, depth) that
   the tensors imply; :func:`official_config_opts`: the same for a file, as overrides.
 - :func:`load_checkpoint_file`: ``torch.load`` that stays in ``weights_only`` mode unless the
-  file is an official checkpoint that needs more (see there).
+  file is an official checkpoint that needs more (see there); a file it cannot read gets
+  :func:`unreadable_checkpoint_error` (named, never with advice to drop ``weights_only``).
 - :class:`QueryInstCheckpointer`: ``DetectionCheckpointer`` that also reads official files,
   with a ``strict`` mode for inference (no partial loads, no untrained model).
 - :class:`CheckpointError` and its kinds :class:`CheckpointFormatError` (a file that is not a
@@ -53,6 +54,7 @@ __all__ = [
     "load_checkpoint_file",
     "load_official_state_dict",
     "official_config_opts",
+    "unreadable_checkpoint_error",
 ]
 
 logger = logging.getLogger(__name__)
@@ -594,14 +596,14 @@ def _some(keys: list, limit: int = 5) -> str:
     return f"{len(keys)} (e.g. {', '.join(map(str, keys[:limit]))}{more})"
 
 
-def download_url(path: str) -> str:
+def _download_url(path: str) -> str:
     """The URL Detectron2's PathManager downloads for ``path`` (``detectron2://`` expanded)."""
     if path.startswith(Detectron2Handler.PREFIX):
         return Detectron2Handler.S3_DETECTRON2_PREFIX + path[len(Detectron2Handler.PREFIX):]
     return path
 
 
-UNTRAINED_MESSAGE = (
+_UNTRAINED = (
     "MODEL.WEIGHTS is empty: the model would keep its random initialisation, and its "
     "detections would mean nothing. Set MODEL.WEIGHTS to a trained checkpoint "
     "(model_final.pth of a training run, or an official .pth, see the README)"
@@ -672,7 +674,7 @@ class QueryInstCheckpointer(DetectionCheckpointer):
         """
         if not path:
             if self.strict:
-                raise WeightsUnavailableError(UNTRAINED_MESSAGE)
+                raise WeightsUnavailableError(_UNTRAINED)
             self.logger.info("No weights to load (MODEL.WEIGHTS is empty): the model starts "
                              "from random initialisation")
             return {}
@@ -692,7 +694,7 @@ class QueryInstCheckpointer(DetectionCheckpointer):
         return path
 
     def _download_failed(self, path: str, exc: OSError) -> str:
-        url = download_url(path)
+        url = _download_url(path)
         reason = getattr(exc, "reason", None) or exc
         local = f"path/to/{os.path.basename(urlparse(url).path) or 'weights.pth'}"
         instead = (
