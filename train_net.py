@@ -43,7 +43,11 @@ from detectron2.evaluation import COCOEvaluator, verify_results  # noqa: E402
 import queryinst  # noqa: E402,F401  (registers the model)
 import queryinst.data  # noqa: E402,F401  (registers the bundled datasets)
 from queryinst import QueryInstDatasetMapper, add_queryinst_config  # noqa: E402
-from queryinst.checkpoint import QueryInstCheckpointer, official_config_opts  # noqa: E402
+from queryinst.checkpoint import (  # noqa: E402
+    CheckpointError,
+    QueryInstCheckpointer,
+    official_config_opts,
+)
 from queryinst.data import (  # noqa: E402
     add_dataset_argument,
     check_config_datasets,
@@ -155,13 +159,19 @@ def main(args):
         test sets or {"bbox": ..., "segm": ...} for one; after training, those of the last
         evaluation (Detectron2's ``EvalHook`` always evaluates after the last iteration,
         and every ``TEST.EVAL_PERIOD`` iterations).
+
+    Raises:
+        queryinst.checkpoint.CheckpointError: ``MODEL.WEIGHTS`` cannot be used: missing,
+            unreadable, not downloadable; with ``--eval-only`` also empty or not filling the
+            model (a checkpoint of another config). Run as a script, one ``ERROR:`` line.
     """
     cfg = setup(args)
     # Class count and masks of every dataset against the model, before anything is trained.
     check_config_datasets(cfg, ("TEST",) if args.eval_only else ("TRAIN", "TEST"))
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        QueryInstCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        # strict: a partial load or no weights at all is an error (CheckpointError)
+        QueryInstCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=True).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)
@@ -179,11 +189,14 @@ def main(args):
 if __name__ == "__main__":
     args = add_dataset_argument(default_argument_parser()).parse_args()
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except CheckpointError as e:  # unusable MODEL.WEIGHTS: the message says what to pass
+        sys.exit(f"ERROR: {e}")

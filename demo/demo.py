@@ -23,8 +23,10 @@ Class names come from the metadata of ``DATASETS.TEST[0]``. ``MODEL.DEVICE`` def
 it.
 
 Exit status: 0 if every input was drawn, 1 if any input failed (missing, unreadable or
-corrupt: an ``ERROR: <file>: ...`` line on stderr; the other inputs are still processed),
-2 for command-line errors.
+corrupt: an ``ERROR: <file>: ...`` line on stderr; the other inputs are still processed) or
+``MODEL.WEIGHTS`` cannot be used (unreadable, not downloadable, or a checkpoint of another
+config: an ``ERROR:`` line; an empty ``MODEL.WEIGHTS`` only gets an "UNTRAINED MODEL"
+warning), 2 for command-line errors.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ sys.path.insert(0, _HERE)
 from predictor import VisualizationDemo  # noqa: E402
 
 from queryinst import add_queryinst_config  # noqa: E402
-from queryinst.checkpoint import official_config_opts  # noqa: E402
+from queryinst.checkpoint import CheckpointError, official_config_opts  # noqa: E402
 from queryinst.data import read_image  # noqa: E402  (16-bit and float images too)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -250,11 +252,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the demo; returns the exit status (0 all inputs drawn, 1 some failed)."""
     args = get_parser().parse_args(argv)
     setup_logger(name="fvcore")
+    setup_logger(name="queryinst")  # e.g. the "UNTRAINED MODEL" warning, with its level
     setup_logger()
     cfg = setup_cfg(args)
-    if not cfg.MODEL.WEIGHTS:
-        logger.warning("MODEL.WEIGHTS is empty: the model is randomly initialised")
-    demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
+    try:  # an empty MODEL.WEIGHTS only gets a warning (predictor.py)
+        demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
+    except CheckpointError as exc:  # unusable MODEL.WEIGHTS: the message says what to pass
+        _error(str(exc))
+        return 1
 
     if args.input:
         return 1 if run_images(demo, args.input, args.output) else 0

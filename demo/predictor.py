@@ -4,20 +4,30 @@ The model runs through Detectron2's ``DefaultPredictor`` (weights from ``MODEL.W
 which may also be an official MMDetection/QueryInst ``.pth``, converted on load; test-time
 resize ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, input format ``INPUT.FORMAT``); drawing
 is Detectron2's ``Visualizer`` (masks, boxes, class names and scores).
+
+Weights load strictly (``QueryInstCheckpointer(strict=True)``): a checkpoint of another
+config, a backbone-only file, or an unreadable or missing file is a
+``queryinst.checkpoint.CheckpointError``. An empty ``MODEL.WEIGHTS`` is allowed (a random
+model, e.g. to try the pipeline) with one warning that the model is untrained.
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterable, Iterator, Tuple
 
 import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
+from detectron2.data import transforms as T
 from detectron2.engine import DefaultPredictor
+from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from queryinst.checkpoint import QueryInstCheckpointer
 
-__all__ = ["VisualizationDemo", "demo_metadata"]
+__all__ = ["QueryInstPredictor", "VisualizationDemo", "demo_metadata"]
+
+logger = logging.getLogger("queryinst.demo")
 
 
 def demo_metadata(cfg):
@@ -30,6 +40,37 @@ def demo_metadata(cfg):
     return MetadataCatalog.get(name)
 
 
+class QueryInstPredictor(DefaultPredictor):
+    """Detectron2's ``DefaultPredictor`` (``__call__``: BGR image -> ``{"instances": ...}``),
+    with the weights loaded by ``QueryInstCheckpointer(strict=True)``.
+
+    ``DefaultPredictor.__init__`` is not called: it would load ``MODEL.WEIGHTS`` with a plain
+    ``DetectionCheckpointer`` (no official files, partial loads allowed) and log "No
+    checkpoint found" when it is empty. The attributes are the same.
+
+    Raises:
+        queryinst.checkpoint.CheckpointError: the weights cannot be used (see the module).
+    """
+
+    def __init__(self, cfg):  # noqa: the parent's __init__ is replaced, see the docstring
+        self.cfg = cfg.clone()
+        self.model = build_model(self.cfg)
+        self.model.eval()
+        if len(cfg.DATASETS.TEST):
+            self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+        if cfg.MODEL.WEIGHTS:
+            QueryInstCheckpointer(self.model, strict=True).load(cfg.MODEL.WEIGHTS)
+        else:
+            logger.warning("UNTRAINED MODEL: MODEL.WEIGHTS is empty, the weights are random "
+                           "and the detections below mean nothing. Pass a trained "
+                           "checkpoint: --opts MODEL.WEIGHTS path/to/model_final.pth")
+        self.aug = T.ResizeShortestEdge(
+            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
+        )
+        self.input_format = cfg.INPUT.FORMAT
+        assert self.input_format in ["RGB", "BGR"], self.input_format
+
+
 class VisualizationDemo:
     """Predict on BGR uint8 images and draw the detections scoring >= a threshold.
 
@@ -37,6 +78,10 @@ class VisualizationDemo:
         cfg: a frozen or unfrozen QueryInst config (``MODEL.DEVICE`` chooses the device).
         confidence_threshold: minimum score, in [0, 1], of a drawn / counted detection.
         instance_mode: Detectron2's ``ColorMode`` of the Visualizer.
+
+    Raises:
+        queryinst.checkpoint.CheckpointError: ``MODEL.WEIGHTS`` cannot be used (strict load,
+            see :class:`QueryInstPredictor`).
     """
 
     def __init__(self, cfg, confidence_threshold: float = 0.5,
@@ -44,13 +89,7 @@ class VisualizationDemo:
         self.metadata = demo_metadata(cfg)
         self.confidence_threshold = confidence_threshold
         self.instance_mode = instance_mode
-        # DefaultPredictor loads with a plain DetectionCheckpointer, which cannot read the
-        # official layout: build it without weights, then load through QueryInstCheckpointer.
-        no_weights = cfg.clone()
-        no_weights.defrost()
-        no_weights.MODEL.WEIGHTS = ""
-        self.predictor = DefaultPredictor(no_weights)
-        QueryInstCheckpointer(self.predictor.model).load(cfg.MODEL.WEIGHTS)
+        self.predictor = QueryInstPredictor(cfg)
 
     def predict(self, image_bgr: np.ndarray) -> Instances:
         """Detections of one image above the threshold, on the CPU.

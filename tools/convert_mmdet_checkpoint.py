@@ -10,6 +10,10 @@ converted tensors fill exactly the model those values build (built on the ``meta
 no memory, no time), and writes ``{"model": state_dict, "__author__": ...,
 "matching_heuristics": False}``, which ``DetectionCheckpointer`` loads. Use the printed
 values as config overrides (or a config with the same values) with the converted file.
+
+Exit status 0 on success; 1 with one ``error: <file>: ...`` line when the input is missing,
+not a readable checkpoint (truncated, corrupt, not a PyTorch file) or not an official
+QueryInst checkpoint, or the output cannot be written.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from detectron2.modeling import build_model
 
 from queryinst import add_queryinst_config
 from queryinst.checkpoint import (
-    CheckpointFormatError,
+    CheckpointError,
     config_as_opts,
     convert_official_checkpoint,
     format_config_summary,
@@ -58,8 +62,11 @@ def main(argv=None) -> int:
         converted, detected = convert_official_checkpoint(
             args.input, args.output, build_model_state=model_state_for(args.config)
         )
-    except CheckpointFormatError as e:
+    except CheckpointError as e:  # unreadable, missing, or not an official checkpoint
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. --output in a folder that does not exist
+        print(f"error: cannot write {args.output}: {e}", file=sys.stderr)
         return 1
     n = sum(v.numel() for k, v in converted.items() if not k.endswith("num_batches_tracked"))
     print(f"converted {args.input}\n  -> {args.output}: {len(converted)} tensors, "

@@ -13,8 +13,13 @@ Public names:
 - :func:`detect_official_config`: the config values (queries, classes, stages, depth) that
   the tensors imply; :func:`official_config_opts`: the same for a file, as overrides.
 - :func:`load_checkpoint_file`: ``torch.load`` that stays in ``weights_only`` mode unless the
-  file is an official checkpoint that needs more (see there).
-- :class:`QueryInstCheckpointer`: ``DetectionCheckpointer`` that also reads official files.
+  file is an official checkpoint that needs more (see there); a file it cannot read gets
+  :func:`unreadable_checkpoint_error` (named, never with advice to drop ``weights_only``).
+- :class:`QueryInstCheckpointer`: ``DetectionCheckpointer`` that also reads official files,
+  with a ``strict`` mode for inference (no partial loads, no untrained model).
+- :class:`CheckpointError` and its kinds :class:`CheckpointFormatError` (a file that is not a
+  readable checkpoint of this model) and :class:`WeightsUnavailableError` (no file: missing,
+  download failed, or no weights named where a trained model is needed).
 """
 from __future__ import annotations
 
@@ -26,13 +31,17 @@ import re
 import zipfile
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping
+from urllib.parse import urlparse
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import Detectron2Handler
 from torch import Tensor
 
 __all__ = [
+    "CheckpointError",
     "CheckpointFormatError",
+    "WeightsUnavailableError",
     "QueryInstCheckpointer",
     "check_against_model",
     "convert_official_checkpoint",
@@ -45,6 +54,7 @@ __all__ = [
     "load_checkpoint_file",
     "load_official_state_dict",
     "official_config_opts",
+    "unreadable_checkpoint_error",
 ]
 
 logger = logging.getLogger(__name__)
@@ -66,8 +76,21 @@ _EXPECTED = (
 _RESNET_DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
 
 
-class CheckpointFormatError(ValueError):
-    """A checkpoint does not have the layout that was expected; the message says which keys."""
+class CheckpointError(Exception):
+    """The weights named (``MODEL.WEIGHTS``) cannot be used; the message says why and what to pass.
+
+    Programs catch this one class to print the message without a traceback.
+    """
+
+
+class CheckpointFormatError(CheckpointError, ValueError):
+    """A file is not a readable checkpoint, or does not have the layout or the tensors that
+    were expected; the message names the file and the keys."""
+
+
+class WeightsUnavailableError(CheckpointError):
+    """No weights file to read: it does not exist, its download failed, or none was named
+    (empty ``MODEL.WEIGHTS``) where a trained model is needed."""
 
 
 def _format_keys(keys: Iterable[str], limit: int = 40) -> str:
@@ -251,8 +274,8 @@ def official_config_opts(path: str) -> list:
         return []
     try:
         data = load_checkpoint_file(path, mmap=True)
-    except pickle.UnpicklingError:
-        return []  # not loadable as weights: QueryInstCheckpointer will say what it expected
+    except CheckpointError:
+        return []  # not loadable as weights: QueryInstCheckpointer says why when loading it
     sd = data.get("state_dict") if isinstance(data, Mapping) else None
     if not isinstance(sd, Mapping) or not is_official_state_dict(sd):
         return []
@@ -408,6 +431,62 @@ def _looks_official(path: str) -> bool:
     return "state_dict" in names and any(n.startswith(_OFFICIAL_MARKER) for n in names)
 
 
+def _first_line(text: str, limit: int = 160) -> str:
+    """The first sentence of the first line of ``text``, at most ``limit`` characters."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    line = line.split(". ")[0]
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+_CORRUPT = "it is truncated or corrupt"
+
+
+def _what_it_is(path: str) -> str:
+    """A guess at what a file that is not a checkpoint holds, from its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"version https://git-lfs"):
+        return "it is a Git LFS pointer, not the file itself (fetch it with `git lfs pull`)"
+    if head.lstrip().startswith(b"<"):
+        return "it is an HTML/XML page (a failed download?)"
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # zip (torch.save) or pickle
+        return _CORRUPT
+    return f"it starts with {head[:16]!r}, which is neither a zip archive nor a pickle"
+
+
+def unreadable_checkpoint_error(path: str, exc: BaseException) -> CheckpointFormatError:
+    """The error for a file that ``torch.load`` / ``pickle`` cannot read.
+
+    Names the file and says what it seems to be (truncated or corrupt, empty, an HTML page,
+    a Git LFS pointer, or a pickle of other Python objects). torch's own message is not
+    passed on: for any unpickling failure it suggests ``weights_only=False``, which is unsafe
+    and useless for a corrupt file.
+
+    Args:
+        path: the file that failed to load.
+        exc: what ``torch.load`` raised.
+
+    Returns:
+        CheckpointFormatError: to be raised (``from None``, so torch's advice is not shown).
+    """
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return CheckpointFormatError(
+            f"{path}: not a checkpoint this program reads: it holds Python objects other than "
+            f"tensors and plain containers (e.g. {found.group(1)}), which are not unpickled "
+            f"here because that could run code stored in the file; {_EXPECTED}"
+        )
+    what = _what_it_is(path)
+    if what == _CORRUPT and "weights_only" not in text and text.strip():
+        what += f" ({type(exc).__name__}: {_first_line(text)})"
+    return CheckpointFormatError(
+        f"{path}: not a readable checkpoint: {what}. Download or copy the file again"
+    )
+
+
 def load_checkpoint_file(path: str, mmap: bool = False) -> Any:
     """``torch.load`` a checkpoint on the CPU, in ``weights_only`` mode where possible.
 
@@ -425,27 +504,37 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Any:
     files from a source you trust (the model zoos in the README).
 
     Raises:
-        pickle.UnpicklingError: for any other file that ``weights_only`` cannot read.
+        WeightsUnavailableError: ``path`` is not a file.
+        CheckpointFormatError: any other file that ``weights_only`` cannot read (truncated,
+            corrupt, not a checkpoint, or holding other Python objects), see
+            :func:`unreadable_checkpoint_error`; or an official file whose ``meta`` needs
+            code that is not installed.
     """
+    if not os.path.isfile(path):
+        raise WeightsUnavailableError(f"{path}: no such file")
     mmap = mmap and zipfile.is_zipfile(path)  # the legacy format cannot be memory-mapped
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except MemoryError:
+        raise
     except pickle.UnpicklingError as e:
         if not _looks_official(path):
-            raise
+            raise unreadable_checkpoint_error(path, e) from None
         logger.warning(
             "%s: weights_only loading failed (%s); the file has the official QueryInst layout, "
             "loading it with weights_only=False (only do this with files you trust)",
-            path, str(e).splitlines()[0],
+            path, _first_line(str(e).split("error:")[-1], 80),
         )
-        # Known layout (mmdet checkpoint with a 'meta' dict that weights_only rejects).
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-        except (ImportError, AttributeError) as e2:
-            raise CheckpointFormatError(
-                f"{path}: its 'meta' needs code that is not installed ({e2}); re-save only its "
-                "'state_dict' with torch.save where that code is available"
-            ) from e2
+    except Exception as e:  # torch.load's errors for truncated or foreign files vary
+        raise unreadable_checkpoint_error(path, e) from None
+    # Known layout (mmdet checkpoint with a 'meta' dict that weights_only rejects).
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except (ImportError, AttributeError) as e2:
+        raise CheckpointFormatError(
+            f"{path}: its 'meta' needs code that is not installed ({e2}); re-save only its "
+            "'state_dict' with torch.save where that code is available"
+        ) from e2
 
 
 def load_official_state_dict(path: str, mmap: bool = True) -> "OrderedDict[str, Tensor]":
@@ -494,6 +583,33 @@ def convert_official_checkpoint(
 
 
 # --------------------------------------------------------------------------- checkpointer
+# Model tensors a checkpoint may lack (or carry in excess) without harm: BN step counters
+# (used only with momentum None; FrozenBN has none) and the normalisation constants, which
+# come from the config.
+def _is_benign(key: str) -> bool:
+    return key.endswith("num_batches_tracked") or key in ("pixel_mean", "pixel_std")
+
+
+def _some(keys: list, limit: int = 5) -> str:
+    """``count (e.g. first few)`` for one-line messages."""
+    more = ", ..." if len(keys) > limit else ""
+    return f"{len(keys)} (e.g. {', '.join(map(str, keys[:limit]))}{more})"
+
+
+def _download_url(path: str) -> str:
+    """The URL Detectron2's PathManager downloads for ``path`` (``detectron2://`` expanded)."""
+    if path.startswith(Detectron2Handler.PREFIX):
+        return Detectron2Handler.S3_DETECTRON2_PREFIX + path[len(Detectron2Handler.PREFIX):]
+    return path
+
+
+_UNTRAINED = (
+    "MODEL.WEIGHTS is empty: the model would keep its random initialisation, and its "
+    "detections would mean nothing. Set MODEL.WEIGHTS to a trained checkpoint "
+    "(model_final.pth of a training run, or an official .pth, see the README)"
+)
+
+
 class QueryInstCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` that also loads official QueryInst files (spec 4).
 
@@ -508,11 +624,94 @@ class QueryInstCheckpointer(DetectionCheckpointer):
     - Any other ``.pth`` (a bare state dict such as torchvision's ResNet, another detector's
       mmdet checkpoint, a random dict) raises :class:`CheckpointFormatError` saying what
       was expected, instead of loading nothing and warning.
+    - A file that cannot be read (truncated, corrupt, not a checkpoint) raises
+      :class:`CheckpointFormatError` naming it; a missing file or a failed download (e.g.
+      ``detectron2://ImageNetPretrained/...`` without network) raises
+      :class:`WeightsUnavailableError` naming the URL and what to pass instead.
+
+    Args:
+        model, save_dir, checkpointables: as for ``DetectionCheckpointer``.
+        strict: for inference (``demo.py``, ``train_net.py --eval-only``). A model tensor
+            that the checkpoint does not fill, or fills with another shape, raises
+            :class:`CheckpointFormatError` (count, first keys, and the likely cause: a
+            ``config.yaml`` next to the checkpoint, as Detectron2's ``default_setup`` writes
+            into OUTPUT_DIR, is named as the config to use; a backbone-only file is called
+            one); an empty path raises :class:`WeightsUnavailableError`. Without ``strict``
+            (training, fine-tuning e.g. with another class count) a partial load is allowed
+            and logged as one warning, and an empty path as one line saying that the model
+            starts from random initialisation. ``num_batches_tracked`` and
+            ``pixel_mean``/``pixel_std`` may be absent in both modes. In strict mode the
+            check runs after fvcore has copied the matching tensors, so a refused model is
+            partly loaded: do not use it.
     """
+
+    def __init__(self, model, save_dir: str = "", *, strict: bool = False, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.strict = strict
+        self._source = ""  # the path as given (a URL stays a URL), for messages
+
+    # fvcore logs "No checkpoint found. Initializing model from scratch" for any empty path,
+    # also when there was nothing to look for; these two methods say what actually happens.
+    def resume_or_load(self, path: str, *, resume: bool = True) -> dict:
+        """As fvcore's: with ``resume`` and an ``OUTPUT_DIR/last_checkpoint``, load that file
+        (model and checkpointables), else the model from ``path``; logs which one."""
+        if resume and self.has_checkpoint():
+            last = self.get_checkpoint_file()
+            self.logger.info("Resuming from %s (named in %s/last_checkpoint)", last,
+                             self.save_dir)
+            return self.load(last)
+        if resume:
+            self.logger.info("Nothing to resume in %r (no last_checkpoint)", self.save_dir)
+        return self.load(path, checkpointables=[])
+
+    def load(self, path: str, checkpointables: list | None = None) -> dict:
+        """Load ``path`` (local file, ``detectron2://`` or URL) as fvcore's ``load`` does.
+
+        Raises:
+            WeightsUnavailableError: empty ``path`` in strict mode; no such file; download
+                failed (the message names the URL and what to pass instead).
+            CheckpointFormatError: unreadable file, or (strict) a partial load.
+        """
+        if not path:
+            if self.strict:
+                raise WeightsUnavailableError(_UNTRAINED)
+            self.logger.info("No weights to load (MODEL.WEIGHTS is empty): the model starts "
+                             "from random initialisation")
+            return {}
+        self._source = path
+        return super().load(self._local_path(path), checkpointables)
+
+    def _local_path(self, path: str) -> str:
+        if os.path.isfile(path):
+            return path
+        if "://" in path:  # detectron2://, https://, ...: downloaded (or cached) by iopath
+            try:
+                path = self.path_manager.get_local_path(path)
+            except OSError as e:  # urllib's URLError / HTTPError
+                raise WeightsUnavailableError(self._download_failed(path, e)) from None
+        if not os.path.isfile(path):
+            raise WeightsUnavailableError(f"{path}: no such file (named as MODEL.WEIGHTS)")
+        return path
+
+    def _download_failed(self, path: str, exc: OSError) -> str:
+        url = _download_url(path)
+        reason = getattr(exc, "reason", None) or exc
+        local = f"path/to/{os.path.basename(urlparse(url).path) or 'weights.pth'}"
+        instead = (
+            "set MODEL.WEIGHTS to a trained checkpoint (model_final.pth of a training run, "
+            "or an official .pth)" if self.strict else
+            f"download it where there is network access and set MODEL.WEIGHTS {local}, or "
+            "train from random initialisation with MODEL.WEIGHTS \"\""
+        )
+        return f"cannot download MODEL.WEIGHTS {path} from {url} ({reason}); {instead}"
 
     def _load_file(self, filename: str) -> dict:
         if filename.endswith((".pkl", ".pyth")):
-            return super()._load_file(filename)
+            try:
+                return super()._load_file(filename)
+            except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError,
+                    TypeError, AttributeError, ImportError, RuntimeError) as e:
+                raise unreadable_checkpoint_error(filename, e) from None
         data = load_checkpoint_file(filename)
         if not isinstance(data, Mapping):
             raise CheckpointFormatError(f"{filename}: holds a {type(data).__name__}; {_EXPECTED}")
@@ -546,4 +745,82 @@ class QueryInstCheckpointer(DetectionCheckpointer):
             model_state = self.model.state_dict()
             check_against_model(checkpoint["model"], model_state, config)
             fill_num_batches_tracked(checkpoint["model"], model_state)
-        return super()._load_model(checkpoint)
+        incompatible = super()._load_model(checkpoint)
+        if self.strict:
+            problem = self._partial_load_problem(incompatible)
+            if problem:
+                raise CheckpointFormatError(problem)
+        return incompatible
+
+    def _split(self, incompatible):
+        """(missing, incorrect shapes, unexpected) without the benign keys; fvcore also
+        lists the tensors it skipped for their shapes as missing: not repeated here."""
+        shapes = [s for s in incompatible.incorrect_shapes if not _is_benign(s[0])]
+        skipped = {k for k, _, _ in shapes}
+        return (
+            [k for k in incompatible.missing_keys if not _is_benign(k) and k not in skipped],
+            shapes,
+            [k for k in incompatible.unexpected_keys if not _is_benign(k)],
+        )
+
+    def _loaded_only_the_backbone(self, missing, shapes) -> bool:
+        skipped = set(missing) | {k for k, _, _ in shapes}
+        loaded = [k for k in self.model.state_dict() if k not in skipped and not _is_benign(k)]
+        return bool(loaded) and all(k.startswith("backbone.bottom_up.") for k in loaded)
+
+    def _describe(self, missing, shapes, unexpected) -> str:
+        parts = []
+        if missing:
+            parts.append(f"model tensors not in the checkpoint: {_some(missing)}")
+        if shapes:
+            shown = [f"{k} {tuple(c)} in the checkpoint, {tuple(m)} in the model"
+                     for k, c, m in shapes]
+            parts.append(f"tensors of another shape: {_some(shown, 3)}")
+        if unexpected:
+            parts.append(f"checkpoint tensors the model does not have: {_some(unexpected)}")
+        return "; ".join(parts)
+
+    def _likely_cause(self) -> str:
+        # Detectron2's default_setup writes OUTPUT_DIR/config.yaml beside the checkpoints, at
+        # the start of a run: a newer one was rewritten later (e.g. by this very run, if its
+        # OUTPUT_DIR is the checkpoint's folder) and may not be the training config.
+        saved = os.path.join(os.path.dirname(self._source), "config.yaml")
+        if not (os.path.isfile(self._source) and os.path.isfile(saved)):
+            return ("It was probably trained with another config (e.g. another "
+                    "MODEL.QUERYINST.NUM_CLASSES, NUM_STAGES, HIDDEN_DIM or "
+                    "MODEL.RESNETS.DEPTH): use the config it was trained with")
+        if os.path.getmtime(saved) <= os.path.getmtime(self._source):
+            return (f"It was probably trained with another config: {saved} lies next to it; "
+                    f"run with --config-file {saved}")
+        return (f"It was probably trained with another config; {saved} lies next to it but "
+                "was written after it (by a later run with that OUTPUT_DIR?): if it is the "
+                f"training config, run with --config-file {saved}")
+
+    def _partial_load_problem(self, incompatible) -> str:
+        """The strict-mode error message, or "" when every model tensor was filled."""
+        missing, shapes, unexpected = self._split(incompatible)
+        if not (missing or shapes):
+            return ""
+        if self._loaded_only_the_backbone(missing, shapes):
+            cause = ("It holds only a backbone (an ImageNet-pretrained one initialises "
+                     "training), not a trained QueryInst model: set MODEL.WEIGHTS to a trained "
+                     "checkpoint (model_final.pth of a training run, or an official .pth)")
+        else:
+            cause = self._likely_cause()
+        return (f"{self._source} does not fit this model (refusing a partial load for "
+                f"inference): {self._describe(missing, shapes, unexpected)}. {cause}.")
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        """One summary instead of fvcore's line per key (strict mode raised already)."""
+        missing, shapes, unexpected = self._split(incompatible)
+        if not (missing or shapes or unexpected):
+            return
+        if self._loaded_only_the_backbone(missing, shapes):
+            self.logger.info(
+                "%s filled the backbone only; the other %d model tensors (FPN, proposals, "
+                "heads) start from random initialisation", self._source, len(missing) + len(shapes))
+            return
+        self.logger.warning(
+            "Partial load of %s: %s. The model tensors it did not fill start from random "
+            "initialisation (fine for fine-tuning, e.g. with another class count).",
+            self._source, self._describe(missing, shapes, unexpected))
