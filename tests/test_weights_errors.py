@@ -58,6 +58,9 @@ TINY = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
         "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "128"]
 TRAINED_AS = ["MODEL.QUERYINST.NUM_STAGES", "2", "MODEL.QUERYINST.NUM_CLASSES", "1"]
 OTHER = ["MODEL.QUERYINST.NUM_STAGES", "1", "MODEL.QUERYINST.NUM_CLASSES", "3"]
+# Another config with the test set's class count: train_net checks the classes of
+# DATASETS.TEST (nuclei: 1) before it loads any weights.
+OTHER_SAME_CLASSES = ["MODEL.QUERYINST.NUM_STAGES", "1", "MODEL.QUERYINST.DIM_FEEDFORWARD", "96"]
 
 
 def make_cfg(*opts, config=BASE):
@@ -210,7 +213,7 @@ def test_config_yaml_newer_than_the_checkpoint_is_named_with_a_doubt(run_dir, tm
     os.utime(weights, (1e9, 1e9))
     (tmp_path / "config.yaml").write_text(make_cfg(*OTHER).dump())
     with pytest.raises(CheckpointFormatError) as info:
-        train_net.main(eval_only_args(str(weights), tmp_path, *OTHER))
+        train_net.main(eval_only_args(str(weights), tmp_path, *OTHER_SAME_CLASSES))
     assert "was written after it" in str(info.value)
     assert f"if it is the training config, run with --config-file {tmp_path / 'config.yaml'}" \
         in str(info.value)
@@ -270,7 +273,7 @@ def test_demo_refuses_a_checkpoint_of_another_config(demo, run_dir, capsys):
 def test_eval_only_refuses_a_checkpoint_of_another_config(run_dir, tmp_path):
     weights = str(run_dir / "model_final.pth")
     with pytest.raises(CheckpointFormatError, match="does not fit this model"):
-        train_net.main(eval_only_args(weights, tmp_path, *OTHER))
+        train_net.main(eval_only_args(weights, tmp_path, *OTHER_SAME_CLASSES))
 
 
 # ------------------------------------------------------------ 6: unreadable files
