@@ -7,7 +7,7 @@ register on ``import queryinst``; the optimiser is ``queryinst.solver.build_opti
 
 Examples::
 
-    # train (add MODEL.DEVICE cpu on a machine without CUDA)
+    # train (on CUDA if available, else the CPU; MODEL.DEVICE chooses)
     python train_net.py --config-file configs/bundled/queryinst_R50_FPN_nuclei.yaml
     # continue from OUTPUT_DIR/last_checkpoint
     python train_net.py --config-file ... --resume
@@ -21,7 +21,12 @@ import sys
 _REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_REPO, "projects", "QueryInst"))
 
+import logging  # noqa: E402
 import weakref  # noqa: E402
+
+# Before Detectron2: registers the model, datasets, and imports Detectron2 without its
+# torch.jit.script FutureWarnings.
+import queryinst  # noqa: E402,F401
 
 import detectron2.utils.comm as comm  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
@@ -34,10 +39,10 @@ from detectron2.engine import (  # noqa: E402
 )
 from detectron2.evaluation import COCOEvaluator, verify_results  # noqa: E402
 
-import queryinst  # noqa: E402,F401  (registers the model)
 import queryinst.data  # noqa: E402,F401  (registers the bundled datasets)
 from queryinst import QueryInstDatasetMapper, add_queryinst_config  # noqa: E402
 from queryinst.checkpoint import QueryInstCheckpointer, official_config_opts  # noqa: E402
+from queryinst.config_loading import device_note, merge_config  # noqa: E402
 from queryinst.solver import build_optimizer  # noqa: E402
 
 
@@ -106,6 +111,9 @@ def setup(args):
     """Build the frozen config from ``args.config_file`` and ``args.opts``.
 
     Also runs Detectron2's ``default_setup`` (logging, OUTPUT_DIR/config.yaml, seed).
+    ``MODEL.DEVICE`` defaults to "cuda" where CUDA is available, else "cpu"; the log says
+    which. A misspelled key raises with the closest existing key
+    (``queryinst.config_loading.merge_config``).
 
     Args:
         args (argparse.Namespace): from ``default_argument_parser()``.
@@ -115,12 +123,12 @@ def setup(args):
     """
     cfg = get_cfg()
     add_queryinst_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_config(cfg, args.config_file, args.opts)
     # An official checkpoint in MODEL.WEIGHTS implies its queries / classes / stages / depth.
     cfg.merge_from_list(official_config_opts(cfg.MODEL.WEIGHTS))
     cfg.freeze()
     default_setup(cfg, args)
+    logging.getLogger("detectron2").info(device_note(cfg.MODEL.DEVICE))
     return cfg
 
 

@@ -3,7 +3,8 @@
 The model runs through Detectron2's ``DefaultPredictor`` (weights from ``MODEL.WEIGHTS``,
 which may also be an official MMDetection/QueryInst ``.pth``, converted on load; test-time
 resize ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, input format ``INPUT.FORMAT``); drawing
-is Detectron2's ``Visualizer`` (masks, boxes, class names and scores).
+is Detectron2's ``Visualizer`` (masks, boxes, class names and scores), enlarged for small
+images (:func:`draw_scale`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,25 @@ from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from queryinst.checkpoint import QueryInstCheckpointer
 
-__all__ = ["VisualizationDemo", "demo_metadata"]
+__all__ = ["DEFAULT_CONFIDENCE_THRESHOLD", "DRAW_SHORT_SIDE", "VisualizationDemo",
+           "demo_metadata", "draw_scale"]
+
+# Minimum score of a drawn detection in demo/demo.py (Detectron2's demo uses the same).
+DEFAULT_CONFIDENCE_THRESHOLD = 0.5
+# Small images are drawn enlarged, up to this shorter side (pixels); see draw_scale.
+DRAW_SHORT_SIDE = 1024
+
+
+def draw_scale(height: int, width: int) -> int:
+    """Integer factor by which the Visualizer enlarges an image of this size.
+
+    The Visualizer's labels are about 10 px high whatever the image's size, so on a small
+    image (a 256x256 microscopy tile) they cover the objects. Images are enlarged by the
+    largest integer factor k with k * min(height, width) <= ``DRAW_SHORT_SIDE`` (at least 1):
+    256x256 -> 4 (1024x1024), 375x500 -> 2, from a shorter side of 513 px on -> 1 (own size).
+    Integer factors keep the pixels sharp (the Visualizer enlarges with nearest neighbour).
+    """
+    return max(1, DRAW_SHORT_SIDE // max(1, min(height, width)))
 
 
 def demo_metadata(cfg):
@@ -39,7 +58,7 @@ class VisualizationDemo:
         instance_mode: Detectron2's ``ColorMode`` of the Visualizer.
     """
 
-    def __init__(self, cfg, confidence_threshold: float = 0.5,
+    def __init__(self, cfg, confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
                  instance_mode: ColorMode = ColorMode.IMAGE):
         self.metadata = demo_metadata(cfg)
         self.confidence_threshold = confidence_threshold
@@ -67,8 +86,10 @@ class VisualizationDemo:
         return instances[instances.scores >= self.confidence_threshold]
 
     def draw(self, image_bgr: np.ndarray, instances: Instances) -> np.ndarray:
-        """The image with ``instances`` drawn: uint8 BGR array of the input's size (H, W, 3)."""
-        visualizer = Visualizer(image_bgr[:, :, ::-1], self.metadata,
+        """The image with ``instances`` drawn: uint8 BGR array (k*H, k*W, 3), where
+        k = :func:`draw_scale` (H, W) (1 from a shorter side of 513 px on)."""
+        scale = draw_scale(*image_bgr.shape[:2])
+        visualizer = Visualizer(image_bgr[:, :, ::-1], self.metadata, scale=scale,
                                 instance_mode=self.instance_mode)
         drawn = visualizer.draw_instance_predictions(predictions=instances).get_image()
         return np.ascontiguousarray(drawn[:, :, ::-1])
