@@ -18,7 +18,8 @@ frame by frame into an mp4 (``cv2.VideoWriter``, codec mp4v): ``--output`` is th
 a directory for ``<video name>.mp4``. Without ``--output`` nothing is written (webcam frames
 are shown in a window instead; Esc quits). Drawings of small images are enlarged (an integer
 factor up to a shorter side of 1024 px: a 256x256 image gives 1024x1024; see
-``predictor.draw_scale``), so that the labels do not cover the objects.
+``predictor.draw_scale``), so that the labels do not cover the objects; video frames keep
+their size.
 
 Config overrides go after ``--opts`` (``KEY VALUE`` pairs after the inputs are refused with
 that hint). Inputs are checked before the model is loaded.

@@ -8,7 +8,7 @@ images (:func:`draw_scale`).
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Tuple
+from typing import Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -85,10 +85,16 @@ class VisualizationDemo:
             instances = self.predictor(image_bgr)["instances"].to("cpu")
         return instances[instances.scores >= self.confidence_threshold]
 
-    def draw(self, image_bgr: np.ndarray, instances: Instances) -> np.ndarray:
-        """The image with ``instances`` drawn: uint8 BGR array (k*H, k*W, 3), where
-        k = :func:`draw_scale` (H, W) (1 from a shorter side of 513 px on)."""
-        scale = draw_scale(*image_bgr.shape[:2])
+    def draw(self, image_bgr: np.ndarray, instances: Instances,
+             scale: Optional[int] = None) -> np.ndarray:
+        """The image with ``instances`` drawn: uint8 BGR array (k*H, k*W, 3).
+
+        Args:
+            scale: the enlargement k; None: :func:`draw_scale` (H, W) (1 from a shorter side
+                of 513 px on).
+        """
+        if scale is None:
+            scale = draw_scale(*image_bgr.shape[:2])
         visualizer = Visualizer(image_bgr[:, :, ::-1], self.metadata, scale=scale,
                                 instance_mode=self.instance_mode)
         drawn = visualizer.draw_instance_predictions(predictions=instances).get_image()
@@ -101,6 +107,10 @@ class VisualizationDemo:
 
     def run_on_frames(self, frames: Iterable[np.ndarray]
                       ) -> Iterator[Tuple[Instances, np.ndarray]]:
-        """:meth:`run_on_image` for each BGR frame of a video, lazily, in order."""
+        """:meth:`run_on_image` for each BGR frame of a video, lazily, in order.
+
+        Frames are drawn at their own size (scale 1), the size of the output video.
+        """
         for frame in frames:
-            yield self.run_on_image(frame)
+            instances = self.predict(frame)
+            yield instances, self.draw(frame, instances, scale=1)
