@@ -170,6 +170,23 @@ def test_help_without_torch_jit_warning(script):
     assert "torch.jit.script" not in result.stderr and "FutureWarning" not in result.stderr
 
 
+@pytest.mark.parametrize("script", ["train_net.py", "demo/demo.py", "tools/benchmark.py",
+                                    "tools/convert_mmdet_checkpoint.py", "tools/parity_check.py",
+                                    "tools/prepare_datasets.py"])
+def test_entry_points_import_queryinst_before_detectron2(script):
+    """The other commands keep the rule that the --help runs above check: ``queryinst``
+    (which silences the warning while importing Detectron2) comes first."""
+    import ast
+
+    with open(os.path.join(ROOT, script)) as f:
+        tree = ast.parse(f.read())
+    order = [alias.name if isinstance(node, ast.Import) else node.module
+             for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+             for alias in node.names]
+    first = next(i for i, name in enumerate(order) if name.split(".")[0] == "detectron2")
+    assert "queryinst" in order[:first], f"{script} imports Detectron2 before queryinst"
+
+
 def test_log_without_terminal_has_only_result_lines(tmp_path):
     """Issue 10 item 15: with stdout and stderr in one log (not a terminal), tqdm's redraws
     gave blank lines between the result lines and the final bar twice."""
