@@ -29,6 +29,7 @@ import weakref  # noqa: E402
 import queryinst  # noqa: E402,F401
 
 import detectron2.utils.comm as comm  # noqa: E402
+import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import build_detection_train_loader  # noqa: E402
 from detectron2.engine import (  # noqa: E402
@@ -162,8 +163,20 @@ def main(args):
     return getattr(trainer, "_last_eval_results", {})
 
 
+def parse_args(argv=None):
+    """``default_argument_parser()``'s arguments; ``--num-gpus`` > 1 without CUDA is a usage
+    error (exit 2): Detectron2's ``launch`` runs one NCCL process per GPU, and its workers
+    would each fail with "cuda is not available". One process trains on the CPU."""
+    parser = default_argument_parser()
+    args = parser.parse_args(argv)
+    if args.num_gpus > 1 and not torch.cuda.is_available():
+        parser.error(f"--num-gpus {args.num_gpus} needs CUDA, which is not available here; "
+                     "leave --num-gpus at 1 to run on the CPU")
+    return args
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = parse_args()
     print("Command Line Args:", args)
     launch(
         main,
