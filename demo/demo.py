@@ -109,8 +109,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def _looks_like_key(token: str) -> bool:
-    """A config key such as MODEL.WEIGHTS that is not an existing path."""
-    return bool(_CONFIG_KEY.match(token)) and not os.path.exists(token)
+    """A config key such as MODEL.WEIGHTS: not an existing path nor an image or video name."""
+    return (bool(_CONFIG_KEY.match(token)) and not os.path.exists(token)
+            and not token.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS))
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -302,6 +303,24 @@ def run_stream(demo: VisualizationDemo, capture: cv2.VideoCapture, name: str,
     return 0
 
 
+def _image_inputs(args: argparse.Namespace) -> Tuple[List[str], List[str]]:
+    """:func:`expand_inputs` of ``--input`` (error lines printed), before any model is built.
+
+    Raises:
+        SystemExit: 2 (argparse's error) for an image file name as ``--output`` with several
+            inputs, where the drawings would overwrite each other.
+    """
+    files, errors = expand_inputs(args.input) if args.input else ([], [])
+    several = args.input and (len(args.input) > 1 or len(files) > 1)
+    if (several and args.output and args.output.lower().endswith(IMAGE_EXTENSIONS)
+            and not os.path.isdir(args.output)):
+        get_parser().error(f"--output {args.output} names one image file, but there are "
+                           f"several inputs ({len(files)} images): give a directory")
+    for message in errors:
+        _error(message)
+    return files, errors
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the demo; returns the exit status (0 all inputs drawn, 1 some failed).
 
@@ -309,14 +328,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     when no input is usable the demo stops with status 1 without loading a model.
     """
     args = parse_args(argv)
-    files, errors = expand_inputs(args.input) if args.input else ([], [])
-    several = args.input and (len(args.input) > 1 or len(files) > 1)
-    if several and args.output and args.output.lower().endswith(IMAGE_EXTENSIONS) \
-            and not os.path.isdir(args.output):
-        get_parser().error(f"--output {args.output} names one image file, but there are "
-                           f"several inputs ({len(files)} images): give a directory")
-    for message in errors:
-        _error(message)
+    files, errors = _image_inputs(args)
     if args.input and not files:
         _error("no input to process (see the errors above); the model was not loaded")
         return 1

@@ -203,12 +203,15 @@ def test_device_defaults_to_cpu_without_cuda(tmp_path, monkeypatch):
     # An explicit MODEL.DEVICE (options or yaml) is kept.
     cfg = merge_config(get_cfg_with_queryinst(), coco, ["MODEL.DEVICE", "cuda"])
     assert cfg.MODEL.DEVICE == "cuda"
-    assert device_note("cuda") == "MODEL.DEVICE cuda: set in the config (the default here " \
-                                  "would be cpu)"
+    assert device_note("cuda") == ("MODEL.DEVICE cuda: set in the config, but CUDA is not "
+                                   "available (torch.cuda.is_available() is False): set "
+                                   "MODEL.DEVICE cpu")
     bundled = os.path.join(CONFIGS, "bundled", "queryinst_R50_FPN_nuclei.yaml")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert merge_config(get_cfg_with_queryinst(), bundled).MODEL.DEVICE == "cpu"  # its yaml
     assert merge_config(get_cfg_with_queryinst(), coco).MODEL.DEVICE == "cuda"
+    assert device_note("cpu") == "MODEL.DEVICE cpu: set in the config (the default here " \
+                                 "would be cuda)"
 
 
 def test_several_gpus_without_cuda_is_a_usage_error(monkeypatch, capsys):

@@ -159,6 +159,10 @@ def test_no_usable_input_stops_before_the_model(demo, no_model, tmp_path, capsys
     err = capsys.readouterr().err
     assert f"ERROR: {missing}: no such file or directory" in err
     assert "no input to process" in err
+    fake = tmp_path / "fake.mp4"
+    fake.write_bytes(b"not a video")
+    assert demo.main(["--config-file", BASE, "--video-input", str(fake)]) == 1
+    assert f"ERROR: {fake}: cannot open the video" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script", ["demo/demo.py", "train_net.py"])

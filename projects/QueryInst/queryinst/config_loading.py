@@ -35,6 +35,9 @@ def device_note(device: str) -> str:
         False); set MODEL.DEVICE to choose another device".
     """
     auto = default_device()
+    if device.startswith("cuda") and auto == "cpu":
+        return (f"MODEL.DEVICE {device}: set in the config, but CUDA is not available "
+                "(torch.cuda.is_available() is False): set MODEL.DEVICE cpu")
     if device != auto:
         return f"MODEL.DEVICE {device}: set in the config (the default here would be {auto})"
     why = ("CUDA is available" if auto == "cuda"
