@@ -294,6 +294,13 @@ def _load_run_demo():
     return module
 
 
+def test_run_demo_refuses_a_threshold_outside_0_1(capsys):
+    with pytest.raises(SystemExit) as info:
+        _load_run_demo().parse_args(["--score-threshold", "30"])
+    assert info.value.code == 2
+    assert "--score-threshold 30 is outside [0, 1]" in capsys.readouterr().err
+
+
 def test_run_demo_writes_figures_and_resumes(tmp_path, capsys):
     run_demo = _load_run_demo()
     out_dir = str(tmp_path / "demo")

@@ -172,7 +172,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--score-threshold", type=float, default=0.3,
                         help="drawn detections: score >= this (default 0.3; see above)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.score_threshold <= 1.0:
+        parser.error(f"--score-threshold {args.score_threshold:g} is outside [0, 1] "
+                     "(scores are probabilities)")
+    return args
 
 
 def main(argv=None) -> dict:

@@ -121,8 +121,9 @@ class QueryInstROIHeads(nn.Module):
             mask_pooler: RoIAlign for the mask heads (14x14); None with ``mask_heads``
                 None for detection only (Sparse R-CNN).
             mask_heads: one ``DynamicMaskHead`` per stage, or None.
-            test_topk: k of the inference top-k over (queries x classes) (spec 3); from a
-                config, min(``MODEL.QUERYINST.TEST_TOPK``, ``TEST.DETECTIONS_PER_IMAGE``).
+            test_topk: k of the inference top-k over (queries x classes) (docs/method.md,
+                section 3); from a config, min(``MODEL.QUERYINST.TEST_TOPK``,
+                ``TEST.DETECTIONS_PER_IMAGE``).
             test_score_thresh: after the top-k, detections scoring below this are dropped
                 (``MODEL.ROI_HEADS.SCORE_THRESH_TEST``; 0 keeps all k, as the official model).
 
