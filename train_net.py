@@ -7,7 +7,7 @@ register on ``import queryinst``; the optimiser is ``queryinst.solver.build_opti
 
 Examples::
 
-    # train (add MODEL.DEVICE cpu on a machine without CUDA)
+    # train (on CUDA if available, else the CPU; MODEL.DEVICE chooses)
     python train_net.py --config-file configs/bundled/queryinst_R50_FPN_nuclei.yaml
     # continue from OUTPUT_DIR/last_checkpoint
     python train_net.py --config-file ... --resume
@@ -24,9 +24,15 @@ import sys
 _REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_REPO, "projects", "QueryInst"))
 
+import logging  # noqa: E402
 import weakref  # noqa: E402
 
+# Before Detectron2: registers the model, datasets, and imports Detectron2 without its
+# torch.jit.script FutureWarnings.
+import queryinst  # noqa: E402,F401
+
 import detectron2.utils.comm as comm  # noqa: E402
+import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import (  # noqa: E402
     build_detection_test_loader,
@@ -40,7 +46,6 @@ from detectron2.engine import (  # noqa: E402
 )
 from detectron2.evaluation import COCOEvaluator, verify_results  # noqa: E402
 
-import queryinst  # noqa: E402,F401  (registers the model)
 import queryinst.data  # noqa: E402,F401  (registers the bundled datasets)
 from queryinst import QueryInstDatasetMapper, add_queryinst_config  # noqa: E402
 from queryinst.checkpoint import (  # noqa: E402
@@ -48,6 +53,7 @@ from queryinst.checkpoint import (  # noqa: E402
     QueryInstCheckpointer,
     official_config_opts,
 )
+from queryinst.config_loading import device_note, merge_config  # noqa: E402
 from queryinst.data import (  # noqa: E402
     add_dataset_argument,
     check_config_datasets,
@@ -128,6 +134,9 @@ def setup(args):
 
     Also registers the ``--dataset`` datasets and runs Detectron2's ``default_setup``
     (logging, OUTPUT_DIR/config.yaml, seed).
+    ``MODEL.DEVICE`` defaults to "cuda" where CUDA is available, else "cpu"; the log says
+    which. A misspelled key raises with the closest existing key
+    (``queryinst.config_loading.merge_config``).
 
     Args:
         args (argparse.Namespace): from ``default_argument_parser()`` (``--dataset``
@@ -139,12 +148,12 @@ def setup(args):
     register_dataset_specs(getattr(args, "dataset", None) or [])
     cfg = get_cfg()
     add_queryinst_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_config(cfg, args.config_file, args.opts)
     # An official checkpoint in MODEL.WEIGHTS implies its queries / classes / stages / depth.
     cfg.merge_from_list(official_config_opts(cfg.MODEL.WEIGHTS))
     cfg.freeze()
     default_setup(cfg, args)
+    logging.getLogger("detectron2").info(device_note(cfg.MODEL.DEVICE))
     return cfg
 
 
@@ -186,8 +195,20 @@ def main(args):
     return getattr(trainer, "_last_eval_results", {})
 
 
+def parse_args(argv=None):
+    """``default_argument_parser()``'s arguments plus ``--dataset``; ``--num-gpus`` > 1 without CUDA is a usage
+    error (exit 2): Detectron2's ``launch`` runs one NCCL process per GPU, and its workers
+    would each fail with "cuda is not available". One process trains on the CPU."""
+    parser = add_dataset_argument(default_argument_parser())
+    args = parser.parse_args(argv)
+    if args.num_gpus > 1 and not torch.cuda.is_available():
+        parser.error(f"--num-gpus {args.num_gpus} needs CUDA, which is not available here; "
+                     "leave --num-gpus at 1 to run on the CPU")
+    return args
+
+
 if __name__ == "__main__":
-    args = add_dataset_argument(default_argument_parser()).parse_args()
+    args = parse_args()
     print("Command Line Args:", args)
     try:
         launch(

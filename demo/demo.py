@@ -16,54 +16,78 @@ directory gets one drawn image per input, same name (``.png`` or ``.jpg``, other
 written as ``.png``); a file name (one input) gets that input's drawing. A video is drawn
 frame by frame into an mp4 (``cv2.VideoWriter``, codec mp4v): ``--output`` is that file, or
 a directory for ``<video name>.mp4``. Without ``--output`` nothing is written (webcam frames
-are shown in a window instead; Esc quits).
+are shown in a window instead; Esc quits). Drawings of small images are enlarged (an integer
+factor up to a shorter side of 1024 px: a 256x256 image gives 1024x1024; see
+``predictor.draw_scale``), so that the labels do not cover the objects; video frames keep
+their size.
+
+Config overrides go after ``--opts`` (``KEY VALUE`` pairs after the inputs are refused with
+that hint). Inputs are checked before the model is loaded.
 
 Class names come from the metadata of ``DATASETS.TEST[0]``. ``MODEL.DEVICE`` defaults to
 "cuda" where CUDA is available and "cpu" otherwise; the config file and ``--opts`` override
 it.
 
 Exit status: 0 if every input was drawn, 1 if any input failed (missing, unreadable or
-corrupt: an ``ERROR: <file>: ...`` line on stderr; the other inputs are still processed) or
-``MODEL.WEIGHTS`` cannot be used (unreadable, not downloadable, or a checkpoint of another
-config: an ``ERROR:`` line; an empty ``MODEL.WEIGHTS`` only gets an "UNTRAINED MODEL"
-warning), 2 for command-line errors.
+corrupt: an ``ERROR: <file>: ...`` line on stderr; the other inputs are still processed;
+when no input is usable, the demo stops before loading the model) or ``MODEL.WEIGHTS``
+cannot be used (unreadable, not downloadable, or a checkpoint of another config: an
+``ERROR:`` line; an empty ``MODEL.WEIGHTS`` only gets an "UNTRAINED MODEL" warning), 2 for
+command-line errors (also: a ``--confidence-threshold`` outside [0, 1], an image file as
+``--output`` for several inputs). Without a terminal (logs, CI) there is no progress bar, only
+the result lines.
 """
 from __future__ import annotations
 
 import argparse
 import glob
-import logging
 import os
+import re
 import sys
 import time
 from typing import Iterator, List, Optional, Tuple
-
-import cv2
-import numpy as np
-import torch
-from detectron2.config import get_cfg
-from detectron2.utils.logger import setup_logger
-from PIL import Image
-from tqdm import tqdm
 
 # The package of this checkout, installed or not; predictor.py next to this file.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, "..", "projects", "QueryInst"))
 sys.path.insert(0, _HERE)
 
-from predictor import VisualizationDemo  # noqa: E402
+# Before Detectron2: it imports Detectron2 without its torch.jit.script FutureWarnings.
+import queryinst  # noqa: E402,F401  isort: skip
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from predictor import DEFAULT_CONFIDENCE_THRESHOLD, VisualizationDemo  # noqa: E402
 
 from queryinst import add_queryinst_config  # noqa: E402
 from queryinst.checkpoint import CheckpointError, official_config_opts  # noqa: E402
+from queryinst.config_loading import device_note, merge_config  # noqa: E402
 from queryinst.data import read_image  # noqa: E402  (16-bit and float images too)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
 WINDOW_NAME = "QueryInst"
+# An upper-case dotted name, e.g. MODEL.WEIGHTS: a config key, not a file.
+_CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z][A-Z0-9_]*)+$")
 # What reading a missing, truncated or non-image file raises (PIL, Detectron2's read_image).
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
-logger = logging.getLogger("queryinst.demo")
+
+
+def _unit_interval(text: str) -> float:
+    """argparse type: a float in [0, 1] (scores are sigmoid probabilities)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1] (scores are probabilities)")
+    return value
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -76,20 +100,50 @@ def get_parser() -> argparse.ArgumentParser:
     source.add_argument("--webcam", action="store_true", help="camera 0 (cv2.VideoCapture)")
     parser.add_argument("--output", metavar="PATH",
                         help="directory (or a file name for one input) for the drawings")
-    parser.add_argument("--confidence-threshold", type=float, default=0.5,
-                        help="minimum score of a drawn and counted detection (default 0.5)")
+    parser.add_argument("--confidence-threshold", type=_unit_interval, metavar="T",
+                        default=DEFAULT_CONFIDENCE_THRESHOLD,
+                        help="minimum score, in [0, 1], of a drawn and counted detection "
+                             f"(default {DEFAULT_CONFIDENCE_THRESHOLD})")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="config overrides, KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth")
     return parser
 
 
+def _looks_like_key(token: str) -> bool:
+    """A config key such as MODEL.WEIGHTS: not an existing path nor an image or video name."""
+    return (bool(_CONFIG_KEY.match(token)) and not os.path.exists(token)
+            and not token.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS))
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """:func:`get_parser`'s arguments, checked (argparse's error, exit 2, on each problem).
+
+    Refused: config overrides without ``--opts`` (train_net.py style ``KEY VALUE`` after the
+    inputs: without this check, ``MODEL.WEIGHTS m.pth`` would be read as two images), and a
+    ``--confidence-threshold`` outside [0, 1].
+    """
+    parser = get_parser()
+    args, extra = parser.parse_known_args(argv)
+    tokens = list(args.input or []) + extra
+    for i, token in enumerate(tokens):
+        if _looks_like_key(token):
+            pair = " ".join(tokens[i:i + 2])
+            parser.error(f"{token!r} looks like a config key, not an input: put config "
+                         f"overrides after --opts, e.g. --opts {pair}")
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def setup_cfg(args):
-    """Frozen config: QueryInst keys, device default, ``--config-file``, then ``--opts``."""
+    """Frozen config: QueryInst keys, device default, ``--config-file``, then ``--opts``.
+
+    ``MODEL.DEVICE`` defaults to "cuda" where CUDA is available, else "cpu"
+    (``queryinst.config_loading.merge_config``); a misspelled key raises with a hint.
+    """
     cfg = get_cfg()
     add_queryinst_config(cfg)
-    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_config(cfg, args.config_file, args.opts)
     # An official checkpoint implies its own queries / classes / stages / depth.
     cfg.merge_from_list(official_config_opts(cfg.MODEL.WEIGHTS))
     cfg.freeze()
@@ -156,13 +210,14 @@ def _image_output_paths(files: List[str], output: Optional[str]) -> List[Optiona
     return paths
 
 
-def run_images(demo: VisualizationDemo, patterns: List[str], output: Optional[str]) -> int:
-    """Draw every image of ``patterns``; returns the number of inputs that failed."""
-    files, errors = expand_inputs(patterns)
-    for message in errors:
-        _error(message)
-    failures = len(errors)
-    for path, out_path in zip(tqdm(files, desc="images", unit="image"),
+def run_images(demo: VisualizationDemo, files: List[str], output: Optional[str],
+               failed_patterns: int = 0) -> int:
+    """Draw every image of ``files`` (from :func:`expand_inputs`); returns the number of
+    inputs that failed, ``failed_patterns`` (patterns that matched nothing) included."""
+    failures = failed_patterns
+    # disable=None: no bar when stderr is not a terminal (logs, CI), where its redraws
+    # become blank lines between the result lines and a doubled final bar.
+    for path, out_path in zip(tqdm(files, desc="images", unit="image", disable=None),
                               _image_output_paths(files, output)):
         try:
             image = read_image(path, format="BGR")
@@ -181,7 +236,8 @@ def run_images(demo: VisualizationDemo, patterns: List[str], output: Optional[st
                 _error(f"{path}: cannot write {out_path}")
                 failures += 1
     if failures:
-        tqdm.write(f"{failures} of {len(files) + len(errors)} inputs failed", file=sys.stderr)
+        tqdm.write(f"{failures} of {len(files) + failed_patterns} inputs failed",
+                   file=sys.stderr)
     return failures
 
 
@@ -215,7 +271,7 @@ def run_stream(demo: VisualizationDemo, capture: cv2.VideoCapture, name: str,
     start = time.perf_counter()
     try:
         for instances, drawn in tqdm(demo.run_on_frames(_frames(capture)), total=total,
-                                     desc=os.path.basename(name), unit="frame"):
+                                     desc=os.path.basename(name), unit="frame", disable=None):
             frames += 1
             detections += len(instances)
             if output is not None:
@@ -248,13 +304,47 @@ def run_stream(demo: VisualizationDemo, capture: cv2.VideoCapture, name: str,
     return 0
 
 
+def _image_inputs(args: argparse.Namespace) -> Tuple[List[str], List[str]]:
+    """:func:`expand_inputs` of ``--input`` (error lines printed), before any model is built.
+
+    Raises:
+        SystemExit: 2 (argparse's error) for an image file name as ``--output`` with several
+            inputs, where the drawings would overwrite each other.
+    """
+    files, errors = expand_inputs(args.input) if args.input else ([], [])
+    several = args.input and (len(args.input) > 1 or len(files) > 1)
+    if (several and args.output and args.output.lower().endswith(IMAGE_EXTENSIONS)
+            and not os.path.isdir(args.output)):
+        get_parser().error(f"--output {args.output} names one image file, but there are "
+                           f"several inputs ({len(files)} images): give a directory")
+    for message in errors:
+        _error(message)
+    return files, errors
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the demo; returns the exit status (0 all inputs drawn, 1 some failed)."""
-    args = get_parser().parse_args(argv)
+    """Run the demo; returns the exit status (0 all inputs drawn, 1 some failed).
+
+    Inputs are checked before the model is built: missing files are reported first, and
+    when no input is usable the demo stops with status 1 without loading a model.
+    """
+    args = parse_args(argv)
+    files, errors = _image_inputs(args)
+    if args.input and not files:
+        _error("no input to process (see the errors above); the model was not loaded")
+        return 1
+    capture = None
+    if args.video_input:
+        capture = cv2.VideoCapture(args.video_input)
+        if not os.path.isfile(args.video_input) or not capture.isOpened():
+            _error(f"{args.video_input}: cannot open the video")
+            return 1
+
     setup_logger(name="fvcore")
     setup_logger(name="queryinst")  # e.g. the "UNTRAINED MODEL" warning, with its level
-    setup_logger()
+    d2_logger = setup_logger()
     cfg = setup_cfg(args)
+    d2_logger.info(device_note(cfg.MODEL.DEVICE))
     try:  # an empty MODEL.WEIGHTS only gets a warning (predictor.py)
         demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
     except CheckpointError as exc:  # unusable MODEL.WEIGHTS: the message says what to pass
@@ -262,12 +352,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
     if args.input:
-        return 1 if run_images(demo, args.input, args.output) else 0
-    if args.video_input:
-        capture = cv2.VideoCapture(args.video_input)
-        if not os.path.isfile(args.video_input) or not capture.isOpened():
-            _error(f"{args.video_input}: cannot open the video")
-            return 1
+        return 1 if run_images(demo, files, args.output, len(errors)) else 0
+    if capture is not None:
         return run_stream(demo, capture, args.video_input, args.output, show=False)
     capture = cv2.VideoCapture(0)
     if not capture.isOpened():

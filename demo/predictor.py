@@ -3,7 +3,8 @@
 The model runs through Detectron2's ``DefaultPredictor`` (weights from ``MODEL.WEIGHTS``,
 which may also be an official MMDetection/QueryInst ``.pth``, converted on load; test-time
 resize ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, input format ``INPUT.FORMAT``); drawing
-is Detectron2's ``Visualizer`` (masks, boxes, class names and scores).
+is Detectron2's ``Visualizer`` (masks, boxes, class names and scores), enlarged for small
+images (:func:`draw_scale`).
 
 Weights load strictly (``QueryInstCheckpointer(strict=True)``): a checkpoint of another
 config, a backbone-only file, or an unreadable or missing file is a
@@ -13,7 +14,7 @@ model, e.g. to try the pipeline) with one warning that the model is untrained.
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Iterator, Tuple
+from typing import Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,9 +26,27 @@ from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from queryinst.checkpoint import QueryInstCheckpointer
 
-__all__ = ["QueryInstPredictor", "VisualizationDemo", "demo_metadata"]
+__all__ = ["DEFAULT_CONFIDENCE_THRESHOLD", "DRAW_SHORT_SIDE", "QueryInstPredictor",
+           "VisualizationDemo", "demo_metadata", "draw_scale"]
 
 logger = logging.getLogger("queryinst.demo")
+
+# Minimum score of a drawn detection in demo/demo.py (Detectron2's demo uses the same).
+DEFAULT_CONFIDENCE_THRESHOLD = 0.5
+# Small images are drawn enlarged, up to this shorter side (pixels); see draw_scale.
+DRAW_SHORT_SIDE = 1024
+
+
+def draw_scale(height: int, width: int) -> int:
+    """Integer factor by which the Visualizer enlarges an image of this size.
+
+    The Visualizer's labels are about 10 px high whatever the image's size, so on a small
+    image (a 256x256 microscopy tile) they cover the objects. Images are enlarged by the
+    largest integer factor k with k * min(height, width) <= ``DRAW_SHORT_SIDE`` (at least 1):
+    256x256 -> 4 (1024x1024), 375x500 -> 2, from a shorter side of 513 px on -> 1 (own size).
+    Integer factors keep the pixels sharp (the Visualizer enlarges with nearest neighbour).
+    """
+    return max(1, DRAW_SHORT_SIDE // max(1, min(height, width)))
 
 
 def demo_metadata(cfg):
@@ -84,7 +103,7 @@ class VisualizationDemo:
             see :class:`QueryInstPredictor`).
     """
 
-    def __init__(self, cfg, confidence_threshold: float = 0.5,
+    def __init__(self, cfg, confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
                  instance_mode: ColorMode = ColorMode.IMAGE):
         self.metadata = demo_metadata(cfg)
         self.confidence_threshold = confidence_threshold
@@ -105,9 +124,17 @@ class VisualizationDemo:
             instances = self.predictor(image_bgr)["instances"].to("cpu")
         return instances[instances.scores >= self.confidence_threshold]
 
-    def draw(self, image_bgr: np.ndarray, instances: Instances) -> np.ndarray:
-        """The image with ``instances`` drawn: uint8 BGR array of the input's size (H, W, 3)."""
-        visualizer = Visualizer(image_bgr[:, :, ::-1], self.metadata,
+    def draw(self, image_bgr: np.ndarray, instances: Instances,
+             scale: Optional[int] = None) -> np.ndarray:
+        """The image with ``instances`` drawn: uint8 BGR array (k*H, k*W, 3).
+
+        Args:
+            scale: the enlargement k; None: :func:`draw_scale` (H, W) (1 from a shorter side
+                of 513 px on).
+        """
+        if scale is None:
+            scale = draw_scale(*image_bgr.shape[:2])
+        visualizer = Visualizer(image_bgr[:, :, ::-1], self.metadata, scale=scale,
                                 instance_mode=self.instance_mode)
         drawn = visualizer.draw_instance_predictions(predictions=instances).get_image()
         return np.ascontiguousarray(drawn[:, :, ::-1])
@@ -119,6 +146,10 @@ class VisualizationDemo:
 
     def run_on_frames(self, frames: Iterable[np.ndarray]
                       ) -> Iterator[Tuple[Instances, np.ndarray]]:
-        """:meth:`run_on_image` for each BGR frame of a video, lazily, in order."""
+        """:meth:`run_on_image` for each BGR frame of a video, lazily, in order.
+
+        Frames are drawn at their own size (scale 1), the size of the output video.
+        """
         for frame in frames:
-            yield self.run_on_image(frame)
+            instances = self.predict(frame)
+            yield instances, self.draw(frame, instances, scale=1)

@@ -5,13 +5,21 @@ shapes (ResNet bottleneck convs have no bias; FrozenBN has buffers, not paramete
 """
 import glob
 import os
+import re
+import sys
 
 import pytest
+import torch
 import yaml
 from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 
 from queryinst import add_queryinst_config
+from queryinst.config_loading import device_note, merge_config
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import train_net  # noqa: E402
 
 CONFIGS = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                         "configs"))
@@ -147,6 +155,73 @@ def test_wrong_key_raises_key_error(tmp_path):
     missing.write_text('_BASE_: "no-such-base.yaml"\n')
     with pytest.raises((FileNotFoundError, OSError)):
         _load(str(missing))
+
+
+def get_cfg_with_queryinst():
+    """Detectron2's defaults plus QueryInst's keys."""
+    cfg = get_cfg()
+    add_queryinst_config(cfg)
+    return cfg
+
+
+def test_misspelled_key_gets_a_hint(tmp_path):
+    """Issue 10 item 13: yacs says only "Non-existent config key"; the entry points' merge
+    (queryinst.config_loading.merge_config) names the source and the closest key."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f'_BASE_: "{BASE}"\nMODEL:\n  QUERYINST:\n    NUM_PROPOSAL: 300\n')
+    with pytest.raises(KeyError) as info:
+        merge_config(get_cfg_with_queryinst(), str(bad))
+    assert info.value.args[0] == (
+        f"Non-existent config key: MODEL.QUERYINST.NUM_PROPOSAL (merging {bad}); "
+        "did you mean MODEL.QUERYINST.NUM_PROPOSALS?")
+    # The command-line path, through train_net.py's setup (yacs raises AssertionError there).
+    args = default_argument_parser().parse_args(
+        ["--config-file", BASE, "MODEL.QUERYINST.NUM_PROPOSAL", "300"])
+    with pytest.raises(AssertionError, match=re.escape(
+            "MODEL.QUERYINST.NUM_PROPOSAL (merging the command-line options); "
+            "did you mean MODEL.QUERYINST.NUM_PROPOSALS?")):
+        train_net.setup(args)
+    # A key in the wrong section, and one with nothing close (no guess).
+    with pytest.raises(AssertionError, match="did you mean MODEL.QUERYINST.NUM_PROPOSALS"):
+        merge_config(get_cfg_with_queryinst(), BASE, ["MODEL.NUM_PROPOSALS", "300"])
+    with pytest.raises(AssertionError, match=r"NO_SUCH\.KEY \(merging the command-line "
+                                             r"options\)$"):
+        merge_config(get_cfg_with_queryinst(), BASE, ["NO_SUCH.KEY", "1"])
+
+
+def test_device_defaults_to_cpu_without_cuda(tmp_path, monkeypatch):
+    """Issue 10 item 10: a COCO config (no MODEL.DEVICE) on a machine without CUDA gave
+    "Found no NVIDIA driver" in train_net.py; now CPU, with the reason in the log."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    coco = os.path.join(CONFIGS, "queryinst_R50_FPN_1x_coco.yaml")
+    args = default_argument_parser().parse_args(
+        ["--config-file", coco, "OUTPUT_DIR", str(tmp_path)])
+    assert train_net.setup(args).MODEL.DEVICE == "cpu"
+    with open(tmp_path / "log.txt") as f:
+        assert "MODEL.DEVICE cpu: CUDA is not available (torch.cuda.is_available() is False)" \
+            in f.read()
+    # An explicit MODEL.DEVICE (options or yaml) is kept.
+    cfg = merge_config(get_cfg_with_queryinst(), coco, ["MODEL.DEVICE", "cuda"])
+    assert cfg.MODEL.DEVICE == "cuda"
+    assert device_note("cuda") == ("MODEL.DEVICE cuda: set in the config, but CUDA is not "
+                                   "available (torch.cuda.is_available() is False): set "
+                                   "MODEL.DEVICE cpu")
+    bundled = os.path.join(CONFIGS, "bundled", "queryinst_R50_FPN_nuclei.yaml")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert merge_config(get_cfg_with_queryinst(), bundled).MODEL.DEVICE == "cpu"  # its yaml
+    assert merge_config(get_cfg_with_queryinst(), coco).MODEL.DEVICE == "cuda"
+    assert device_note("cpu") == "MODEL.DEVICE cpu: set in the config (the default here " \
+                                 "would be cuda)"
+
+
+def test_several_gpus_without_cuda_is_a_usage_error(monkeypatch, capsys):
+    """Detectron2's launch would spawn NCCL workers that each fail on a CPU-only machine."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as info:
+        train_net.parse_args(["--config-file", BASE, "--num-gpus", "2"])
+    assert info.value.code == 2
+    assert "--num-gpus 2 needs CUDA, which is not available here" in capsys.readouterr().err
+    assert train_net.parse_args(["--config-file", BASE]).num_gpus == 1
 
 
 def _params(module):

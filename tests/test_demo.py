@@ -71,13 +71,14 @@ def test_images_dir_glob_and_corrupt_file(tmp_path):
     assert result.returncode == 1, log
     assert f"ERROR: {photos / 'corrupt.jpg'}: cannot read the image" in result.stderr
     assert "notes.txt" not in log
-    # the good photo is still drawn, at its own size, with a summary line
+    # the good photo is still drawn, enlarged 2x (shorter side 512: 2 * 512 <= 1024), with a
+    # summary line
     drawn = cv2.imread(str(out / "grace_hopper.jpg"))
-    assert drawn is not None and drawn.shape == cv2.imread(PHOTO).shape
+    assert drawn is not None and drawn.shape == (1200, 1024, 3)
     assert f"{photos / 'grace_hopper.jpg'}: 10 detections with score >= 0 in " in result.stdout
     assert not (out / "corrupt.jpg").exists()
-    if os.path.isfile(VOC_PHOTO):  # the glob's match
-        assert cv2.imread(str(out / "voc.png")).shape == cv2.imread(VOC_PHOTO).shape
+    if os.path.isfile(VOC_PHOTO):  # the glob's match, 375x500: drawn 2x
+        assert cv2.imread(str(out / "voc.png")).shape == (750, 1000, 3)
     assert sorted(os.listdir(out)) == sorted(
         ["grace_hopper.jpg"] + (["voc.png"] if os.path.isfile(VOC_PHOTO) else []))
 
@@ -93,11 +94,120 @@ def test_missing_input_fails_with_its_name(demo, tmp_path, capsys):
 
 
 def test_output_file_for_one_input(demo, tmp_path):
-    shutil.copy(PHOTO, tmp_path / "a.jpg")
-    target = tmp_path / "drawn" / "result.png"
-    assert demo.main(_argv("--input", str(tmp_path / "a.jpg"), "--output", str(target),
-                           min_size=64)) == 0
-    assert cv2.imread(str(target)).shape == cv2.imread(PHOTO).shape
+    """A 256x256 image (the nuclei tiles' size) is drawn 4x, so that labels stay small next
+    to the objects (issue 10 item 16); a large one at its own size."""
+    tile = tmp_path / "tile.png"
+    cv2.imwrite(str(tile), cv2.imread(PHOTO)[100:356, 100:356])
+    large = tmp_path / "large.jpg"
+    cv2.imwrite(str(large), cv2.resize(cv2.imread(PHOTO), (640, 750)))
+    for image, drawn_shape in ((tile, (1024, 1024, 3)), (large, (750, 640, 3))):
+        target = tmp_path / "drawn" / f"{image.stem}.png"
+        assert demo.main(_argv("--input", str(image), "--output", str(target),
+                               min_size=64)) == 0
+        assert cv2.imread(str(target)).shape == drawn_shape
+
+
+def test_draw_scale_rule(demo):
+    from predictor import draw_scale
+
+    assert [draw_scale(h, w) for h, w in ((256, 256), (375, 500), (512, 600), (513, 513),
+                                          (1080, 1920), (16, 16))] == [4, 2, 2, 1, 1, 64]
+
+
+@pytest.fixture
+def no_model(demo, monkeypatch):
+    """Building the model fails the test: argument and input errors must come before it."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(demo, "VisualizationDemo", fail)
+
+
+@pytest.mark.parametrize("args, message", [
+    # train_net.py style overrides without --opts: a hint, not an attempt to read m.pth
+    (["--input", PHOTO, "MODEL.WEIGHTS", "m.pth"],
+     "'MODEL.WEIGHTS' looks like a config key, not an input: put config overrides after "
+     "--opts, e.g. --opts MODEL.WEIGHTS m.pth"),
+    (["--input", PHOTO, "--output", "out", "MODEL.DEVICE", "cpu"],
+     "put config overrides after --opts, e.g. --opts MODEL.DEVICE cpu"),
+    (["--input", PHOTO, PHOTO, "--output", "x.png"],
+     "--output x.png names one image file, but there are several inputs"),
+    (["--input", PHOTO, "--confidence-threshold", "50"],
+     "argument --confidence-threshold: 50 is outside [0, 1]"),
+    (["--input", PHOTO, "--confidence-threshold", "-0.1"],
+     "argument --confidence-threshold: -0.1 is outside [0, 1]"),
+])
+def test_argument_errors_before_the_model(demo, no_model, args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--config-file", BASE, *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "usage:" in err and message in err, err
+
+
+def test_output_file_for_a_directory_of_images_refused(demo, no_model, tmp_path, capsys):
+    for name in ("a.jpg", "b.jpg"):
+        shutil.copy(PHOTO, tmp_path / name)
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--config-file", BASE, "--input", str(tmp_path), "--output", "x.png"])
+    assert exit_info.value.code == 2
+    assert "several inputs (2 images): give a directory" in capsys.readouterr().err
+
+
+def test_no_usable_input_stops_before_the_model(demo, no_model, tmp_path, capsys):
+    missing = tmp_path / "missing.jpg"
+    assert demo.main(["--config-file", BASE, "--input", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert f"ERROR: {missing}: no such file or directory" in err
+    assert "no input to process" in err
+    fake = tmp_path / "fake.mp4"
+    fake.write_bytes(b"not a video")
+    assert demo.main(["--config-file", BASE, "--video-input", str(fake)]) == 1
+    assert f"ERROR: {fake}: cannot open the video" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["demo/demo.py", "train_net.py"])
+def test_help_without_torch_jit_warning(script):
+    """Issue 10 item 14: Detectron2's imports made torch print a FutureWarning twice."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage:" in result.stdout
+    assert "torch.jit.script" not in result.stderr and "FutureWarning" not in result.stderr
+
+
+@pytest.mark.parametrize("script", ["train_net.py", "demo/demo.py", "tools/benchmark.py",
+                                    "tools/convert_mmdet_checkpoint.py", "tools/parity_check.py",
+                                    "tools/prepare_datasets.py"])
+def test_entry_points_import_queryinst_before_detectron2(script):
+    """The other commands keep the rule that the --help runs above check: ``queryinst``
+    (which silences the warning while importing Detectron2) comes first."""
+    import ast
+
+    with open(os.path.join(ROOT, script)) as f:
+        tree = ast.parse(f.read())
+    order = [alias.name if isinstance(node, ast.Import) else node.module
+             for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+             for alias in node.names]
+    first = next(i for i, name in enumerate(order) if name.split(".")[0] == "detectron2")
+    assert "queryinst" in order[:first], f"{script} imports Detectron2 before queryinst"
+
+
+def test_log_without_terminal_has_only_result_lines(tmp_path):
+    """Issue 10 item 15: with stdout and stderr in one log (not a terminal), tqdm's redraws
+    gave blank lines between the result lines and the final bar twice."""
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        shutil.copy(PHOTO, tmp_path / name)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, DEMO, *_argv("--input", str(tmp_path), min_size=64)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=120)
+    log = result.stdout
+    assert result.returncode == 0, log
+    lines = log.splitlines()  # splits at "\r" too, as log viewers do
+    assert "" not in lines and not any(line.isspace() for line in lines), log
+    results = [line for line in lines if " detections with score >= 0 in " in line]
+    assert len(results) == 3
+    assert "images:" not in log and "100%" not in log  # no bar, so no doubled final bar
+    assert "MODEL.DEVICE cpu" in log  # the device line (set in --opts here)
 
 
 def _write_video(path, frames, size=(96, 64), fps=5.0):
@@ -177,4 +287,4 @@ def test_official_checkpoint_as_model_weights(demo, tmp_path, capsys):
     assert torch.equal(ours["backbone.bottom_up.res4.2.conv2.norm.running_var"],
                        official["backbone.layer3.2.bn2.running_var"])
     instances, drawn = vis.run_on_image(cv2.imread(PHOTO))
-    assert len(instances) == 10 and drawn.shape == cv2.imread(PHOTO).shape
+    assert len(instances) == 10 and drawn.shape == (1200, 1024, 3)  # 600x512 drawn 2x

@@ -269,6 +269,45 @@ def test_inference_follows_topk_rule():
                 )
 
 
+def _detect(cfg, state_dict, inputs):
+    model = build_model(cfg).eval()
+    model.load_state_dict(state_dict)
+    with torch.no_grad():
+        return [out["instances"] for out in model(inputs)]
+
+
+def test_score_thresh_and_detections_per_image_are_honoured():
+    """Issue 10 item 12: MODEL.ROI_HEADS.SCORE_THRESH_TEST and TEST.DETECTIONS_PER_IMAGE.
+
+    Same weights, three configs: the default keeps all top-k (threshold 0, as the official
+    model); a threshold gives exactly the default's detections with score >= t (same boxes,
+    classes, masks); a smaller DETECTIONS_PER_IMAGE gives the default's top-scoring ones.
+    """
+    cfg = small_cfg(num_classes=4, num_proposals=6, test_topk=20)
+    assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.0  # not Detectron2's 0.05
+    torch.manual_seed(3)
+    weights = build_model(cfg).state_dict()
+    inputs = [{"image": random_image(96, 128, seed=9)}, {"image": random_image(80, 120, seed=10)}]
+    default = _detect(cfg, weights, inputs)
+    assert [len(r) for r in default] == [20, 20]
+
+    thresh = float(default[0].scores.median())  # a threshold inside the score range
+    cfg_t = cfg.clone()
+    cfg_t.MODEL.ROI_HEADS.SCORE_THRESH_TEST = thresh
+    cfg_cap = cfg.clone()
+    cfg_cap.TEST.DETECTIONS_PER_IMAGE = 7
+    cuts = _detect(cfg_t, weights, inputs)
+    assert 0 < len(cuts[0]) < 20
+    for full, cut, capped in zip(default, cuts, _detect(cfg_cap, weights, inputs)):
+        keep = full.scores >= thresh
+        assert len(cut) == int(keep.sum()) and len(capped) == 7
+        for name in ("scores", "pred_classes", "query_indices", "pred_masks"):
+            assert torch.equal(cut.get(name), full.get(name)[keep])
+            assert torch.equal(capped.get(name), full.get(name)[:7])
+        assert torch.equal(cut.pred_boxes.tensor, full.pred_boxes.tensor[keep])
+        assert torch.equal(capped.pred_boxes.tensor, full.pred_boxes.tensor[:7])
+
+
 def test_inference_runs_mask_head_once_per_distinct_query():
     """Speed rule of the inference: the last mask head sees each selected query once."""
     model = build_small(seed=2, num_classes=4, num_proposals=6, test_topk=10).eval()

@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 
+import cv2
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -293,6 +294,13 @@ def _load_run_demo():
     return module
 
 
+def test_run_demo_refuses_a_threshold_outside_0_1(capsys):
+    with pytest.raises(SystemExit) as info:
+        _load_run_demo().parse_args(["--score-threshold", "30"])
+    assert info.value.code == 2
+    assert "--score-threshold 30 is outside [0, 1]" in capsys.readouterr().err
+
+
 def test_run_demo_writes_figures_and_resumes(tmp_path, capsys):
     run_demo = _load_run_demo()
     out_dir = str(tmp_path / "demo")
@@ -303,6 +311,10 @@ def test_run_demo_writes_figures_and_resumes(tmp_path, capsys):
         assert os.path.getsize(os.path.join(out_dir, name)) > 0
     printed = capsys.readouterr().out
     assert "val_predictions.png" in printed and "mask AP" in printed
+    # Issue 10 item 16: the 256x256 tile is drawn 4x (demo/demo.py's rule), ground truth |
+    # 8-pixel gap | predictions; the printed demo.py command draws the same detections.
+    assert cv2.imread(os.path.join(out_dir, "val_predictions.png")).shape == (1024, 2056, 3)
+    assert "demo/demo.py --config-file" in printed and "--confidence-threshold 0.0" in printed
 
     iterations, curves = run_demo.read_loss_curves(os.path.join(out_dir, "metrics.json"))
     assert iterations == [MAX_ITER - 1]

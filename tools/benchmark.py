@@ -45,17 +45,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
-from detectron2 import model_zoo
-from detectron2.config import CfgNode, get_cfg
-from detectron2.modeling import build_model
-from detectron2.solver import build_optimizer as build_detectron2_optimizer
-from detectron2.structures import BitMasks, Boxes, Instances
-from detectron2.utils.events import EventStorage
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "QueryInst"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import queryinst  # noqa: E402,F401  isort: skip  (before Detectron2: no torch.jit warning)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from detectron2 import model_zoo  # noqa: E402
+from detectron2.config import CfgNode, get_cfg  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.solver import build_optimizer as build_detectron2_optimizer  # noqa: E402
+from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
 from benchmark_measure import (  # noqa: E402
     PeakMemory,
     calibrate_frozen_bn,
@@ -67,6 +68,7 @@ from benchmark_measure import (  # noqa: E402
     release_freed_memory,
 )
 from queryinst import add_queryinst_config  # noqa: E402
+from queryinst.config_loading import merge_config  # noqa: E402
 from queryinst.solver import build_optimizer as build_queryinst_optimizer  # noqa: E402
 
 NUM_SYNTHETIC_INSTANCES = 5  # GT instances per training image
@@ -137,8 +139,7 @@ def queryinst_cfg(config_file: str, opts: list[str], device: str) -> CfgNode:
     """The QueryInst config of ``config_file`` with ``opts``, random weights, on ``device``."""
     cfg = get_cfg()
     add_queryinst_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
+    merge_config(cfg, config_file, opts)  # a misspelled key gets a hint
     cfg.MODEL.DEVICE = device
     cfg.MODEL.WEIGHTS = ""
     cfg.freeze()

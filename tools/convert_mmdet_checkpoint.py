@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 
+import queryinst  # noqa: F401  isort: skip  (before Detectron2: no torch.jit warning)
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model

@@ -39,6 +39,7 @@ import os
 import sys
 import time
 
+import queryinst  # noqa: F401  isort: skip  (before Detectron2: no torch.jit warning)
 import numpy as np
 import torch
 from detectron2.config import get_cfg

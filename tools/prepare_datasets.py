@@ -16,6 +16,7 @@ import sys
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(_REPO, "projects", "QueryInst"))
 
+import queryinst  # noqa: E402,F401  isort: skip  (before Detectron2: no torch.jit warning)
 from detectron2.data import DatasetCatalog  # noqa: E402
 
 from queryinst.data import (  # noqa: E402

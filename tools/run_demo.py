@@ -8,7 +8,11 @@
    COCO box and mask AP.
 3. Writes ``OUTPUT_DIR/val_predictions.png``: ground truth (left) and the detections with
    score >= ``--score-threshold`` (right) on the held-out tile, drawn by Detectron2's
-   ``Visualizer``.
+   ``Visualizer`` enlarged as ``demo/demo.py`` draws (``predictor.draw_scale``: 4x for the
+   256x256 tile, so that the labels do not cover the nuclei). The default threshold, 0.3,
+   is lower than ``demo/demo.py``'s 0.5 (Detectron2's, for COCO-trained models) because this
+   model, trained from scratch for 250 iterations, scores most true nuclei between 0.3 and
+   0.6; the run prints the ``demo/demo.py`` command that draws the same detections.
 4. Writes ``OUTPUT_DIR/losses.png``: total training loss and each stage's loss (the sum of
    its cls, bbox, giou and mask terms) against iteration, from ``OUTPUT_DIR/metrics.json``.
 
@@ -30,13 +34,17 @@ from collections import defaultdict
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)  # train_net.py (it puts the package of this checkout on the path)
+sys.path.insert(0, os.path.join(_REPO, "demo"))  # predictor.py: the demo's drawing rule
 
 import train_net  # noqa: E402  (registers the model and the bundled datasets)
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402
 
+from predictor import draw_scale  # noqa: E402
+
 from queryinst import add_queryinst_config  # noqa: E402
+from queryinst.config_loading import merge_config  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join("configs", "bundled", "queryinst_R50_FPN_nuclei.yaml")
 _STAGE_LOSS = re.compile(r"^s(\d+)_loss_")
@@ -119,7 +127,8 @@ def draw_val_predictions(cfg, weights: str, dataset_name: str, out_file: str,
         cfg: the training config.
         weights: checkpoint to load.
         dataset_name: a registered dataset (its metadata gives ``thing_classes``).
-        out_file: PNG path; the image is [ground truth | predictions], enlarged 2x.
+        out_file: PNG path; the image is [ground truth | predictions], each enlarged by
+            ``draw_scale`` (as demo/demo.py draws).
         score_threshold: only detections with score >= this are drawn.
 
     Returns:
@@ -141,21 +150,33 @@ def draw_val_predictions(cfg, weights: str, dataset_name: str, out_file: str,
     instances = predictor(image_bgr)["instances"].to("cpu")
     instances = instances[instances.scores >= score_threshold]
     rgb = image_bgr[:, :, ::-1]
-    gt = Visualizer(rgb, metadata=metadata, scale=2.0).draw_dataset_dict(record).get_image()
-    pred = Visualizer(rgb, metadata=metadata, scale=2.0).draw_instance_predictions(instances)
+    scale = draw_scale(*rgb.shape[:2])
+    gt = Visualizer(rgb, metadata=metadata, scale=scale).draw_dataset_dict(record).get_image()
+    pred = Visualizer(rgb, metadata=metadata, scale=scale).draw_instance_predictions(instances)
     gap = np.full((gt.shape[0], 8, 3), 255, dtype=np.uint8)
     panel = np.concatenate([gt, gap, pred.get_image()], axis=1)
     cv2.imwrite(out_file, panel[:, :, ::-1])
     return len(instances)
 
 
+def image_of(dataset_name: str) -> str:
+    """The file of the first image of a registered dataset (the one that is drawn)."""
+    from detectron2.data import DatasetCatalog
+
+    return DatasetCatalog.get(dataset_name)[0]["file_name"]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE")
     parser.add_argument("--score-threshold", type=float, default=0.3,
-                        help="drawn detections: score >= this (default 0.3)")
+                        help="drawn detections: score >= this (default 0.3; see above)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.score_threshold <= 1.0:
+        parser.error(f"--score-threshold {args.score_threshold:g} is outside [0, 1] "
+                     "(scores are probabilities)")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -175,8 +196,7 @@ def main(argv=None) -> dict:
 
     cfg = get_cfg()
     add_queryinst_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_config(cfg, args.config_file, args.opts)
     out_dir = cfg.OUTPUT_DIR
     dataset = cfg.DATASETS.TEST[0]
     checkpointer = DetectionCheckpointer(None, save_dir=out_dir)  # only to find the last checkpoint
@@ -199,6 +219,10 @@ def main(argv=None) -> dict:
     print(f"  predictions image {predictions_png} ({drawn} detections with score >= "
           f"{args.score_threshold}; left: ground truth)")
     print(f"  loss curves       {losses_png if plotted else '(no losses logged)'}")
+    print(f"[demo] the same drawing with demo/demo.py: python demo/demo.py --config-file "
+          f"{args.config_file} --input {image_of(dataset)} --output {out_dir}/demo "
+          f"--confidence-threshold {args.score_threshold} --opts MODEL.WEIGHTS {weights} "
+          + " ".join(args.opts))
     for task, name in (("bbox", "box"), ("segm", "mask")):
         if task in results:
             r = results[task]

@@ -4,6 +4,8 @@ Importing the package registers the meta-architecture ``QueryInst``, the proposa
 ``LearnableProposals``, the ROI heads ``QueryInstROIHeads``, the backbone
 ``build_resnet_fpn_p2_p5_backbone`` and the bundled datasets.
 """
+# First: imports Detectron2 without its torch.jit.script warnings (see the module).
+from . import _quiet_imports  # noqa: F401  (isort: skip)
 from .box_head import DIIHead
 from .config import add_queryinst_config
 from .dataset_mapper import QueryInstDatasetMapper, RandomSelect, build_train_augmentation

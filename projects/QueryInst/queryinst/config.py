@@ -12,7 +12,9 @@ def add_queryinst_config(cfg: CN) -> None:
     """Add QueryInst's keys to a Detectron2 config, in place.
 
     Keys that Detectron2 already has (backbone, input, solver schedule, ``MODEL.MASK_ON``,
-    ``TEST.DETECTIONS_PER_IMAGE``) are set in ``configs/Base-QueryInst.yaml`` instead.
+    ``TEST.DETECTIONS_PER_IMAGE``) are set in ``configs/Base-QueryInst.yaml`` instead; only
+    ``MODEL.ROI_HEADS.SCORE_THRESH_TEST`` gets QueryInst's default (0) here too, so that a
+    config without the base file keeps all top-k detections.
 
     Args:
         cfg: a Detectron2 config, usually ``detectron2.config.get_cfg()``.
@@ -60,7 +62,11 @@ def add_queryinst_config(cfg: CN) -> None:
     _C.MATCHER.COST_GIOU = 2.0  # -GIoU on absolute boxes
 
     # Inference (spec 3): top-k over (queries x classes) of the last stage, k = N by default.
+    # Detectron2's keys apply too: k = min(TEST_TOPK, TEST.DETECTIONS_PER_IMAGE), then
+    # detections scoring < MODEL.ROI_HEADS.SCORE_THRESH_TEST are dropped.
     _C.TEST_TOPK = 100
+    # Official test rule: no score threshold, all k kept (Detectron2's default is 0.05).
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     # Keep the backbone's conv weights (and so its maps) in channels-last memory format. Same
     # outputs up to float rounding; on CPUs, oneDNN runs the ResNet-FPN ~25% faster this way
     # (docs/benchmark.md). Off by default, as in Detectron2.

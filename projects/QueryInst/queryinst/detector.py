@@ -2,7 +2,9 @@
 
 Paper section 3; spec 1-3. It is Detectron2's ``GeneralizedRCNN`` wiring (preprocessing,
 training losses) with QueryInst's own post-processing: final boxes are rescaled but never
-clipped and no detection is dropped, as in the reference implementation (spec 3).
+clipped and no detection is dropped, as in the reference implementation (docs/method.md,
+section 3); the ROI heads honour ``MODEL.ROI_HEADS.SCORE_THRESH_TEST`` (default 0) and
+``TEST.DETECTIONS_PER_IMAGE``.
 """
 from __future__ import annotations
 

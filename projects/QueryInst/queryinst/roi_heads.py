@@ -83,6 +83,12 @@ def mask_targets_in_boxes(gt_masks, boxes: Tensor, image_size: tuple[int, int], 
     return gt_masks.crop_and_resize(clipped.tensor, mask_size).to(boxes.dtype)
 
 
+def _detections_per_image(test_topk: int, detections_per_image: int) -> int:
+    """k of the top-k: ``TEST_TOPK`` capped by Detectron2's ``TEST.DETECTIONS_PER_IMAGE``
+    (a negative cap means none, as in Detectron2's ``fast_rcnn_inference``)."""
+    return test_topk if detections_per_image < 0 else min(test_topk, detections_per_image)
+
+
 @ROI_HEADS_REGISTRY.register()
 class QueryInstROIHeads(nn.Module):
     """The box stages and dynamic mask heads of QueryInst (paper section 3, spec 1-3).
@@ -103,6 +109,7 @@ class QueryInstROIHeads(nn.Module):
         mask_pooler: ROIPooler | None = None,
         mask_heads: list[nn.Module] | None = None,
         test_topk: int = 100,
+        test_score_thresh: float = 0.0,
     ):
         """
         Args:
@@ -114,7 +121,11 @@ class QueryInstROIHeads(nn.Module):
             mask_pooler: RoIAlign for the mask heads (14x14); None with ``mask_heads``
                 None for detection only (Sparse R-CNN).
             mask_heads: one ``DynamicMaskHead`` per stage, or None.
-            test_topk: k of the inference top-k over (queries x classes) (spec 3).
+            test_topk: k of the inference top-k over (queries x classes) (docs/method.md,
+                section 3); from a config, min(``MODEL.QUERYINST.TEST_TOPK``,
+                ``TEST.DETECTIONS_PER_IMAGE``).
+            test_score_thresh: after the top-k, detections scoring below this are dropped
+                (``MODEL.ROI_HEADS.SCORE_THRESH_TEST``; 0 keeps all k, as the official model).
 
         Raises:
             ValueError: if the number of mask heads differs from the number of box stages,
@@ -133,6 +144,7 @@ class QueryInstROIHeads(nn.Module):
         self.mask_pooler = mask_pooler
         self.mask_heads = nn.ModuleList(mask_heads) if mask_heads is not None else None
         self.test_topk = test_topk
+        self.test_score_thresh = test_score_thresh
 
     @property
     def mask_on(self) -> bool:
@@ -196,7 +208,8 @@ class QueryInstROIHeads(nn.Module):
                 focal_gamma=q.FOCAL_GAMMA,
                 dice_eps=q.DICE_EPS,
             ),
-            "test_topk": q.TEST_TOPK,
+            "test_topk": _detections_per_image(q.TEST_TOPK, cfg.TEST.DETECTIONS_PER_IMAGE),
+            "test_score_thresh": cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
         }
         if cfg.MODEL.MASK_ON:
             ret["mask_pooler"] = pooler(q.MASK_POOLER_RESOLUTION)
@@ -353,10 +366,11 @@ class QueryInstROIHeads(nn.Module):
         """Top-k over (queries x classes) of the last stage, masks from the last head (spec 3).
 
         One query may give several detections with different classes. Each image uses its
-        own top-k indices (the mmdet 2.x bug of reusing the last image's is avoided).
+        own top-k indices (the mmdet 2.x bug of reusing the last image's is avoided). Then
+        detections with score < ``test_score_thresh`` are dropped (none at the default 0).
 
         Returns:
-            list[Instances]: per image, k detections sorted by score with ``pred_boxes``
+            list[Instances]: per image, up to k detections sorted by score with ``pred_boxes``
             (absolute xyxy in the resized image, unclipped), ``scores``, ``pred_classes``,
             ``query_indices`` (int64, which query), and with masks ``pred_masks``
             (float (k, 1, 28, 28) probabilities).
@@ -377,6 +391,8 @@ class QueryInstROIHeads(nn.Module):
             inst.query_indices = queries[i]
             if self.mask_on:
                 inst.pred_masks = masks[i]
+            if self.test_score_thresh > 0:
+                inst = inst[inst.scores >= self.test_score_thresh]
             results.append(inst)
         return results
 
