@@ -3,7 +3,7 @@
 
 It only wires Detectron2 to the ``queryinst`` package: the model, datasets and config keys
 register on ``import queryinst``; the optimiser is ``queryinst.solver.build_optimizer``
-(AdamW with full-model gradient clipping, spec section 2).
+(AdamW with full-model gradient clipping, docs/method.md §2).
 
 Examples::
 
@@ -79,7 +79,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """Detectron2's training loader with ``QueryInstDatasetMapper`` (spec 2)."""
+        """Detectron2's training loader with ``QueryInstDatasetMapper`` (docs/method.md §2)."""
         return build_detection_train_loader(cfg, mapper=QueryInstDatasetMapper(cfg, True))
 
     @classmethod
@@ -109,7 +109,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        """AdamW / SGD with the backbone lr factor and full-model clipping (spec 2)."""
+        """AdamW / SGD with the backbone lr factor and full-model clipping (docs/method.md §2)."""
         return build_optimizer(cfg, model)
 
     # Detectron2 0.6's DefaultTrainer checkpoints only the iteration and the hooks (the LR

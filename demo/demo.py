@@ -78,7 +78,6 @@ _CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z][A-Z0-9_]*)+$")
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-
 def _unit_interval(text: str) -> float:
     """argparse type: a float in [0, 1] (scores are sigmoid probabilities)."""
     try:

@@ -1,4 +1,5 @@
-"""Box decoding of the stages (spec 1, step 8): the official clamp |dw|, |dh| <= log(1000/16).
+"""Box decoding of the stages (docs/method.md §1.3, step 8): the official clamp |dw|, |dh| <=
+log(1000/16).
 
 Truth is the formula of the official decoder written out (mmdet ``delta2bbox`` with stds
 (0.5, 0.5, 1, 1)): centre shift by delta * std * size, size times exp(clamp(delta * std)).

@@ -1,6 +1,7 @@
-"""Loading the official QueryInst checkpoints (spec 4): converter, config detection, checkpointer.
+"""Loading the official QueryInst checkpoints (docs/method.md §4): converter, config
+detection, checkpointer.
 
-The official key names and shapes are written out here from spec 4 (torchvision ResNet,
+The official key names and shapes are written out here from docs/method.md §4 (torchvision ResNet,
 mmdet FPN, EmbeddingRPNHead, DIIHead, DynamicMaskHead), not derived from the converter. The
 full-size layout is checked on the ``meta`` device (no memory); values are checked on a
 narrow model (same structure, small widths).
@@ -39,7 +40,7 @@ SMALL = dict(dim=16, ffn=32, dyn=4, width=8)
 
 def official_layout(*, stages, queries, classes, depth=50, dim=256, ffn=2048, dyn=64,
                     width=64, box_res=7, mask_convs=4, conv_bias=False):
-    """(name, shape) of every tensor of an official QueryInst checkpoint (spec 4)."""
+    """(name, shape) of every tensor of an official QueryInst checkpoint (docs/method.md §4)."""
     out = []
 
     def bn(prefix, c):
@@ -177,7 +178,8 @@ def official_file(official, tmp_path_factory):
 # ----------------------------------------------------------------------------- full size
 @pytest.mark.parametrize("depth,queries", [(50, 100), (101, 300)])
 def test_full_size_official_layout_fits_the_model(depth, queries):
-    """Spec 4 names/shapes at the real sizes convert and fill a model built from the config."""
+    """docs/method.md §4 names/shapes at the real sizes convert and fill a model built from
+    the config."""
     official = make_state_dict(
         official_layout(stages=6, queries=queries, classes=80, depth=depth), device="meta")
     detected = detect_official_config(official)
@@ -191,7 +193,7 @@ def test_full_size_official_layout_fits_the_model(depth, queries):
         model = build_model(make_cfg(detected, small=False, device="meta"))
     converted = convert_official_state_dict(official)
     check_against_model(converted, model.state_dict(), detected)
-    if depth == 50 and queries == 100:  # spec 1: ~173 M parameters in total
+    if depth == 50 and queries == 100:  # docs/method.md §1: ~173 M parameters in total
         total = sum(p.numel() for p in model.parameters())
         assert 172e6 < total < 174e6
 

@@ -1,6 +1,6 @@
-"""Every yaml under configs/ loads; the COCO variants say what the spec says and build.
+"""Every yaml under configs/ loads; the COCO variants say what docs/method.md says and build.
 
-Numbers: spec sections 1, 2 and 5 (``queryinst-spec.md``); parameter arithmetic from the
+Numbers: docs/method.md §1, §2 and §5; parameter arithmetic from the
 shapes (ResNet bottleneck convs have no bias; FrozenBN has buffers, not parameters).
 """
 import glob
@@ -30,7 +30,7 @@ MULTI_SCALE = tuple(range(480, 801, 32))
 # name -> expected values (depth, queries = top-k = detections, mask, multi-scale, crop,
 # schedule, solver recipe)
 OFFICIAL = dict(lr=2.5e-5, backbone_mult=1.0, clip=1.0)
-MMDET = dict(lr=1e-4, backbone_mult=0.1, clip=0.1)  # spec 2: recommended for R101
+MMDET = dict(lr=1e-4, backbone_mult=0.1, clip=0.1)  # docs/method.md §2: recommended for R101
 SCHED_1X = dict(max_iter=90000, steps=(60000, 82500))
 SCHED_3X = dict(max_iter=270000, steps=(210000, 250000))
 COCO = {
@@ -234,7 +234,7 @@ def _build(name, opts=()):
 
 
 def test_build_r50_1x_full_size(one_torch_thread):
-    """The whole model as configured: ~173 M parameters for R50, 100 queries (spec 1)."""
+    """The whole model as configured: ~173 M parameters for R50, 100 queries (docs/method.md §1)."""
     model = _build("queryinst_R50_FPN_1x_coco.yaml")
     assert len(model.roi_heads.box_heads) == len(model.roi_heads.mask_heads) == 6
     assert model.proposal_generator.init_proposal_boxes.weight.shape == (100, 4)

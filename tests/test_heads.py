@@ -1,8 +1,8 @@
 """Tests of the QueryInst heads: DynamicConv, DIIHead (box stage), DynamicMaskHead.
 
 Truth comes from outside the modules: an explicit per-instance loop for DynamicConv, hand
-arithmetic from the spec's shapes (spec 1) for parameter counts, the xavier formula and
-the focal prior for init (spec 2, "Init"), and symmetry properties of the architecture.
+arithmetic from the shapes of docs/method.md §1 for parameter counts, the xavier formula and
+the focal prior for init (docs/method.md §2.3), and symmetry properties of the architecture.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _layer_norm(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
 
 
 def _reference_dynamic_conv(conv: DynamicConv, query, roi):
-    """Spec 1, box stage step 3, one instance at a time with plain matmuls."""
+    """docs/method.md §1.3, step 3, one instance at a time with plain matmuls."""
     dim, dyn, res = conv.hidden_dim, conv.dynamic_dim, conv.pooler_resolution
     outs = []
     for r in range(query.shape[0]):
@@ -134,7 +134,7 @@ def test_box_stage_parameter_count(full_box_head):
     reg_branch = 3 * fc_block + (256 * 4 + 4)
     expected = self_attn + ln + dynamic_conv + ln + ffn + ln + cls_branch + reg_branch
 
-    assert expected == 13_235_412  # "~13.2 M per box stage" (spec 1)
+    assert expected == 13_235_412  # "~13.2 M per box stage" (docs/method.md §1)
     assert _num_params(full_box_head.instance_interaction) == 11_634_048 == dynamic_conv
     assert _num_params(full_box_head) == expected
 
@@ -146,7 +146,7 @@ def test_mask_stage_parameter_count(full_mask_head):
     predictor = 256 * 80 + 80
     expected = dynamic_conv + 4 * conv_block + deconv + predictor
 
-    assert expected == 11_066_320  # "~11.1 M per mask stage" (spec 1)
+    assert expected == 11_066_320  # "~11.1 M per mask stage" (docs/method.md §1)
     assert _num_params(full_mask_head) == expected
 
 

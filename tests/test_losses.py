@@ -1,4 +1,4 @@
-"""Loss functions and QueryInstCriterion against values worked out by hand (spec section 2)."""
+"""Loss functions and QueryInstCriterion against values worked out by hand (docs/method.md §2)."""
 
 import math
 

@@ -20,7 +20,7 @@ def _giou(a, b):
 
 
 def _hand_cost(logits, boxes, labels, gt_boxes, size, alpha=0.25, gamma=2.0, eps=1e-12):
-    """Spec 2 cost, element by element: 2 focal + 5 L1(normalised) - 2 GIoU(absolute)."""
+    """docs/method.md §2 cost, element by element: 2 focal + 5 L1(normalised) - 2 GIoU(absolute)."""
     labels, size = labels.tolist(), size.tolist()
     n, g = len(boxes), len(gt_boxes)
     cost = [[0.0] * g for _ in range(n)]

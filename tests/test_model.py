@@ -4,12 +4,12 @@ The heads, matcher and losses have their own tests (test_heads.py, test_matcher.
 test_losses.py); these tests check how they are put together. Truth comes from outside the
 code under test:
 
-- the parameter count of the R50-FPN model is added up by hand from the spec's shapes
-  (spec 1), with a torchvision ResNet-50 as a cross-check of the backbone part;
-- the inference rule of spec 3 (top-k over queries x classes, masks of the same query and
+- the parameter count of the R50-FPN model is added up by hand from the shapes
+  (docs/method.md §1), with a torchvision ResNet-50 as a cross-check of the backbone part;
+- the inference rule of docs/method.md §3 (top-k over queries x classes, masks of the same query and
   class) is re-applied by brute force to the stage outputs;
 - invariances: a batch of two images gives what two batches of one give;
-- the stop-gradients of spec 1 (detached RoIs, undetached queries) are read off autograd;
+- the stop-gradients of docs/method.md §1 (detached RoIs, undetached queries) are read off autograd;
 - hand-made masks and boxes give the expected mask targets and pasted masks.
 
 Most tests use a reduced model (narrow ResNet-50, 32 channels, few queries and stages) from
@@ -36,7 +36,8 @@ from queryinst.roi_heads import mask_targets_in_boxes
 
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "Base-QueryInst.yaml"
 
-# Per-stage parameter counts derived by hand in tests/test_heads.py (spec 1 shapes, C = 80).
+# Per-stage parameter counts derived by hand in tests/test_heads.py (docs/method.md §1 shapes,
+# C = 80).
 BOX_STAGE_PARAMS = 13_235_412
 MASK_STAGE_PARAMS = 11_066_320
 
@@ -170,9 +171,9 @@ def test_stage_shapes_and_dtypes(eval_model, sizes):
     assert tuple(images.tensor.shape) == (B, 3, *canvas)
     for name, stride in (("p2", 4), ("p3", 8), ("p4", 16), ("p5", 32)):
         assert tuple(features[name].shape) == (B, D, canvas[0] // stride, canvas[1] // stride)
-    assert sorted(features) == ["p2", "p3", "p4", "p5"]  # no P6 (spec 1)
+    assert sorted(features) == ["p2", "p3", "p4", "p5"]  # no P6 (docs/method.md §1)
     for (h, w), p in zip(sizes, proposals):
-        # Spec 1: (0.5, 0.5, 1, 1) scaled by the unpadded size of *this* image.
+        # docs/method.md §1: (0.5, 0.5, 1, 1) scaled by the unpadded size of *this* image.
         assert torch.equal(p.proposal_boxes.tensor, torch.tensor([[0.0, 0, w, h]] * N))
         assert p.proposal_features.shape == (N, D)
     assert len(stages) == 3
@@ -235,7 +236,8 @@ def test_inference_fields_and_rescaling(eval_model):
 
 
 def test_inference_follows_topk_rule():
-    """Spec 3 by brute force: sort all (query, class) scores of the last stage, keep k."""
+    """docs/method.md §3 by brute force: sort all (query, class) scores of the last stage,
+    keep k."""
     model = build_small(seed=1, num_classes=4, num_proposals=6, test_topk=10).eval()
     N, C, k = 6, 4, 10
     inputs = [{"image": random_image(96, 128, seed=5)}, {"image": random_image(80, 120, seed=6)}]

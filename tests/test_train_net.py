@@ -1,4 +1,4 @@
-"""train_net.py (training, --resume, --eval-only) and queryinst.solver (spec section 2).
+"""train_net.py (training, --resume, --eval-only) and queryinst.solver (docs/method.md §2).
 
 The training tests use a reduced model on 128-pixel nuclei tiles (CPU, a few iterations);
 they check the plumbing, not accuracy.
@@ -155,7 +155,7 @@ def test_eval_only_gives_coco_box_and_mask_ap(trained, tmp_path):
     assert os.path.isfile(tmp_path / "inference" / "coco_instances_results.json")
 
 
-# ---------------------------------------------------------------- optimiser (spec section 2)
+# ---------------------------------------------------------------- optimiser (docs/method.md §2)
 
 
 def _solver_cfg(*opts):

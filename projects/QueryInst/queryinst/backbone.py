@@ -1,6 +1,6 @@
 """ResNet + FPN with outputs P2-P5 only.
 
-Spec 1, "Backbone and neck": QueryInst pools from P2-P5 and has no P6. Detectron2's
+docs/method.md §1.1: QueryInst pools from P2-P5 and has no P6. Detectron2's
 ``build_resnet_fpn_backbone`` always adds P6 (a max-pool), which would also raise the padding
 multiple from 32 to 64 and so change the features near the image border.
 """

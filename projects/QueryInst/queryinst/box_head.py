@@ -1,6 +1,6 @@
 """One box stage of QueryInst: the "DIIHead" (dynamic instance interaction head).
 
-Spec 1, "Box stage t", steps 2-7; paper section 3 (query-based box stage, as in
+docs/method.md §1.3, steps 2-7; paper section 3 (query-based box stage, as in
 Sparse R-CNN). RoIAlign (step 1) and box decoding (step 8) are done by the caller.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ __all__ = ["DIIHead"]
 
 
 def _fc_stack(dim: int, num_layers: int) -> nn.Sequential:
-    """``num_layers`` x [Linear(dim, dim, no bias), LayerNorm(dim), ReLU] (spec 1, steps 6-7)."""
+    """``num_layers`` x [Linear(dim, dim, no bias), LayerNorm(dim), ReLU] (docs/method.md §1.3,
+    steps 6-7)."""
     layers: list[nn.Module] = []
     for _ in range(num_layers):
         # No bias: the LayerNorm that follows would cancel it.
@@ -29,7 +30,7 @@ class DIIHead(nn.Module):
     Self-attention among the queries of one image, dynamic instance interaction with the
     query's own RoI feature, an FFN, then a classification and a regression branch.
 
-    Spec 1, "Box stage t", steps 2-7; init from spec 2, "Init".
+    docs/method.md §1.3, steps 2-7; init from docs/method.md §2.3.
 
     Args:
         num_classes: C, foreground classes (sigmoid classification, no background logit).
@@ -87,7 +88,7 @@ class DIIHead(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """Spec 2, "Init": xavier_uniform_ on every parameter with dim > 1, focal prior bias.
+        """docs/method.md §2.3: xavier_uniform_ on every parameter with dim > 1, focal prior bias.
 
         Biases other than ``cls_score`` keep PyTorch's defaults, as in the official code:
         zeros for the attention in/out projections, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
@@ -115,7 +116,7 @@ class DIIHead(nn.Module):
             cls_logits: (B, N, C) classification logits (apply sigmoid; no background).
             bbox_deltas: (B, N, 4) box deltas (dx, dy, dw, dh) relative to the input boxes,
                 in Detectron2 ``Box2BoxTransform`` units; with weights (2, 2, 1, 1) they
-                match the official stds [0.5, 0.5, 1, 1] (spec 1, step 8).
+                match the official stds [0.5, 0.5, 1, 1] (docs/method.md §1.3, step 8).
             object_feats: (B, N, D) updated queries, input of the next stage (not detached).
             attn_feats: (B, N, D) post-self-attention queries (paper's q*_{t-1}), which
                 generate the dynamic parameters of this stage's mask head.

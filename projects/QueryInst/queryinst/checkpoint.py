@@ -1,6 +1,6 @@
 """Load the official QueryInst checkpoints (hustvl/QueryInst, MMDetection) into this model.
 
-Spec 4 gives the official layout: files ``{"state_dict": ..., "meta": ...}`` with mmdet's
+docs/method.md §4 gives the official layout: files ``{"state_dict": ..., "meta": ...}`` with mmdet's
 module names (torchvision ResNet under ``backbone.``, ``neck.``, ``rpn_head.``,
 ``roi_head.bbox_head.{s}.``, ``roi_head.mask_head.{s}.``). This module renames every tensor
 to this project's names, checks that nothing is left over on either side, and offers a
@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 # "__author__" of a converted checkpoint; QueryInstCheckpointer loads such files strictly.
 CONVERTED_AUTHOR = "QueryInst official (mmdet layout), converted by queryinst.checkpoint"
 
-# Every official QueryInst (and Sparse R-CNN) checkpoint has this key prefix (spec 4).
+# Every official QueryInst (and Sparse R-CNN) checkpoint has this key prefix (docs/method.md §4).
 _OFFICIAL_MARKER = "roi_head.bbox_head.0."
 
 _EXPECTED = (
@@ -152,7 +152,7 @@ _RULES: list[tuple[re.Pattern, str]] = [
     _sub(_MASK + r"conv_logits\.(\w+)", _OUR_MASK + r"predictor.\2"),
 ]
 
-# Official mask-conv bias (official repo after 2021-05-20, spec 4): folded into the BN.
+# Official mask-conv bias (official repo after 2021-05-20, docs/method.md §4): folded into the BN.
 _MASK_CONV_BIAS = re.compile(r"roi_head\.mask_head\.(\d+)\.convs\.(\d+)\.conv\.bias")
 
 
@@ -168,7 +168,7 @@ def _rename(key: str) -> str | None:
 
 # --------------------------------------------------------------------------- detection
 def is_official_state_dict(state_dict: Mapping[str, Any]) -> bool:
-    """Whether ``state_dict`` has the official QueryInst key layout (spec 4)."""
+    """Whether ``state_dict`` has the official QueryInst key layout (docs/method.md §4)."""
     return any(isinstance(k, str) and k.startswith(_OFFICIAL_MARKER) for k in state_dict)
 
 
@@ -181,7 +181,7 @@ def detect_official_config(state_dict: Mapping[str, Tensor]) -> "OrderedDict[str
     """The config values implied by an official state dict's tensors.
 
     Args:
-        state_dict: an official ``state_dict`` (spec 4 names).
+        state_dict: an official ``state_dict`` (docs/method.md §4 names).
 
     Returns:
         OrderedDict: Detectron2 config key -> value, for ``cfg.merge_from_list``:
@@ -284,7 +284,7 @@ def official_config_opts(path: str) -> list:
 
 # --------------------------------------------------------------------------- conversion
 def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> "OrderedDict[str, Tensor]":
-    """Rename an official state dict to this project's module names (spec 4).
+    """Rename an official state dict to this project's module names (docs/method.md §4).
 
     - torchvision ResNet -> Detectron2 ResNet (``stem.conv1``, ``res{2..5}.{b}.conv{1,2,3}``
       with ``.norm`` = FrozenBN weight, bias, running_mean, running_var; ``shortcut``);
@@ -611,7 +611,7 @@ _UNTRAINED = (
 
 
 class QueryInstCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that also loads official QueryInst files (spec 4).
+    """``DetectionCheckpointer`` that also loads official QueryInst files (docs/method.md §4).
 
     - An official ``.pth`` (``{"state_dict", "meta"}`` with ``roi_head.bbox_head.0.`` keys)
       is converted on load and must fill this model exactly (else

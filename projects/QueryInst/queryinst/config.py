@@ -1,6 +1,6 @@
 """Config keys of QueryInst. Defaults are the paper's R50-FPN 1x, 100-query setting.
 
-Numbers come from ``queryinst-spec.md`` (the project's digest of the paper, arXiv 2105.01928,
+Numbers come from ``docs/method.md`` (the project's digest of the paper, arXiv 2105.01928,
 and the official code); each key says which section.
 """
 import math
@@ -24,8 +24,8 @@ def add_queryinst_config(cfg: CN) -> None:
     # Detectron2's MODEL.ROI_HEADS.NUM_CLASSES is not read: train_net.py rejects a value other
     # than its default 80 or this one (queryinst.data.check_num_classes_keys).
     _C.NUM_CLASSES = 80  # C: foreground classes; sigmoid scores, no background logit
-    _C.NUM_PROPOSALS = 100  # N: object queries per image (spec 1: 100 or 300)
-    _C.NUM_STAGES = 6  # box stages, each with its own dynamic mask head (spec 1)
+    _C.NUM_PROPOSALS = 100  # N: object queries per image (docs/method.md §1: 100 or 300)
+    _C.NUM_STAGES = 6  # box stages, each with its own dynamic mask head (docs/method.md §1)
     _C.HIDDEN_DIM = 256  # D: query and FPN/RoI feature channels
     _C.DIM_FEEDFORWARD = 2048  # FFN hidden width of each box stage
     _C.NUM_HEADS = 8  # self-attention heads over the queries of an image
@@ -44,9 +44,10 @@ def add_queryinst_config(cfg: CN) -> None:
     # Box decoding: deltas divided by these weights (= stds 0.5, 0.5, 1, 1), class-agnostic.
     _C.BBOX_REG_WEIGHTS = (2.0, 2.0, 1.0, 1.0)
     _C.SCALE_CLAMP = math.log(1000.0 / 16)  # box clamp: |dw|, |dh| <= log(1000/16) ~ 4.135
-    _C.PRIOR_PROB = 0.01  # initial foreground probability of every class logit (spec 2, Init)
+    # Initial foreground probability of every class logit (docs/method.md §2.3).
+    _C.PRIOR_PROB = 0.01
 
-    # Loss weights (spec 2); every stage has weight 1 ("parallel supervision").
+    # Loss weights (docs/method.md §2); every stage has weight 1 ("parallel supervision").
     _C.CLASS_WEIGHT = 2.0  # sigmoid focal loss over all queries x classes
     _C.L1_WEIGHT = 5.0  # L1 on boxes normalised by the unpadded image size
     _C.GIOU_WEIGHT = 2.0  # GIoU loss on absolute boxes
@@ -55,13 +56,14 @@ def add_queryinst_config(cfg: CN) -> None:
     _C.FOCAL_GAMMA = 2.0  # focal loss (and focal matching cost) gamma
     _C.DICE_EPS = 1e-5  # Dice denominator epsilon
 
-    # Hungarian matching cost weights (spec 2).
+    # Hungarian matching cost weights (docs/method.md §2).
     _C.MATCHER = CN()
     _C.MATCHER.COST_CLASS = 2.0  # focal class cost
     _C.MATCHER.COST_BBOX = 5.0  # L1 on normalised xyxy boxes
     _C.MATCHER.COST_GIOU = 2.0  # -GIoU on absolute boxes
 
-    # Inference (spec 3): top-k over (queries x classes) of the last stage, k = N by default.
+    # Inference (docs/method.md §3): top-k over (queries x classes) of the last stage,
+    # k = N by default.
     # Detectron2's keys apply too: k = min(TEST_TOPK, TEST.DETECTIONS_PER_IMAGE), then
     # detections scoring < MODEL.ROI_HEADS.SCORE_THRESH_TEST are dropped.
     _C.TEST_TOPK = 100
@@ -72,11 +74,11 @@ def add_queryinst_config(cfg: CN) -> None:
     # (docs/benchmark.md). Off by default, as in Detectron2.
     _C.CHANNELS_LAST = False
 
-    # Optimiser (spec 2); read by queryinst.solver.build_optimizer.
+    # Optimiser (docs/method.md §2); read by queryinst.solver.build_optimizer.
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" (paper) or "SGD"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0  # backbone lr factor (MMDetection's recipe: 0.1)
 
-    # Training crop policy of the 300-query configs (spec 2, from DETR); read by
+    # Training crop policy of the 300-query configs (docs/method.md §2, from DETR); read by
     # dataset_mapper.build_train_augmentation. Flip, then with probability 0.5 either the
     # INPUT.MIN_SIZE_TRAIN resize, or [resize to PRE_RESIZE -> random crop -> that resize].
     cfg.INPUT.CROP_POLICY = CN()

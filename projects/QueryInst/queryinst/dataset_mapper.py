@@ -1,4 +1,4 @@
-"""Training data of QueryInst: the paper's augmentations (spec 2) and the dataset mapper.
+"""Training data of QueryInst: the paper's augmentations (docs/method.md §2) and the dataset mapper.
 
 The three training policies, all made of Detectron2 augmentations
 (``detectron2.data.transforms``) and chosen by the config:
@@ -77,7 +77,8 @@ class RandomSelect(T.Augmentation):
 
 
 def build_train_augmentation(cfg) -> List[T.Augmentation]:
-    """Training augmentations of QueryInst from a config (spec 2; see the module docstring).
+    """Training augmentations of QueryInst from a config (docs/method.md §2; see the
+    module docstring).
 
     Sizes are in pixels. Keys read: ``INPUT.MIN_SIZE_TRAIN``, ``MAX_SIZE_TRAIN``,
     ``MIN_SIZE_TRAIN_SAMPLING`` and ``RANDOM_FLIP`` (through Detectron2's

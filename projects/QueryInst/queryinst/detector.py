@@ -1,6 +1,6 @@
 """The QueryInst meta-architecture: backbone -> learnable proposals -> query stages.
 
-Paper section 3; spec 1-3. It is Detectron2's ``GeneralizedRCNN`` wiring (preprocessing,
+Paper section 3; docs/method.md §1-3. It is Detectron2's ``GeneralizedRCNN`` wiring (preprocessing,
 training losses) with QueryInst's own post-processing: final boxes are rescaled but never
 clipped and no detection is dropped, as in the reference implementation (docs/method.md,
 section 3); the ROI heads honour ``MODEL.ROI_HEADS.SCORE_THRESH_TEST`` (default 0) and
@@ -20,7 +20,7 @@ __all__ = ["QueryInst", "queryinst_postprocess"]
 def queryinst_postprocess(
     results: Instances, output_height: int, output_width: int, mask_threshold: float = 0.5
 ) -> Instances:
-    """Rescale detections from the resized input to the original image (spec 3).
+    """Rescale detections from the resized input to the original image (docs/method.md §3).
 
     Args:
         results: detections with ``pred_boxes`` (absolute xyxy in ``results.image_size``)

@@ -1,6 +1,6 @@
 """Dynamic instance interaction ("DynamicConv"), shared by the box and mask stages.
 
-Spec 1, "Box stage t", step 3 (with the projection) and "Mask stage t" (without it);
+docs/method.md §1.3, step 3 (with the projection) and §1.4 (without it);
 paper section 3.2 ("dynamic interaction"), inherited from Sparse R-CNN.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ class DynamicConv(nn.Module):
     flattened (index = spatial * D + channel) and projected back to one D-vector
     (box stage); without it the per-position features are returned (mask stage).
 
-    Spec 1, "Box stage t", step 3, and "Mask stage t" (the variant without projection).
+    docs/method.md §1.3, step 3, and §1.4 (the variant without projection).
 
     Args:
         hidden_dim: D, the query / RoI feature channel count.

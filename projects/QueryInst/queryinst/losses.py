@@ -1,4 +1,4 @@
-"""Losses of one QueryInst stage: focal class, L1 and GIoU box, Dice mask (spec section 2)."""
+"""Losses of one QueryInst stage: focal class, L1 and GIoU box, Dice mask (docs/method.md §2)."""
 
 import torch
 import torch.distributed as dist
@@ -10,7 +10,7 @@ from .matcher import HungarianMatcher
 
 def focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
     """
-    Sigmoid focal loss (Lin et al. 2017; spec section 2 ``loss_cls``), summed.
+    Sigmoid focal loss (Lin et al. 2017; docs/method.md §2.2 ``loss_cls``), summed.
 
     Per element, with p = sigmoid(logit) and target t in {0, 1}:
     ``-alpha * t * (1 - p)^gamma * log(p) - (1 - alpha) * (1 - t) * p^gamma * log(1 - p)``.
@@ -27,7 +27,7 @@ def focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: floa
 
 def l1_box_loss(pred_boxes: Tensor, target_boxes: Tensor, image_size_xyxy: Tensor) -> Tensor:
     """
-    L1 loss on boxes normalised by their image size (spec section 2 ``loss_bbox``), summed.
+    L1 loss on boxes normalised by their image size (docs/method.md §2.2 ``loss_bbox``), summed.
 
     Args:
         pred_boxes, target_boxes (Tensor): float tensors of shape (M, 4), absolute
@@ -43,7 +43,7 @@ def l1_box_loss(pred_boxes: Tensor, target_boxes: Tensor, image_size_xyxy: Tenso
 
 def giou_box_loss(pred_boxes: Tensor, target_boxes: Tensor) -> Tensor:
     """
-    GIoU loss ``1 - GIoU`` (Rezatofighi et al. 2019; spec section 2 ``loss_giou``), summed.
+    GIoU loss ``1 - GIoU`` (Rezatofighi et al. 2019; docs/method.md §2.2 ``loss_giou``), summed.
 
     Args:
         pred_boxes, target_boxes (Tensor): float tensors of shape (M, 4), absolute
@@ -57,7 +57,7 @@ def giou_box_loss(pred_boxes: Tensor, target_boxes: Tensor) -> Tensor:
 
 def dice_loss(probs: Tensor, targets: Tensor, eps: float = 1e-5) -> Tensor:
     """
-    Dice loss (spec section 2 ``loss_mask``), summed over masks.
+    Dice loss (docs/method.md §2.2 ``loss_mask``), summed over masks.
 
     Per mask: ``1 - 2 * sum(p * t) / (sum(p^2) + sum(t^2) + eps)``, sums over pixels.
 
@@ -79,7 +79,7 @@ def dice_loss(probs: Tensor, targets: Tensor, eps: float = 1e-5) -> Tensor:
 def num_matched_across_processes(indices: list[tuple[Tensor, Tensor]], device) -> float:
     """
     Normaliser of every loss: matched pairs of the batch averaged over processes, >= 1
-    (spec section 2: "a sum divided by the number of matched queries, averaged over all GPUs,
+    (docs/method.md §2: "a sum divided by the number of matched queries, averaged over all GPUs,
     clamped to >= 1").
 
     Args:
@@ -101,7 +101,7 @@ def num_matched_across_processes(indices: list[tuple[Tensor, Tensor]], device) -
 
 class QueryInstCriterion(nn.Module):
     """
-    Weighted losses of one stage given its matching (spec section 2; every stage has weight
+    Weighted losses of one stage given its matching (docs/method.md §2; every stage has weight
     1, so the caller sums stages). It holds no parameters; use :meth:`box_losses` and
     :meth:`mask_loss` (there is no ``forward``).
     """

@@ -1,6 +1,6 @@
 """One mask stage of QueryInst: the "DynamicMaskHead".
 
-Spec 1, "Mask stage t"; paper section 3.2 (dynamic mask head driven by the same stage's
+docs/method.md §1.4; paper section 3.2 (dynamic mask head driven by the same stage's
 query). RoIAlign of the stage's boxes is done by the caller.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ class DynamicMaskHead(nn.Module):
     replaces each RoI feature; then ``num_convs`` x [3x3 conv, norm, ReLU], a 2x2 stride-2
     transposed conv + ReLU and a 1x1 conv to C channels.
 
-    Spec 1, "Mask stage t"; init from spec 2, "Init".
+    docs/method.md §1.4; init from docs/method.md §2.3.
 
     Args:
         num_classes: C, number of mask channels (one per foreground class).
@@ -83,7 +83,7 @@ class DynamicMaskHead(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """Spec 2, "Init": xavier_uniform_ on every parameter with dim > 1, predictor bias 0.
+        """docs/method.md §2.3: xavier_uniform_ on every parameter with dim > 1, predictor bias 0.
 
         Other biases (dynamic layer, deconv, convs without norm) keep PyTorch's default
         U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as in the official code; norms keep weight 1,

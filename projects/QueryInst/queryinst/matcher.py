@@ -1,4 +1,4 @@
-"""Hungarian matching between one stage's predictions and the ground truth (spec section 2)."""
+"""Hungarian matching between one stage's predictions and the ground truth (docs/method.md §2)."""
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -16,7 +16,7 @@ def focal_class_cost(
     logits: Tensor, labels: Tensor, *, alpha: float = 0.25, gamma: float = 2.0, eps: float = 1e-12
 ) -> Tensor:
     """
-    Focal classification cost between every query and every GT label (spec section 2).
+    Focal classification cost between every query and every GT label (docs/method.md §2).
 
     With p = sigmoid(logits), the cost of query i for GT j with class c_j is
     ``-alpha * (1 - p)^gamma * log(p + eps)  +  (1 - alpha) * p^gamma * log(1 - p + eps)``
@@ -52,7 +52,7 @@ def match_cost_matrix(
     eps: float = 1e-12,
 ) -> Tensor:
     """
-    Matching cost of one image (spec section 2).
+    Matching cost of one image (docs/method.md §2).
 
     ``cost_class * focal_class_cost + cost_bbox * L1(normalised xyxy) + cost_giou * (-GIoU)``.
     L1 is taken on boxes divided by the image's [w, h, w, h]; GIoU on absolute boxes.
@@ -79,7 +79,7 @@ def match_cost_matrix(
 
 class HungarianMatcher(nn.Module):
     """
-    One-to-one assignment of queries to GT instances per image (spec section 2; the paper
+    One-to-one assignment of queries to GT instances per image (docs/method.md §2; the paper
     follows DETR / Sparse R-CNN set prediction). It holds no parameters.
 
     Each QueryInst stage is matched on its own detached outputs with the cost of

@@ -1,6 +1,6 @@
 """Learnable proposal boxes and proposal features (the initial object queries).
 
-Spec 1, "Learnable proposals" (MMDetection calls this module ``EmbeddingRPNHead``); paper
+docs/method.md §1.2 (MMDetection calls this module ``EmbeddingRPNHead``); paper
 section 3.1, following Sparse R-CNN. Registered as a Detectron2 proposal generator, so the
 meta-architecture hands its output to the ROI heads like any other proposals.
 """
@@ -54,7 +54,7 @@ class LearnableProposals(nn.Module):
 
         Args:
             images: the batch; ``images.image_sizes`` are the (h, w) before padding, which
-                scale the normalised boxes (spec 1: scaled before padding).
+                scale the normalised boxes (docs/method.md §1: scaled before padding).
             features: unused (the proposals do not depend on the image).
             gt_instances: unused.
 

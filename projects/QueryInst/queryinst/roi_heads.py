@@ -3,7 +3,7 @@
 Paper section 3 ("Instances as Queries"): stage t refines the object queries and boxes of
 stage t-1 (a Sparse R-CNN "DIIHead"), and its mask head reads the same stage's
 post-attention query; all stages are supervised in parallel. Shapes and rules follow
-``queryinst-spec.md`` sections 1-3.
+``docs/method.md`` §1-3.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ __all__ = ["StageOutput", "QueryInstROIHeads", "clamp_size_deltas", "mask_target
 
 @dataclass
 class StageOutput:
-    """What box stage t computed for a batch of B images with N queries each (spec 1).
+    """What box stage t computed for a batch of B images with N queries each (docs/method.md §1).
 
     Attributes:
         cls_logits: float (B, N, C), classification logits (sigmoid, no background).
@@ -46,7 +46,7 @@ class StageOutput:
 
 
 def clamp_size_deltas(deltas: Tensor, transform: Box2BoxTransform) -> Tensor:
-    """Clamp dw, dh from below as well: |dw|, |dh| <= log(1000/16) (spec 1, step 8).
+    """Clamp dw, dh from below as well: |dw|, |dh| <= log(1000/16) (docs/method.md §1.3, step 8).
 
     Detectron2's ``Box2BoxTransform.apply_deltas`` clamps dw, dh only from above; the
     official decoder (mmdet ``delta2bbox``) clamps both sides, so a box never shrinks by more
@@ -65,7 +65,8 @@ def clamp_size_deltas(deltas: Tensor, transform: Box2BoxTransform) -> Tensor:
 
 
 def mask_targets_in_boxes(gt_masks, boxes: Tensor, image_size: tuple[int, int], mask_size: int):
-    """Crop GT masks by predicted boxes and resize them: the mask head's targets (spec 2).
+    """Crop GT masks by predicted boxes and resize them: the mask head's targets (docs/method.md
+    §2).
 
     Args:
         gt_masks (PolygonMasks or BitMasks): M masks of one image, row i matched to boxes[i].
@@ -91,7 +92,7 @@ def _detections_per_image(test_topk: int, detections_per_image: int) -> int:
 
 @ROI_HEADS_REGISTRY.register()
 class QueryInstROIHeads(nn.Module):
-    """The box stages and dynamic mask heads of QueryInst (paper section 3, spec 1-3).
+    """The box stages and dynamic mask heads of QueryInst (paper section 3, docs/method.md §1-3).
 
     ``forward_stages`` runs the box stages and returns every stage's queries, which is the
     hook for extensions (for example, video models that associate queries across frames).
@@ -230,7 +231,7 @@ class QueryInstROIHeads(nn.Module):
     def forward_stages(
         self, features: dict[str, Tensor], proposals: list[Instances]
     ) -> list[StageOutput]:
-        """Run all box stages (spec 1, "Box stage t").
+        """Run all box stages (docs/method.md §1.3).
 
         Args:
             features: FPN maps by name, each (B, D, H_l, W_l).
@@ -259,7 +260,7 @@ class QueryInstROIHeads(nn.Module):
     def mask_logits(
         self, stage: int, features: dict[str, Tensor], boxes: list[Tensor], attn_feats: Tensor
     ) -> Tensor:
-        """Run mask head ``stage`` (spec 1, "Mask stage t").
+        """Run mask head ``stage`` (docs/method.md §1.4).
 
         Args:
             stage: index of the box stage whose query and boxes are used (-1: the last).
@@ -306,7 +307,7 @@ class QueryInstROIHeads(nn.Module):
     def losses(
         self, stages: list[StageOutput], features: dict[str, Tensor], targets: list[Instances]
     ) -> dict[str, Tensor]:
-        """Hungarian matching and losses at every stage ("parallel supervision", spec 2).
+        """Hungarian matching and losses at every stage ("parallel supervision", docs/method.md §2).
 
         Returns:
             dict[str, Tensor]: ``s{t}_loss_cls``, ``s{t}_loss_bbox``, ``s{t}_loss_giou`` and,
@@ -363,7 +364,8 @@ class QueryInstROIHeads(nn.Module):
         features: dict[str, Tensor],
         image_sizes: list[tuple[int, int]],
     ) -> list[Instances]:
-        """Top-k over (queries x classes) of the last stage, masks from the last head (spec 3).
+        """Top-k over (queries x classes) of the last stage, masks from the last head
+        (docs/method.md §3).
 
         One query may give several detections with different classes. Each image uses its
         own top-k indices (the mmdet 2.x bug of reusing the last image's is avoided). Then
@@ -399,7 +401,7 @@ class QueryInstROIHeads(nn.Module):
     def _top_k_masks(
         self, last: StageOutput, features: dict[str, Tensor], queries: Tensor, labels: Tensor
     ) -> Tensor:
-        """Mask probabilities of the top-k detections from the last mask head (spec 3).
+        """Mask probabilities of the top-k detections from the last mask head (docs/method.md §3).
 
         A query can hold several of the k detections (with different classes), and its
         mask logits do not depend on the class. So the head runs once per distinct selected

@@ -1,6 +1,6 @@
 """QueryInst's optimiser: AdamW (or SGD), a backbone lr factor, full-model gradient clipping.
 
-Spec section 2, "Optimiser": AdamW with weight decay 1e-4 and gradient clipping by the L2
+docs/method.md §2.4: AdamW with weight decay 1e-4 and gradient clipping by the L2
 norm of *all* gradients together (official: lr 2.5e-5, max_norm 1; MMDetection's recipe:
 lr 1e-4, backbone lr x 0.1, max_norm 0.1). Detectron2's own ``build_optimizer`` only builds
 SGD and clips each parameter separately, hence this module.
@@ -25,8 +25,8 @@ def with_full_model_gradient_clipping(
     """Subclass an optimiser so that ``step`` first clips the gradient norm of all its params.
 
     The norm is taken over the gradients of every parameter of every group at once (as
-    ``torch.nn.utils.clip_grad_norm_`` over the whole model, spec 2), not per parameter like
-    Detectron2's ``CLIP_TYPE: "norm"``. Clipping inside ``step`` makes it work with
+    ``torch.nn.utils.clip_grad_norm_`` over the whole model, docs/method.md §2), not per
+    parameter like Detectron2's ``CLIP_TYPE: "norm"``. Clipping inside ``step`` makes it work with
     Detectron2's ``AMPTrainer``: its ``GradScaler.step`` unscales the gradients before it
     calls ``step``, so the threshold applies to the true (unscaled) gradients.
 
@@ -84,7 +84,7 @@ def split_backbone_param_groups(
 
 
 def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Build QueryInst's optimiser from ``cfg.SOLVER`` (spec 2, "Optimiser").
+    """Build QueryInst's optimiser from ``cfg.SOLVER`` (docs/method.md §2.4).
 
     - ``OPTIMIZER``: "ADAMW" (paper; betas (0.9, 0.999)) or "SGD" (with ``MOMENTUM`` and
       ``NESTEROV``); learning rate ``BASE_LR``, weight decay ``WEIGHT_DECAY``, and
