@@ -149,7 +149,7 @@ def demo():
         "queryinst_demo_weights", os.path.join(ROOT, "demo", "demo.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.setup_logger = lambda *args, **kwargs: None
+    module.setup_logger = lambda *args, name="detectron2", **kwargs: logging.getLogger(name)
     return module
 
 
