@@ -1,6 +1,26 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures and helpers shared by the test modules (``from conftest import load_script``)."""
+import importlib.util
+import os
+import sys
+
 import pytest
 import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(relpath, name):
+    """A script of the repository (e.g. ``tools/benchmark.py``) imported as a fresh module.
+
+    Args:
+        relpath: the script's path relative to the repository root.
+        name: the module's name; it is put in ``sys.modules`` (dataclasses look it up there).
+    """
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, relpath))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")

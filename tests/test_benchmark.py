@@ -8,15 +8,14 @@ three models share one backbone (equal backbone FLOPs).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from detectron2 import model_zoo
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
@@ -31,17 +30,7 @@ TOPK = 20  # QueryInst's TEST_TOPK in the short run
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "queryinst_benchmark", ROOT / "tools" / "benchmark.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_tool()
+bench = load_script("tools/benchmark.py", "queryinst_benchmark")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ The main scenario runs the script in a subprocess, as a user does (exit status i
 the others call its ``main(argv)`` in this process, which saves the ~9 s of importing torch
 and Detectron2 again.
 """
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 DEMO = os.path.join(ROOT, "demo", "demo.py")
@@ -45,9 +45,7 @@ def _run_demo(*args, min_size=128):
 @pytest.fixture(scope="module")
 def demo():
     """demo.py as a module (its main(argv) returns the exit status), one torch thread."""
-    spec = importlib.util.spec_from_file_location("queryinst_demo_script", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("demo/demo.py", "queryinst_demo_script")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield module

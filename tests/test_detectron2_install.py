@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 HAS_COMPILED_OPS = importlib.util.find_spec("detectron2._C") is not None
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,12 +124,7 @@ def test_flop_counter_imports_without_caffe2():
 
 
 def _load_installer():
-    spec = importlib.util.spec_from_file_location(
-        "install_detectron2", os.path.join(REPO, "tools", "install_detectron2.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/install_detectron2.py", "install_detectron2")
 
 
 def test_numpy_alias_patch_replaces_exactly_the_removed_aliases(tmp_path):

@@ -4,9 +4,7 @@ images stretched (1st..99.8th percentiles -> 0..255) instead of clipped to white
 The real case is the bundled nuclei data: its source is a uint16 microscope image (values
 0..235), and the bundled 8-bit tiles were made from it with the same percentile rule.
 """
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
@@ -20,7 +18,8 @@ from PIL import Image
 from queryinst import QueryInstDatasetMapper, add_queryinst_config
 from queryinst.data import bundled_sources as src
 from queryinst.data import normalize_to_uint8, read_image, register_coco_instances_checked
-from test_train_net import REPO, train_net
+from conftest import load_script
+from test_train_net import train_net
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
 
@@ -150,8 +149,5 @@ def test_evaluation_loader_and_demo_read_16bit(tmp_path, val_tile):
     assert image.shape == (3, 256, 256)
     assert (image == 255).float().mean() < 0.01  # Detectron2's mapper: ~99% white
 
-    demo_py = os.path.join(REPO, "demo", "demo.py")
-    spec = importlib.util.spec_from_file_location("demo_main", demo_py)
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script("demo/demo.py", "demo_main")
     assert demo.read_image is read_image

@@ -9,14 +9,13 @@ launched.
 """
 import datetime
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
 import platform
-import sys
 
 import pytest
+from conftest import load_script
 from detectron2.config import get_cfg
 
 from queryinst import add_queryinst_config
@@ -34,12 +33,7 @@ MASK = [28.6, 33.0, 35.9, 40.9]
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "results_table", os.path.join(REPO, "tools", "results_table.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/results_table.py", "results_table")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import sys
 import cv2
 import pytest
 import torch
+from conftest import load_script
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
 from torch import nn
@@ -284,14 +285,7 @@ def test_full_model_clipping_under_grad_scaler():
 
 
 def _load_run_demo():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "run_demo", os.path.join(REPO, "tools", "run_demo.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/run_demo.py", "run_demo")
 
 
 def test_run_demo_refuses_a_threshold_outside_0_1(capsys):

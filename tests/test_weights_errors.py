@@ -12,7 +12,6 @@ The checkpoints are real: a tiny QueryInst (R18, narrow heads) saved by Detectro
 checkpointer, with the ``config.yaml`` that ``default_setup`` writes beside it. Downloads
 are made to fail by replacing ``urllib.request.urlopen`` (no network is used).
 """
-import importlib.util
 import logging
 import os
 import pickle
@@ -26,6 +25,7 @@ import urllib.request
 import matplotlib
 import pytest
 import torch
+from conftest import load_script
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
@@ -145,10 +145,7 @@ def demo():
     """demo.py as a module; its main(argv) returns the exit status. Its setup_logger calls
     are skipped: Detectron2 caches the handler, which would keep writing to the stderr
     capture of the first test after that test has closed it."""
-    spec = importlib.util.spec_from_file_location(
-        "queryinst_demo_weights", os.path.join(ROOT, "demo", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("demo/demo.py", "queryinst_demo_weights")
     module.setup_logger = lambda *args, name="detectron2", **kwargs: logging.getLogger(name)
     return module
 
@@ -314,10 +311,7 @@ def test_eval_only_script_with_a_garbage_file_exits_with_one_error(bad_files, tm
 
 @pytest.mark.parametrize("kind", ["truncated", "html", "missing"])
 def test_converter_gives_one_error_line(bad_files, kind, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "convert_mmdet_checkpoint", os.path.join(ROOT, "tools", "convert_mmdet_checkpoint.py"))
-    converter = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(converter)
+    converter = load_script("tools/convert_mmdet_checkpoint.py", "convert_mmdet_checkpoint")
     path = bad_files.get(kind, str(tmp_path / "missing.pth"))
     assert converter.main(["--input", path, "--output", str(tmp_path / "out.pth")]) == 1
     err = capsys.readouterr().err.strip()
