@@ -1,20 +1,18 @@
-"""Load the official QueryInst checkpoints (hustvl/QueryInst, MMDetection) into this model.
+"""Read checkpoint files and load them into this model, official QueryInst checkpoints included.
 
-docs/method.md §4 gives the official layout: files ``{"state_dict": ..., "meta": ...}`` with mmdet's
-module names (torchvision ResNet under ``backbone.``, ``neck.``, ``rpn_head.``,
-``roi_head.bbox_head.{s}.``, ``roi_head.mask_head.{s}.``). This module renames every tensor
-to this project's names, checks that nothing is left over on either side, and offers a
-Detectron2 checkpointer that does the conversion on load, so ``MODEL.WEIGHTS`` may name an
-official ``.pth`` file directly.
+Official files (hustvl/QueryInst, MMDetection; layout in docs/method.md §4) are renamed to this
+project's names by :mod:`queryinst.official_layout`; this module reads files safely, converts
+official ones, and offers a Detectron2 checkpointer that does the conversion on load, so
+``MODEL.WEIGHTS`` may name an official ``.pth`` file directly.
 
-Public names:
+Public names (``__all__`` also re-exports those of :mod:`queryinst.official_layout` and
+:mod:`queryinst.checkpoint_errors`, so ``from queryinst.checkpoint import ...`` serves all):
 
-- :func:`convert_official_state_dict`: official ``state_dict`` -> this model's state dict.
-- :func:`detect_official_config`: the config values (queries, classes, stages, depth) that
-  the tensors imply; :func:`official_config_opts`: the same for a file, as overrides.
 - :func:`load_checkpoint_file`: ``torch.load`` that stays in ``weights_only`` mode unless the
   file is an official checkpoint that needs more (see there); a file it cannot read gets
   :func:`unreadable_checkpoint_error` (named, never with advice to drop ``weights_only``).
+- :func:`official_config_opts`: the config an official file implies, as overrides;
+  :func:`load_official_state_dict`, :func:`convert_official_checkpoint`: read / convert one.
 - :class:`QueryInstCheckpointer`: ``DetectionCheckpointer`` that also reads official files,
   with a ``strict`` mode for inference (no partial loads, no untrained model).
 - :class:`CheckpointError` and its kinds :class:`CheckpointFormatError` (a file that is not a
@@ -26,17 +24,33 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import pickletools
 import re
 import zipfile
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import Detectron2Handler
 from torch import Tensor
+
+from .checkpoint_errors import (
+    _EXPECTED,
+    CheckpointError,
+    CheckpointFormatError,
+    WeightsUnavailableError,
+)
+from .official_layout import (
+    _looks_official,
+    check_against_model,
+    config_as_opts,
+    convert_official_state_dict,
+    detect_official_config,
+    fill_num_batches_tracked,
+    format_config_summary,
+    is_official_state_dict,
+)
 
 __all__ = [
     "CheckpointError",
@@ -62,206 +76,8 @@ logger = logging.getLogger(__name__)
 # "__author__" of a converted checkpoint; QueryInstCheckpointer loads such files strictly.
 CONVERTED_AUTHOR = "QueryInst official (mmdet layout), converted by queryinst.checkpoint"
 
-# Every official QueryInst (and Sparse R-CNN) checkpoint has this key prefix (docs/method.md §4).
-_OFFICIAL_MARKER = "roi_head.bbox_head.0."
 
-_EXPECTED = (
-    "expected either a Detectron2 checkpoint of this model ({'model': state_dict} with keys "
-    "such as 'roi_heads.box_heads.0.cls_score.weight') or an official QueryInst checkpoint "
-    "(hustvl/QueryInst or MMDetection: {'state_dict': {...}, 'meta': {...}} with keys such as "
-    "'roi_head.bbox_head.0.fc_cls.weight')"
-)
-
-# ResNet blocks per stage (res2..res5) -> Detectron2 MODEL.RESNETS.DEPTH.
-_RESNET_DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
-
-
-class CheckpointError(Exception):
-    """The weights named (``MODEL.WEIGHTS``) cannot be used; the message says why and what to pass.
-
-    Programs catch this one class to print the message without a traceback.
-    """
-
-
-class CheckpointFormatError(CheckpointError, ValueError):
-    """A file is not a readable checkpoint, or does not have the layout or the tensors that
-    were expected; the message names the file and the keys."""
-
-
-class WeightsUnavailableError(CheckpointError):
-    """No weights file to read: it does not exist, its download failed, or none was named
-    (empty ``MODEL.WEIGHTS``) where a trained model is needed."""
-
-
-def _format_keys(keys: Iterable[str], limit: int = 40) -> str:
-    keys = sorted(keys)
-    shown = "\n  ".join(keys[:limit])
-    more = f"\n  ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return f"\n  {shown}{more}"
-
-
-# --------------------------------------------------------------------------- renaming rules
-def _sub(pattern: str, repl: str) -> tuple[re.Pattern, str]:
-    return re.compile(pattern), repl
-
-
-# (official regex, our name template), applied to whole keys; the first full match wins.
-# "<+k \1>" is group 1 plus k: mmdet counts ResNet stages from layer1 (Detectron2's res2) and
-# FPN levels from 0 (p2).
-_BB = "backbone.bottom_up"
-_LAYER = r"backbone\.layer(\d)\.(\d+)\."  # -> res<+1 \1>.\2.
-_BOX, _MASK = r"roi_head\.bbox_head\.(\d+)\.", r"roi_head\.mask_head\.(\d+)\."
-_OUR_BOX, _OUR_MASK = r"roi_heads.box_heads.\1.", r"roi_heads.mask_heads.\1."
-_RULES: list[tuple[re.Pattern, str]] = [
-    # Backbone: torchvision ResNet -> Detectron2 ResNet (norm = FrozenBN with running stats).
-    _sub(r"backbone\.conv1\.weight", _BB + r".stem.conv1.weight"),
-    _sub(r"backbone\.bn1\.(\w+)", _BB + r".stem.conv1.norm.\1"),
-    _sub(_LAYER + r"conv(\d)\.weight", _BB + r".res<+1 \1>.\2.conv\3.weight"),
-    _sub(_LAYER + r"bn(\d)\.(\w+)", _BB + r".res<+1 \1>.\2.conv\3.norm.\4"),
-    _sub(_LAYER + r"downsample\.0\.weight", _BB + r".res<+1 \1>.\2.shortcut.weight"),
-    _sub(_LAYER + r"downsample\.1\.(\w+)", _BB + r".res<+1 \1>.\2.shortcut.norm.\3"),
-    # Neck: mmdet FPN, k = 0..3 for C2..C5 -> Detectron2 FPN p2..p5.
-    _sub(r"neck\.lateral_convs\.(\d)\.conv\.(\w+)", r"backbone.fpn_lateral<+2 \1>.\2"),
-    _sub(r"neck\.fpn_convs\.(\d)\.conv\.(\w+)", r"backbone.fpn_output<+2 \1>.\2"),
-    # Learnable proposals.
-    _sub(r"rpn_head\.init_proposal_bboxes\.weight",
-         "proposal_generator.init_proposal_boxes.weight"),
-    _sub(r"rpn_head\.init_proposal_features\.weight",
-         "proposal_generator.init_proposal_features.weight"),
-    # Box stages (DIIHead). mmcv's MultiheadAttention wraps nn.MultiheadAttention as ".attn":
-    # in_proj_weight (3D, D) holds the q, k, v rows in that order, as in ours.
-    _sub(_BOX + r"attention\.attn\.(in_proj_\w+|out_proj\.\w+)", _OUR_BOX + r"self_attn.\2"),
-    _sub(_BOX + r"attention_norm\.(\w+)", _OUR_BOX + r"self_attn_norm.\2"),
-    _sub(_BOX + r"instance_interactive_conv\.(\w+\.\w+)", _OUR_BOX + r"instance_interaction.\2"),
-    _sub(_BOX + r"instance_interactive_conv_norm\.(\w+)",
-         _OUR_BOX + r"instance_interaction_norm.\2"),
-    # mmcv FFN: layers.0 = Sequential(Linear, ReLU, Dropout), layers.1 = Linear; ours is one
-    # Sequential(Linear, ReLU, Dropout, Linear, Dropout).
-    _sub(_BOX + r"ffn\.layers\.0\.0\.(\w+)", _OUR_BOX + r"ffn.0.\2"),
-    _sub(_BOX + r"ffn\.layers\.1\.(\w+)", _OUR_BOX + r"ffn.3.\2"),
-    _sub(_BOX + r"ffn_norm\.(\w+)", _OUR_BOX + r"ffn_norm.\2"),
-    # [Linear, LN, ReLU] blocks: the same Sequential indices on both sides.
-    _sub(_BOX + r"(cls_fcs|reg_fcs)\.(\d+)\.(\w+)", _OUR_BOX + r"\2.\3.\4"),
-    _sub(_BOX + r"fc_cls\.(\w+)", _OUR_BOX + r"cls_score.\2"),
-    _sub(_BOX + r"fc_reg\.(\w+)", _OUR_BOX + r"bbox_pred.\2"),
-    # Mask stages (DynamicMaskHead). convs.{i}.conv.bias is folded separately (see below).
-    _sub(_MASK + r"instance_interactive_conv\.(\w+\.\w+)", _OUR_MASK + r"instance_interaction.\2"),
-    _sub(_MASK + r"convs\.(\d+)\.conv\.weight", _OUR_MASK + r"mask_convs.\2.0.weight"),
-    _sub(_MASK + r"convs\.(\d+)\.bn\.(\w+)", _OUR_MASK + r"mask_convs.\2.1.\3"),
-    _sub(_MASK + r"upsample\.(\w+)", _OUR_MASK + r"deconv.\2"),
-    _sub(_MASK + r"conv_logits\.(\w+)", _OUR_MASK + r"predictor.\2"),
-]
-
-# Official mask-conv bias (official repo after 2021-05-20, docs/method.md §4): folded into the BN.
-_MASK_CONV_BIAS = re.compile(r"roi_head\.mask_head\.(\d+)\.convs\.(\d+)\.conv\.bias")
-
-
-def _rename(key: str) -> str | None:
-    """Our name for an official key, or None when no rule applies."""
-    for pattern, template in _RULES:
-        m = pattern.fullmatch(key)
-        if m:
-            name = m.expand(template)
-            return re.sub(r"<\+(\d) (\d+)>", lambda g: str(int(g[1]) + int(g[2])), name)
-    return None
-
-
-# --------------------------------------------------------------------------- detection
-def is_official_state_dict(state_dict: Mapping[str, Any]) -> bool:
-    """Whether ``state_dict`` has the official QueryInst key layout (docs/method.md §4)."""
-    return any(isinstance(k, str) and k.startswith(_OFFICIAL_MARKER) for k in state_dict)
-
-
-def _indices(state_dict: Mapping[str, Any], pattern: str) -> list[int]:
-    found = {int(m.group(1)) for k in state_dict if (m := re.match(pattern, k))}
-    return sorted(found)
-
-
-def detect_official_config(state_dict: Mapping[str, Tensor]) -> "OrderedDict[str, Any]":
-    """The config values implied by an official state dict's tensors.
-
-    Args:
-        state_dict: an official ``state_dict`` (docs/method.md §4 names).
-
-    Returns:
-        OrderedDict: Detectron2 config key -> value, for ``cfg.merge_from_list``:
-        ``MODEL.RESNETS.DEPTH`` (50/101/152, from the block counts),
-        ``MODEL.QUERYINST.NUM_PROPOSALS``, ``MODEL.QUERYINST.TEST_TOPK`` and
-        ``TEST.DETECTIONS_PER_IMAGE`` (N, from the proposal embeddings; the official test
-        top-k is N), ``MODEL.QUERYINST.NUM_CLASSES`` (C, from
-        ``fc_cls``), ``MODEL.QUERYINST.NUM_STAGES`` and ``MODEL.MASK_ON`` (whether mask heads
-        are present; without them it is a Sparse R-CNN checkpoint). Also
-        ``NUM_CLS_FCS``/``NUM_REG_FCS``/``NUM_MASK_CONVS`` where they differ from the defaults.
-
-    Raises:
-        CheckpointFormatError: if the file is not in the official layout, or the shapes
-            contradict each other (e.g. stages with different class counts).
-    """
-    if not is_official_state_dict(state_dict):
-        raise CheckpointFormatError(f"not an official QueryInst state_dict: {_EXPECTED}")
-    missing = [
-        k for k in ("rpn_head.init_proposal_bboxes.weight", "backbone.conv1.weight")
-        if k not in state_dict
-    ]
-    if missing:
-        raise CheckpointFormatError(f"official state_dict lacks {missing}")
-
-    blocks = tuple(
-        len(_indices(state_dict, rf"backbone\.layer{i}\.(\d+)\.conv1\.weight"))
-        for i in (1, 2, 3, 4)
-    )
-    if blocks not in _RESNET_DEPTHS or "backbone.layer1.0.conv3.weight" not in state_dict:
-        raise CheckpointFormatError(
-            f"backbone is not a bottleneck ResNet-50/101/152 (blocks per stage: {blocks})"
-        )
-    num_proposals = state_dict["rpn_head.init_proposal_bboxes.weight"].shape[0]
-    stages = _indices(state_dict, r"roi_head\.bbox_head\.(\d+)\.")
-    mask_stages = _indices(state_dict, r"roi_head\.mask_head\.(\d+)\.")
-    if stages != list(range(len(stages))) or mask_stages not in ([], stages):
-        raise CheckpointFormatError(f"box stages {stages} and mask stages {mask_stages} differ")
-    try:
-        classes = {state_dict[f"roi_head.bbox_head.{s}.fc_cls.weight"].shape[0] for s in stages}
-        classes |= {
-            state_dict[f"roi_head.mask_head.{s}.conv_logits.weight"].shape[0] for s in mask_stages
-        }
-    except KeyError as e:
-        raise CheckpointFormatError(f"official state_dict lacks {e}") from None
-    if len(classes) != 1:
-        raise CheckpointFormatError(f"stages disagree on the number of classes: {sorted(classes)}")
-
-    cfg: OrderedDict[str, Any] = OrderedDict()
-    cfg["MODEL.RESNETS.DEPTH"] = _RESNET_DEPTHS[blocks]
-    cfg["MODEL.QUERYINST.NUM_PROPOSALS"] = num_proposals
-    cfg["MODEL.QUERYINST.TEST_TOPK"] = num_proposals
-    cfg["TEST.DETECTIONS_PER_IMAGE"] = num_proposals
-    cfg["MODEL.QUERYINST.NUM_CLASSES"] = classes.pop()
-    cfg["MODEL.QUERYINST.NUM_STAGES"] = len(stages)
-    cfg["MODEL.MASK_ON"] = bool(mask_stages)
-    # Linear layers of each branch are at indices 0, 3, 6, ... of the [Linear, LN, ReLU] stack.
-    num_cls = len(_indices(state_dict, r"roi_head\.bbox_head\.0\.cls_fcs\.(\d+)\.weight")) // 2
-    num_reg = len(_indices(state_dict, r"roi_head\.bbox_head\.0\.reg_fcs\.(\d+)\.weight")) // 2
-    if num_cls != 1:
-        cfg["MODEL.QUERYINST.NUM_CLS_FCS"] = num_cls
-    if num_reg != 3:
-        cfg["MODEL.QUERYINST.NUM_REG_FCS"] = num_reg
-    if mask_stages:
-        pattern = r"roi_head\.mask_head\.0\.convs\.(\d+)\.conv\.weight"
-        num_convs = len(_indices(state_dict, pattern))
-        if num_convs != 4:
-            cfg["MODEL.QUERYINST.NUM_MASK_CONVS"] = num_convs
-    return cfg
-
-
-def format_config_summary(config: Mapping[str, Any]) -> str:
-    """One line per detected config value, for logs and the converter's output."""
-    return "\n".join(f"  {k}: {v}" for k, v in config.items())
-
-
-def config_as_opts(config: Mapping[str, Any]) -> list:
-    """``detect_official_config``'s result as a flat list for ``cfg.merge_from_list``."""
-    return [x for kv in config.items() for x in kv]
-
-
+# --------------------------------------------------------------------------- file loading
 def official_config_opts(path: str) -> list:
     """Config overrides for ``MODEL.WEIGHTS`` if it is a local official file, else ``[]``.
 
@@ -280,155 +96,6 @@ def official_config_opts(path: str) -> list:
     if not isinstance(sd, Mapping) or not is_official_state_dict(sd):
         return []
     return config_as_opts(detect_official_config(sd))
-
-
-# --------------------------------------------------------------------------- conversion
-def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> "OrderedDict[str, Tensor]":
-    """Rename an official state dict to this project's module names (docs/method.md §4).
-
-    - torchvision ResNet -> Detectron2 ResNet (``stem.conv1``, ``res{2..5}.{b}.conv{1,2,3}``
-      with ``.norm`` = FrozenBN weight, bias, running_mean, running_var; ``shortcut``);
-      the backbone's ``num_batches_tracked`` are dropped (FrozenBN has none);
-    - FPN -> ``backbone.fpn_lateral{2..5}``, ``backbone.fpn_output{2..5}``;
-    - ``rpn_head`` -> ``proposal_generator``; ``roi_head.bbox_head.{s}`` ->
-      ``roi_heads.box_heads.{s}``; ``roi_head.mask_head.{s}`` -> ``roi_heads.mask_heads.{s}``
-      (mask BN ``num_batches_tracked`` kept: they only matter with momentum None);
-    - an official mask-conv bias ``convs.{i}.conv.bias`` (our convs have none, the BN follows)
-      is folded into the BN exactly: ``running_mean <- running_mean - bias``, since
-      ``BN(conv(x) + b)`` normalises ``conv(x) - (running_mean - b)`` in eval mode.
-
-    Tensors are returned as they are (no copy of the data); the values are unchanged except
-    for the folded running means.
-
-    Args:
-        state_dict: the official ``state_dict`` (key -> tensor).
-
-    Returns:
-        OrderedDict: our key -> tensor.
-
-    Raises:
-        CheckpointFormatError: if the layout is not the official one, or some official key
-            matches no rule (listing them: nothing is dropped silently), or a folded bias has
-            no BN to fold into.
-    """
-    if not is_official_state_dict(state_dict):
-        raise CheckpointFormatError(f"not an official QueryInst state_dict: {_EXPECTED}")
-    out: OrderedDict[str, Tensor] = OrderedDict()
-    unused, biases = [], {}
-    for key, value in state_dict.items():
-        if key.startswith("backbone.") and key.endswith(".num_batches_tracked"):
-            continue
-        m = _MASK_CONV_BIAS.fullmatch(key)
-        if m:
-            stage, conv = m.groups()
-            biases[f"roi_heads.mask_heads.{stage}.mask_convs.{conv}.1.running_mean"] = value
-            continue
-        name = _rename(key)
-        if name is None:
-            unused.append(key)
-        else:
-            out[name] = value
-    if unused:
-        raise CheckpointFormatError(
-            f"{len(unused)} keys of the official checkpoint have no place in this model "
-            f"(refusing a partial load):{_format_keys(unused)}"
-        )
-    for mean_key, bias in biases.items():
-        if mean_key not in out:
-            raise CheckpointFormatError(f"mask conv bias without a BN to fold into: {mean_key}")
-        out[mean_key] = out[mean_key] - bias.to(out[mean_key].dtype)
-    return out
-
-
-def fill_num_batches_tracked(
-    converted: "OrderedDict[str, Tensor]", model_state: Mapping[str, Tensor]
-) -> None:
-    """Add zero ``num_batches_tracked`` for the model's BNs that the file does not carry.
-
-    They count training steps and matter only for BN with ``momentum=None``; inference and
-    the default momentum never read them. In place.
-    """
-    for k in model_state:
-        if k.endswith(".num_batches_tracked") and k not in converted:
-            converted[k] = torch.zeros((), dtype=torch.long)
-
-
-def check_against_model(converted: Mapping[str, Tensor], model_state: Mapping[str, Tensor],
-                        config: Mapping[str, Any] | None = None) -> None:
-    """Refuse a converted state dict that does not fill exactly this model's tensors.
-
-    Args:
-        converted: output of :func:`convert_official_state_dict`.
-        model_state: ``model.state_dict()`` of the model to load into.
-        config: the detected config (:func:`detect_official_config`), quoted in the error.
-
-    Raises:
-        CheckpointFormatError: naming the model keys left unfilled, the converted keys the
-            model lacks, and the shape mismatches. The mask BNs' ``num_batches_tracked`` may
-            be missing from the file (not an error; they are not used at inference).
-    """
-    missing = [
-        k for k in model_state
-        if k not in converted and not k.endswith(".num_batches_tracked")
-        and k not in ("pixel_mean", "pixel_std")
-    ]
-    unexpected = [k for k in converted if k not in model_state]
-    shapes = [
-        f"{k}: checkpoint {tuple(converted[k].shape)}, model {tuple(model_state[k].shape)}"
-        for k in converted
-        if k in model_state and tuple(converted[k].shape) != tuple(model_state[k].shape)
-    ]
-    if not (missing or unexpected or shapes):
-        return
-    parts = []
-    if missing:
-        parts.append(f"model tensors the checkpoint does not fill:{_format_keys(missing)}")
-    if unexpected:
-        parts.append(f"checkpoint tensors the model does not have:{_format_keys(unexpected)}")
-    if shapes:
-        parts.append(f"shape mismatches:{_format_keys(shapes)}")
-    hint = ""
-    if config is not None:
-        hint = (
-            "\nThe checkpoint implies this config (set it before building the model):\n"
-            + format_config_summary(config)
-        )
-    raise CheckpointFormatError(
-        "the official checkpoint does not fit this model (refusing a partial load):\n"
-        + "\n".join(parts) + hint
-    )
-
-
-# --------------------------------------------------------------------------- file loading
-def _pickle_strings(path: str) -> set[str]:
-    """The string constants of a torch checkpoint's main pickle, read without unpickling.
-
-    Handles both the zip format (``*/data.pkl``) and the legacy format that
-    ``mmdet``'s ``publish_model`` writes (``_use_new_zipfile_serialization=False``): a magic
-    number, a protocol version and a system-info pickle precede the main pickle.
-    """
-    def strings(ops) -> set[str]:
-        return {arg for _, arg, _ in ops if isinstance(arg, str)}
-
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
-            if name is None:
-                return set()
-            return strings(pickletools.genops(zf.read(name)))
-    with open(path, "rb") as f:
-        for _ in range(3):  # magic number, protocol version, sys info
-            for _ in pickletools.genops(f):
-                pass
-        return strings(pickletools.genops(f))
-
-
-def _looks_official(path: str) -> bool:
-    try:
-        names = _pickle_strings(path)
-    except Exception:  # not a readable pickle: certainly not the known layout
-        return False
-    return "state_dict" in names and any(n.startswith(_OFFICIAL_MARKER) for n in names)
 
 
 def _first_line(text: str, limit: int = 160) -> str:
