@@ -147,8 +147,8 @@ class QueryInstDatasetMapper(DatasetMapper):
     otherwise). Inference mapping (``is_train=False``) is Detectron2's otherwise unchanged.
 
     Images are read with :func:`queryinst.data.image_io.read_image`: 8-bit images exactly as
-    Detectron2 reads them, 16-bit and float ones stretched to 8 bits (their 1st..99.8th
-    percentiles to 0..255) instead of clipped to white.
+    Detectron2 reads them, 16-bit and float ones mapped linearly to 8 bits
+    (:func:`queryinst.data.image_io.to_uint8`) instead of clipped to white.
 
     Cropping polygons uses ``shapely`` (through fvcore's ``CropTransform``).
 

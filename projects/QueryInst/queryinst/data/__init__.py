@@ -24,7 +24,7 @@ from .dataset_option import (
     parse_dataset_spec,
     register_dataset_specs,
 )
-from .image_io import normalize_to_uint8, read_image
+from .image_io import read_image, to_uint8
 from .package_files import (
     PackageFetchError,
     download_package,
@@ -45,7 +45,6 @@ __all__ = [
     "datasets_root",
     "download_package",
     "load_coco_instances",
-    "normalize_to_uint8",
     "package_cache_dir",
     "parse_dataset_spec",
     "prepare_bundled_datasets",
@@ -54,5 +53,6 @@ __all__ = [
     "register_bundled_datasets",
     "register_coco_instances_checked",
     "register_dataset_specs",
+    "to_uint8",
     "validate_coco_instances",
 ]

@@ -15,7 +15,6 @@ import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image
 
-from .image_io import normalize_to_uint8  # the rule read_image applies to 16-bit images
 from .package_files import read_package_files
 
 __all__ = [
@@ -75,6 +74,16 @@ def nuclei_tile_origins(size: int = 512) -> Tuple[List[Tuple[int, int]], List[Tu
              if not (x < vx + NUCLEI_TILE and vx < x + NUCLEI_TILE
                      and y < vy + NUCLEI_TILE and vy < y + NUCLEI_TILE)]
     return train, [NUCLEI_VAL_XY]
+
+
+def normalize_to_uint8(image: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.8):
+    """Map an intensity image to uint8: the low_pct / high_pct percentiles of the whole image
+    become 0 / 255, values beyond are clipped (CSBDeep / StarDist's normalisation). Same shape
+    as ``image``. Only for making the bundled tiles; images are read with
+    ``queryinst.data.read_image``."""
+    lo, hi = np.percentile(image, [low_pct, high_pct])
+    scaled = (image.astype(np.float64) - lo) / max(hi - lo, 1e-12)
+    return np.round(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def _encode_png(rgb: np.ndarray) -> bytes:
