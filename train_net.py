@@ -53,7 +53,11 @@ from queryinst.checkpoint import (  # noqa: E402
     QueryInstCheckpointer,
     official_config_opts,
 )
-from queryinst.config_loading import device_note, merge_config  # noqa: E402
+from queryinst.config_loading import (  # noqa: E402
+    UnknownConfigKeyError,
+    device_note,
+    merge_config,
+)
 from queryinst.data import (  # noqa: E402
     add_dataset_argument,
     check_config_datasets,
@@ -219,5 +223,6 @@ if __name__ == "__main__":
             dist_url=args.dist_url,
             args=(args,),
         )
-    except CheckpointError as e:  # unusable MODEL.WEIGHTS: the message says what to pass
+    # Unusable MODEL.WEIGHTS or a misspelled key: the message says what to pass instead.
+    except (CheckpointError, UnknownConfigKeyError) as e:
         sys.exit(f"ERROR: {e}")

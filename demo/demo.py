@@ -34,7 +34,8 @@ when no input is usable, the demo stops before loading the model) or ``MODEL.WEI
 cannot be used (unreadable, not downloadable, or a checkpoint of another config: an
 ``ERROR:`` line; an empty ``MODEL.WEIGHTS`` only gets an "UNTRAINED MODEL" warning), 2 for
 command-line errors (also: a ``--confidence-threshold`` outside [0, 1], an image file as
-``--output`` for several inputs). Without a terminal (logs, CI) there is no progress bar, only
+``--output`` for several inputs, a misspelled config key: one ``ERROR:`` line with the closest
+key). Without a terminal (logs, CI) there is no progress bar, only
 the result lines.
 """
 from __future__ import annotations
@@ -66,7 +67,11 @@ from predictor import DEFAULT_CONFIDENCE_THRESHOLD, VisualizationDemo  # noqa: E
 
 from queryinst import add_queryinst_config  # noqa: E402
 from queryinst.checkpoint import CheckpointError, official_config_opts  # noqa: E402
-from queryinst.config_loading import device_note, merge_config  # noqa: E402
+from queryinst.config_loading import (  # noqa: E402
+    UnknownConfigKeyError,
+    device_note,
+    merge_config,
+)
 from queryinst.data import read_image  # noqa: E402  (16-bit and float images too)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -342,7 +347,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logger(name="fvcore")
     setup_logger(name="queryinst")  # e.g. the "UNTRAINED MODEL" warning, with its level
     d2_logger = setup_logger()
-    cfg = setup_cfg(args)
+    try:
+        cfg = setup_cfg(args)
+    except UnknownConfigKeyError as exc:  # a misspelled key: a command-line error
+        _error(str(exc))
+        return 2
     d2_logger.info(device_note(cfg.MODEL.DEVICE))
     try:  # an empty MODEL.WEIGHTS only gets a warning (predictor.py)
         demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)

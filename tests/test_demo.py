@@ -172,6 +172,23 @@ def test_help_without_torch_jit_warning(script):
     assert "torch.jit.script" not in result.stderr and "FutureWarning" not in result.stderr
 
 
+@pytest.mark.parametrize("script,argv,status", [
+    ("train_net.py", ["--config-file", BASE, "--eval-only", "MODEL.QUERYINST.NUM_PROPOSAL", "3"],
+     1),
+    ("demo/demo.py", ["--config-file", BASE, "--input", PHOTO,
+                      "--opts", "MODEL.QUERYINST.NUM_PROPOSAL", "3"], 2),
+])
+def test_misspelled_key_is_one_error_line(script, argv, status):
+    """Issue 10 item 13, as a user sees it: no traceback, the key, its source, the hint."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == status, result.stderr
+    assert "Traceback" not in result.stderr
+    assert ("ERROR: Non-existent config key: MODEL.QUERYINST.NUM_PROPOSAL (merging the "
+            "command-line options); did you mean MODEL.QUERYINST.NUM_PROPOSALS?") \
+        in result.stderr.splitlines()
+
+
 @pytest.mark.parametrize("script", ["train_net.py", "demo/demo.py", "tools/benchmark.py",
                                     "tools/convert_mmdet_checkpoint.py", "tools/parity_check.py",
                                     "tools/prepare_datasets.py"])

@@ -12,11 +12,23 @@ from typing import Iterable, Optional
 import torch
 from detectron2.config import CfgNode
 
-__all__ = ["default_device", "device_note", "merge_config"]
+__all__ = ["UnknownConfigKeyError", "default_device", "device_note", "merge_config"]
 
 # yacs's messages: merge_from_file raises KeyError("Non-existent config key: A.B"),
 # merge_from_list AssertionError("Non-existent key: A.B").
 _UNKNOWN_KEY = re.compile(r"Non-existent (?:config )?key: ([\w.]+)")
+
+
+class UnknownConfigKeyError(KeyError, AssertionError):
+    """A key that the config does not have, in a yaml file or an option list.
+
+    The message names the key, where it came from and the closest existing keys. It is both
+    of yacs's types (``KeyError`` from files, ``AssertionError`` from option lists), so code
+    that catches either keeps working; entry points print it as one ``ERROR:`` line.
+    """
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 def default_device() -> str:
@@ -81,7 +93,7 @@ def _with_hint(cfg: CfgNode, exc: Exception, source: str) -> Optional[Exception]
     candidates = close_keys(cfg, key)
     if candidates:
         message += f"; did you mean {' or '.join(candidates)}?"
-    return type(exc)(message)
+    return UnknownConfigKeyError(message)
 
 
 def merge_config(cfg: CfgNode, config_file: Optional[str] = None,
@@ -104,8 +116,8 @@ def merge_config(cfg: CfgNode, config_file: Optional[str] = None,
         CfgNode: ``cfg``.
 
     Raises:
-        KeyError: unknown key in the yaml file (or a file it inherits from).
-        AssertionError: unknown key in ``opts`` (yacs's type, kept for callers that catch it).
+        UnknownConfigKeyError: an unknown key in the yaml file (or a file it inherits from)
+            or in ``opts``; a ``KeyError`` and an ``AssertionError``, as yacs raises.
     """
     cfg.MODEL.DEVICE = default_device()
     steps = []
