@@ -50,6 +50,7 @@ from .official_layout import (
     fill_num_batches_tracked,
     format_config_summary,
     is_official_state_dict,
+    may_be_absent,
 )
 
 __all__ = [
@@ -250,13 +251,6 @@ def convert_official_checkpoint(
 
 
 # --------------------------------------------------------------------------- checkpointer
-# Model tensors a checkpoint may lack (or carry in excess) without harm: BN step counters
-# (used only with momentum None; FrozenBN has none) and the normalisation constants, which
-# come from the config.
-def _is_benign(key: str) -> bool:
-    return key.endswith("num_batches_tracked") or key in ("pixel_mean", "pixel_std")
-
-
 def _some(keys: list, limit: int = 5) -> str:
     """``count (e.g. first few)`` for one-line messages."""
     more = ", ..." if len(keys) > limit else ""
@@ -420,19 +414,21 @@ class QueryInstCheckpointer(DetectionCheckpointer):
         return incompatible
 
     def _split(self, incompatible):
-        """(missing, incorrect shapes, unexpected) without the benign keys; fvcore also
-        lists the tensors it skipped for their shapes as missing: not repeated here."""
-        shapes = [s for s in incompatible.incorrect_shapes if not _is_benign(s[0])]
+        """(missing, incorrect shapes, unexpected) without the keys that may be absent; fvcore
+        also lists the tensors it skipped for their shapes as missing: not repeated here."""
+        shapes = [s for s in incompatible.incorrect_shapes if not may_be_absent(s[0])]
         skipped = {k for k, _, _ in shapes}
         return (
-            [k for k in incompatible.missing_keys if not _is_benign(k) and k not in skipped],
+            [k for k in incompatible.missing_keys
+             if not may_be_absent(k) and k not in skipped],
             shapes,
-            [k for k in incompatible.unexpected_keys if not _is_benign(k)],
+            [k for k in incompatible.unexpected_keys if not may_be_absent(k)],
         )
 
     def _loaded_only_the_backbone(self, missing, shapes) -> bool:
         skipped = set(missing) | {k for k, _, _ in shapes}
-        loaded = [k for k in self.model.state_dict() if k not in skipped and not _is_benign(k)]
+        loaded = [k for k in self.model.state_dict()
+                  if k not in skipped and not may_be_absent(k)]
         return bool(loaded) and all(k.startswith("backbone.bottom_up.") for k in loaded)
 
     def _describe(self, missing, shapes, unexpected) -> str:

@@ -41,6 +41,7 @@ __all__ = [
     "fill_num_batches_tracked",
     "format_config_summary",
     "is_official_state_dict",
+    "may_be_absent",
 ]
 
 # Every official QueryInst (and Sparse R-CNN) checkpoint has this key prefix (docs/method.md §4).
@@ -277,6 +278,17 @@ def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> "OrderedDic
     return out
 
 
+def may_be_absent(key: str) -> bool:
+    """Whether a model tensor may be missing from a checkpoint without harm.
+
+    BN step counters (``num_batches_tracked``: read only with momentum None; FrozenBN has
+    none) and the normalisation constants ``pixel_mean`` / ``pixel_std`` (they come from
+    the config). The one rule of :func:`check_against_model` and the checkpointer's strict
+    mode.
+    """
+    return key.endswith(".num_batches_tracked") or key in ("pixel_mean", "pixel_std")
+
+
 def fill_num_batches_tracked(
     converted: "OrderedDict[str, Tensor]", model_state: Mapping[str, Tensor]
 ) -> None:
@@ -304,11 +316,7 @@ def check_against_model(converted: Mapping[str, Tensor], model_state: Mapping[st
             model lacks, and the shape mismatches. The mask BNs' ``num_batches_tracked`` may
             be missing from the file (not an error; they are not used at inference).
     """
-    missing = [
-        k for k in model_state
-        if k not in converted and not k.endswith(".num_batches_tracked")
-        and k not in ("pixel_mean", "pixel_std")
-    ]
+    missing = [k for k in model_state if k not in converted and not may_be_absent(k)]
     unexpected = [k for k in converted if k not in model_state]
     shapes = [
         f"{k}: checkpoint {tuple(converted[k].shape)}, model {tuple(model_state[k].shape)}"
