@@ -200,9 +200,11 @@ def main(args):
 
 
 def parse_args(argv=None):
-    """``default_argument_parser()``'s arguments plus ``--dataset``; ``--num-gpus`` > 1 without CUDA is a usage
-    error (exit 2): Detectron2's ``launch`` runs one NCCL process per GPU, and its workers
-    would each fail with "cuda is not available". One process trains on the CPU."""
+    """``default_argument_parser()``'s arguments plus ``--dataset``.
+
+    ``--num-gpus`` > 1 without CUDA is a usage error (exit 2): Detectron2's ``launch`` runs
+    one NCCL process per GPU, and its workers would each fail with "cuda is not available".
+    One process trains on the CPU."""
     parser = add_dataset_argument(default_argument_parser())
     args = parser.parse_args(argv)
     if args.num_gpus > 1 and not torch.cuda.is_available():

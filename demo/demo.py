@@ -35,8 +35,7 @@ cannot be used (unreadable, not downloadable, or a checkpoint of another config:
 ``ERROR:`` line; an empty ``MODEL.WEIGHTS`` only gets an "UNTRAINED MODEL" warning), 2 for
 command-line errors (also: a ``--confidence-threshold`` outside [0, 1], an image file as
 ``--output`` for several inputs, a misspelled config key: one ``ERROR:`` line with the closest
-key). Without a terminal (logs, CI) there is no progress bar, only
-the result lines.
+key). Without a terminal (logs, CI) there is no progress bar, only the result lines.
 """
 from __future__ import annotations
 

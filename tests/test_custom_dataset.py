@@ -12,12 +12,10 @@ import sys
 
 import numpy as np
 import pytest
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 from PIL import Image, ImageDraw
 
-from queryinst import add_queryinst_config
 from queryinst.data import (
     DatasetFormatError,
     add_dataset_argument,
@@ -26,7 +24,7 @@ from queryinst.data import (
     check_num_classes_keys,
     register_coco_instances_checked,
 )
-from test_train_net import CONFIG, REPO, TINY, train_net
+from test_train_net import CONFIG, REPO, TINY, nuclei_cfg, train_net
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*"),
@@ -75,12 +73,6 @@ def _parse(argv):
     return add_dataset_argument(default_argument_parser()).parse_args(argv)
 
 
-def _cfg(*opts):
-    cfg = get_cfg()
-    add_queryinst_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(list(opts))
-    return cfg
 
 
 @pytest.fixture
@@ -171,13 +163,13 @@ def test_more_categories_than_num_classes_is_an_error(registered):
     """Before: IndexError in the matcher at the first iteration."""
     json_file = registered("three_cls", n_categories=3)
     with pytest.raises(ValueError) as info:
-        check_config_datasets(_cfg("DATASETS.TRAIN", "('three_cls',)", "DATASETS.TEST", "()",
-                                   "MODEL.QUERYINST.NUM_CLASSES", "2"))
+        check_config_datasets(nuclei_cfg("DATASETS.TRAIN", "('three_cls',)", "DATASETS.TEST",
+                                         "()", "MODEL.QUERYINST.NUM_CLASSES", "2"))
     assert str(info.value).startswith(f"{json_file} (dataset 'three_cls'), named in "
                                       "DATASETS.TRAIN, has 3 classes (shape1, shape2, shape3) "
                                       "but MODEL.QUERYINST.NUM_CLASSES is 2. Set "
                                       "MODEL.QUERYINST.NUM_CLASSES 3.")
-    check_dataset(_cfg("MODEL.QUERYINST.NUM_CLASSES", "3"), "three_cls")  # matching: passes
+    check_dataset(nuclei_cfg("MODEL.QUERYINST.NUM_CLASSES", "3"), "three_cls")  # matching: passes
 
 
 def test_more_categories_through_train_net_fails_before_training(tmp_path):
@@ -197,7 +189,8 @@ def test_more_categories_through_train_net_fails_before_training(tmp_path):
 @pytest.mark.parametrize("roi, ours, ok", [(80, 2, True), (2, 2, True), (3, 2, False),
                                            (1, 80, False)])
 def test_roi_heads_num_classes(roi, ours, ok):
-    cfg = _cfg("MODEL.ROI_HEADS.NUM_CLASSES", str(roi), "MODEL.QUERYINST.NUM_CLASSES", str(ours))
+    cfg = nuclei_cfg("MODEL.ROI_HEADS.NUM_CLASSES", str(roi),
+                     "MODEL.QUERYINST.NUM_CLASSES", str(ours))
     if ok:
         check_num_classes_keys(cfg)
         return
@@ -211,7 +204,7 @@ def test_roi_heads_num_classes(roi, ours, ok):
 def test_unregistered_dataset_names_the_option():
     with pytest.raises(KeyError, match="DATASETS.TEST names dataset 'nope', which is not "
                                        "registered.*--dataset nope:JSON:IMAGES"):
-        check_config_datasets(_cfg("DATASETS.TEST", "('nope',)"))
+        check_config_datasets(nuclei_cfg("DATASETS.TEST", "('nope',)"))
 
 
 # ---- boxes without masks ---------------------------------------------------------------------
@@ -219,7 +212,7 @@ def test_unregistered_dataset_names_the_option():
 def test_boxes_without_masks_need_mask_on_false(registered):
     """Before: the validator passed, training raised AttributeError about 'gt_masks'."""
     json_file = registered("boxes_only", n_categories=2, masks=False)
-    cfg = _cfg("MODEL.QUERYINST.NUM_CLASSES", "2")
+    cfg = nuclei_cfg("MODEL.QUERYINST.NUM_CLASSES", "2")
     with pytest.raises(DatasetFormatError) as info:
         check_dataset(cfg, "boxes_only")
     message = str(info.value)

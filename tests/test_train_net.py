@@ -159,7 +159,9 @@ def test_eval_only_gives_coco_box_and_mask_ap(trained, tmp_path):
 # ---------------------------------------------------------------- optimiser (docs/method.md §2)
 
 
-def _solver_cfg(*opts):
+def nuclei_cfg(*opts):
+    """The bundled nuclei config with ``opts`` merged (not frozen); also used by
+    test_custom_dataset.py."""
     cfg = get_cfg()
     add_queryinst_config(cfg)
     cfg.merge_from_file(CONFIG)
@@ -181,8 +183,8 @@ class _Toy(nn.Module):
 
 def test_adamw_with_backbone_multiplier_and_weight_decay():
     model = _Toy()
-    cfg = _solver_cfg("SOLVER.BASE_LR", "0.001", "SOLVER.BACKBONE_MULTIPLIER", "0.1",
-                      "SOLVER.WEIGHT_DECAY", "0.0001", "SOLVER.WEIGHT_DECAY_NORM", "0.0")
+    cfg = nuclei_cfg("SOLVER.BASE_LR", "0.001", "SOLVER.BACKBONE_MULTIPLIER", "0.1",
+                     "SOLVER.WEIGHT_DECAY", "0.0001", "SOLVER.WEIGHT_DECAY_NORM", "0.0")
     opt = build_optimizer(cfg, model)
     assert isinstance(opt, torch.optim.AdamW)
     bottom_up = {id(p) for p in model.backbone.bottom_up.parameters()}
@@ -201,7 +203,7 @@ def test_adamw_with_backbone_multiplier_and_weight_decay():
 def test_backbone_multiplier_on_the_real_model():
     from detectron2.modeling import build_model
 
-    cfg = _solver_cfg(*TINY, "SOLVER.BACKBONE_MULTIPLIER", "0.1")
+    cfg = nuclei_cfg(*TINY, "SOLVER.BACKBONE_MULTIPLIER", "0.1")
     model = build_model(cfg)
     opt = build_optimizer(cfg, model)
     bottom_up = {id(p) for p in model.backbone.bottom_up.parameters()}
@@ -217,12 +219,12 @@ def test_backbone_multiplier_on_the_real_model():
 
 def test_sgd_and_errors():
     model = _Toy()
-    opt = build_optimizer(_solver_cfg("SOLVER.OPTIMIZER", "SGD", "SOLVER.MOMENTUM", "0.9"), model)
+    opt = build_optimizer(nuclei_cfg("SOLVER.OPTIMIZER", "SGD", "SOLVER.MOMENTUM", "0.9"), model)
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
     with pytest.raises(ValueError, match="OPTIMIZER"):
-        build_optimizer(_solver_cfg("SOLVER.OPTIMIZER", "LAMB"), model)
+        build_optimizer(nuclei_cfg("SOLVER.OPTIMIZER", "LAMB"), model)
     with pytest.raises(ValueError):
-        build_optimizer(_solver_cfg("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "per_layer"), model)
+        build_optimizer(nuclei_cfg("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "per_layer"), model)
     groups = [{"params": [nn.Parameter(torch.zeros(1))], "lr": 1.0}]
     assert split_backbone_param_groups(groups, nn.Linear(1, 1), 1.0) is groups
 
@@ -231,7 +233,7 @@ def _sgd_step_with_huge_grads(clip_type, max_norm=1.0):
     """One SGD step (lr 1, no momentum, no decay) from given grads; return the updates."""
     torch.manual_seed(0)
     model = _Toy()
-    cfg = _solver_cfg(
+    cfg = nuclei_cfg(
         "SOLVER.OPTIMIZER", "SGD", "SOLVER.BASE_LR", "1.0", "SOLVER.MOMENTUM", "0.0",
         "SOLVER.WEIGHT_DECAY", "0.0", "SOLVER.WEIGHT_DECAY_NORM", "0.0",
         "SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", clip_type,
@@ -266,7 +268,7 @@ def test_full_model_clipping_under_grad_scaler():
     model = nn.Module()
     model.backbone = nn.Linear(3, 3)
     model.head = nn.Linear(3, 1)
-    cfg = _solver_cfg(
+    cfg = nuclei_cfg(
         "SOLVER.OPTIMIZER", "SGD", "SOLVER.BASE_LR", "1.0", "SOLVER.MOMENTUM", "0.0",
         "SOLVER.WEIGHT_DECAY", "0.0", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "0.5",
     )
