@@ -120,7 +120,7 @@ def plot_losses(metrics_file: str, out_file: str) -> bool:
 
 
 def draw_val_predictions(cfg, weights: str, dataset_name: str, out_file: str,
-                         score_threshold: float) -> int:
+                         score_threshold: float) -> tuple[int, str]:
     """Draw ground truth and predictions on the first image of ``dataset_name``.
 
     Args:
@@ -132,7 +132,7 @@ def draw_val_predictions(cfg, weights: str, dataset_name: str, out_file: str,
         score_threshold: only detections with score >= this are drawn.
 
     Returns:
-        int: the number of detections drawn.
+        (int, str): the number of detections drawn, and the file of the drawn image.
     """
     import cv2
     import numpy as np
@@ -156,14 +156,7 @@ def draw_val_predictions(cfg, weights: str, dataset_name: str, out_file: str,
     gap = np.full((gt.shape[0], 8, 3), 255, dtype=np.uint8)
     panel = np.concatenate([gt, gap, pred.get_image()], axis=1)
     cv2.imwrite(out_file, panel[:, :, ::-1])
-    return len(instances)
-
-
-def image_of(dataset_name: str) -> str:
-    """The file of the first image of a registered dataset (the one that is drawn)."""
-    from detectron2.data import DatasetCatalog
-
-    return DatasetCatalog.get(dataset_name)[0]["file_name"]
+    return len(instances), record["file_name"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -205,7 +198,8 @@ def main(argv=None) -> dict:
         results = results[dataset]
 
     predictions_png = os.path.join(out_dir, "val_predictions.png")
-    drawn = draw_val_predictions(cfg, weights, dataset, predictions_png, args.score_threshold)
+    drawn, image_file = draw_val_predictions(cfg, weights, dataset, predictions_png,
+                                             args.score_threshold)
     losses_png = os.path.join(out_dir, "losses.png")
     plotted = plot_losses(os.path.join(out_dir, "metrics.json"), losses_png)
 
@@ -220,7 +214,7 @@ def main(argv=None) -> dict:
           f"{args.score_threshold}; left: ground truth)")
     print(f"  loss curves       {losses_png if plotted else '(no losses logged)'}")
     print(f"[demo] the same drawing with demo/demo.py: python demo/demo.py --config-file "
-          f"{args.config_file} --input {image_of(dataset)} --output {out_dir}/demo "
+          f"{args.config_file} --input {image_file} --output {out_dir}/demo "
           f"--confidence-threshold {args.score_threshold} --opts MODEL.WEIGHTS {weights} "
           + " ".join(args.opts))
     for task, name in (("bbox", "box"), ("segm", "mask")):
