@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: setup data demo test test-slow test-all clean-venv
+.PHONY: setup data weights demo test test-slow test-all clean-venv
 
 setup:
 	@bash tools/setup_env.sh
@@ -12,7 +12,10 @@ setup:
 data: setup
 	@$(PY) tools/prepare_datasets.py
 
-demo: data
+weights: setup
+	@$(PY) tools/prepare_weights.py
+
+demo: data weights
 	@$(PY) tools/run_demo.py
 
 test: setup

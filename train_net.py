@@ -42,6 +42,7 @@ from detectron2.engine import (  # noqa: E402
     DefaultTrainer,
     default_argument_parser,
     default_setup,
+    hooks,
     launch,
 )
 from detectron2.evaluation import COCOEvaluator, verify_results  # noqa: E402
@@ -110,6 +111,17 @@ class Trainer(DefaultTrainer):
         return COCOEvaluator(dataset_name, tasks=tasks, distributed=True,
                              output_dir=output_folder,
                              max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+
+    def build_hooks(self):
+        """Detectron2's hooks; with ``SOLVER.CHECKPOINTS_TO_KEEP`` > 0 the periodic
+        checkpointer deletes all but that many newest ``model_<iter>.pth`` files (never
+        ``model_final.pth``). Files of an earlier, resumed process are not tracked."""
+        ret = super().build_hooks()
+        keep = self.cfg.SOLVER.CHECKPOINTS_TO_KEEP
+        if keep > 0:
+            ret = [hooks.PeriodicCheckpointer(h.checkpointer, h.period, max_to_keep=keep)
+                   if isinstance(h, hooks.PeriodicCheckpointer) else h for h in ret]
+        return ret
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -14,6 +14,7 @@ import yaml
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
+from torchvision.models import mobilenet_v2
 
 from queryinst import add_queryinst_config
 from queryinst.config_loading import device_note, merge_config
@@ -48,6 +49,9 @@ COCO = {
     "queryinst_R101_FPN_3x_ms_crop_300q_coco.yaml":
         dict(depth=101, queries=300, mask=True, sizes=MULTI_SCALE, crop=True, **SCHED_3X,
              **MMDET),
+    "queryinst_MNV2_FPN_1x_coco.yaml":  # depth None: the MobileNetV2 backbone
+        dict(depth=None, queries=100, mask=True, sizes=(800,), crop=False, **SCHED_1X,
+             **OFFICIAL),
     "sparse_rcnn_R50_FPN_1x_coco.yaml":
         dict(depth=50, queries=100, mask=False, sizes=(800,), crop=False, **SCHED_1X,
              **OFFICIAL),
@@ -124,7 +128,12 @@ def test_coco_variant_values(name):
     e = COCO[name]
     cfg = _load(os.path.join(CONFIGS, name))
     q = cfg.MODEL.QUERYINST
-    assert cfg.MODEL.RESNETS.DEPTH == e["depth"]
+    if e["depth"] is None:
+        assert cfg.MODEL.BACKBONE.NAME == "build_mobilenetv2_fpn_p2_p5_backbone"
+        assert cfg.MODEL.WEIGHTS == "queryinst://ImageNetPretrained/MobileNetV2"
+        assert cfg.MODEL.FPN.IN_FEATURES == cfg.MODEL.MOBILENET.OUT_FEATURES
+    else:
+        assert cfg.MODEL.RESNETS.DEPTH == e["depth"]
     assert q.NUM_PROPOSALS == q.TEST_TOPK == cfg.TEST.DETECTIONS_PER_IMAGE == e["queries"]
     assert cfg.MODEL.MASK_ON is e["mask"]
     assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == e["sizes"]
@@ -252,8 +261,14 @@ def test_build_coco_variants(one_torch_thread):
         assert model.proposal_generator.init_proposal_features.weight.shape == (e["queries"], 256)
         assert model.roi_heads.test_topk == e["queries"]
         assert model.roi_heads.mask_on is e["mask"]
-        backbone_extra = _params(model.backbone) - _params(r50.backbone)
-        assert backbone_extra == (R101_EXTRA_PARAMS if e["depth"] == 101 else 0), name
+        if e["depth"] is None:  # FrozenBN everywhere: only the convs have parameters
+            convs = [m for m in mobilenet_v2().features[:18].modules()
+                     if isinstance(m, torch.nn.Conv2d)]
+            fpn = (24 + 32 + 96 + 320 + 4) * 256 + 4 * (256 * 256 * 9 + 256)
+            assert _params(model.backbone) == sum(map(_params, convs)) + fpn
+        else:
+            backbone_extra = _params(model.backbone) - _params(r50.backbone)
+            assert backbone_extra == (R101_EXTRA_PARAMS if e["depth"] == 101 else 0), name
         # the queries only add embeddings: (N, 4) boxes and (N, 256) features
         head_extra = _params(model) - _params(model.backbone) - (
             _params(r50) - _params(r50.backbone))

@@ -40,6 +40,7 @@ TINY = [
     # warmup longer than the run: the lr changes at every iteration (checked on resume)
     "SOLVER.WARMUP_ITERS", "10", "SOLVER.STEPS", "()",
     "SOLVER.MAX_ITER", str(MAX_ITER), "SOLVER.CHECKPOINT_PERIOD", "3",
+    "SOLVER.CHECKPOINTS_TO_KEEP", "0",  # keep every checkpoint: the resume tests use them
     "TEST.EVAL_PERIOD", "0", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu",
 ]
 
@@ -94,6 +95,15 @@ def test_training_writes_checkpoints(trained):
     assert last["iteration"] == MAX_ITER - 1
     assert {"total_loss", "s0_loss_cls", "s1_loss_mask", "lr"} <= set(last)
     assert torch.isfinite(torch.tensor(last["total_loss"]))
+
+
+def test_checkpoints_to_keep_deletes_older_periodic_checkpoints(tmp_path):
+    """The bundled configs keep 1: the newest resume point and model_final.pth."""
+    train_net.main(_args(opts=["OUTPUT_DIR", str(tmp_path), "SOLVER.CHECKPOINT_PERIOD", "2",
+                               "SOLVER.CHECKPOINTS_TO_KEEP", "1", "TEST.EVAL_PERIOD", "0"]))
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pth")) == [
+        "model_0000005.pth", "model_final.pth"]  # model_0000001 and model_0000003 deleted
+    assert _checkpoint(tmp_path, "model_0000005.pth")["iteration"] == MAX_ITER - 1
 
 
 def _interrupted_copy(trained, out_dir):

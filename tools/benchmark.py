@@ -85,6 +85,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True, help="path to a QueryInst yaml config")
     parser.add_argument(
+        "--also-config", action="append", default=[], metavar="FILE",
+        help="another QueryInst config measured in the same rounds (repeatable; the KEY "
+        "VALUE overrides apply to it too), e.g. the MobileNetV2 one beside R50",
+    )
+    parser.add_argument(
         "--baselines", default=None,
         help="comma-separated Detectron2 baselines: {mask_rcnn,cascade_mask_rcnn}_R_<depth>_FPN "
         "(depth must equal QueryInst's); 'none' for QueryInst alone; default: both at "
@@ -162,6 +167,11 @@ def baseline_cfg(name: str, reference: CfgNode, device: str) -> CfgNode:
     """
     match = _BASELINE_NAME.match(name)
     depth = int(match["depth"])
+    if not is_resnet(reference):
+        raise ValueError(
+            f"baseline {name} has a ResNet, QueryInst {backbone_label(reference)}: the "
+            "baselines need QueryInst's backbone; use --baselines none"
+        )
     if depth != reference.MODEL.RESNETS.DEPTH:
         raise ValueError(
             f"baseline {name} has ResNet-{depth}, QueryInst ResNet-{reference.MODEL.RESNETS.DEPTH}"
@@ -182,6 +192,21 @@ def baseline_cfg(name: str, reference: CfgNode, device: str) -> CfgNode:
     cfg.MODEL.WEIGHTS = ""
     cfg.freeze()
     return cfg
+
+
+def is_resnet(cfg: CfgNode) -> bool:
+    """Whether the config's backbone is a ResNet (the only one the baselines can share)."""
+    return "resnet" in cfg.MODEL.BACKBONE.NAME
+
+
+def backbone_label(cfg: CfgNode) -> str:
+    """"R50", "R101", ... for ResNets, "MNV2" for MobileNetV2 (width 1.0; else "MNV2x0.5")."""
+    if is_resnet(cfg):
+        return f"R{cfg.MODEL.RESNETS.DEPTH}"
+    if "mobilenetv2" in cfg.MODEL.BACKBONE.NAME:
+        width = cfg.MODEL.MOBILENET.WIDTH_MULT
+        return "MNV2" if width == 1.0 else f"MNV2x{width:g}"
+    return cfg.MODEL.BACKBONE.NAME
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -253,7 +278,8 @@ class Bench:
         self.result = {
             "name": cand.name,
             "meta_architecture": cand.cfg.MODEL.META_ARCHITECTURE,
-            "resnet_depth": cand.cfg.MODEL.RESNETS.DEPTH,
+            "resnet_depth": cand.cfg.MODEL.RESNETS.DEPTH if is_resnet(cand.cfg) else None,
+            "backbone": backbone_label(cand.cfg),
             "params": sum(p.numel() for p in self.model.parameters()),
             **cand.extra,
             "frozen_bn_calibrated": calibrate_frozen_bn(self.model, inputs),
@@ -377,7 +403,7 @@ def measure_all(candidates: list[Candidate], args, images, train_batch) -> list[
 
 COLUMNS = [  # (header, key, format)
     ("model", "name", "{}"),
-    ("ResNet", "resnet_depth", "R{}"),
+    ("backbone", "backbone", "{}"),
     ("params (M)", "params", lambda v: f"{v / 1e6:.1f}"),
     ("GFLOPs", "gflops", "{:.1f}"),
     ("median (s)", "infer_median_s", "{:.3f}"),
@@ -420,8 +446,16 @@ def main(argv=None) -> dict:
              "num_queries": qcfg.MODEL.QUERYINST.NUM_PROPOSALS},
         )
     ]
-    if args.baselines is None:
-        args.baselines = [f"{arch}_R_{qcfg.MODEL.RESNETS.DEPTH}_FPN" for arch in BASELINE_ZOO]
+    for config_file in args.also_config:
+        cfg = queryinst_cfg(config_file, args.opts, args.device)
+        name = "queryinst " + Path(config_file).stem.replace("queryinst_", "")
+        candidates.append(Candidate(
+            name, cfg, build_queryinst_optimizer,
+            {"config": config_file, "opts": args.opts,
+             "num_queries": cfg.MODEL.QUERYINST.NUM_PROPOSALS}))
+    if args.baselines is None:  # both at QueryInst's depth; none for another backbone
+        args.baselines = ([f"{arch}_R_{qcfg.MODEL.RESNETS.DEPTH}_FPN" for arch in BASELINE_ZOO]
+                          if is_resnet(qcfg) else [])
     for name in args.baselines:
         try:
             cfg = baseline_cfg(name, qcfg, args.device)

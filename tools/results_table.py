@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join("configs", "bundled", "queryinst_R50_FPN_nuclei.yaml")
+DEFAULT_CONFIG = os.path.join("configs", "bundled", "queryinst_MNV2_FPN_nuclei.yaml")
 ENTRIES = {"train_net": ["train_net.py"], "run_demo": [os.path.join("tools", "run_demo.py")]}
 METRICS = [("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"),
            ("segm", "AP"), ("segm", "AP50"), ("segm", "AP75")]

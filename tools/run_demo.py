@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """``make demo``: train QueryInst on the bundled nuclei tiles, evaluate, and draw the results.
 
-1. Trains the bundled config (default ``configs/bundled/queryinst_R50_FPN_nuclei.yaml``) with
-   ``train_net.main`` in this process. A re-run resumes from ``OUTPUT_DIR/last_checkpoint``
+1. Trains a bundled config (default ``configs/bundled/queryinst_MNV2_FPN_nuclei.yaml``:
+   MobileNetV2-FPN from ImageNet weights; ``queryinst_R50_FPN_nuclei.yaml`` is the ResNet-50
+   one trained from scratch) with ``train_net.main`` in this process. A re-run resumes from ``OUTPUT_DIR/last_checkpoint``
    (Detectron2's ``resume_or_load(resume=True)``); a finished run is only evaluated again.
 2. Evaluates on the config's first test set (``nuclei_dsb_val``: the held-out quadrant):
    COCO box and mask AP.
@@ -46,7 +47,7 @@ from predictor import draw_scale  # noqa: E402
 from queryinst import add_queryinst_config  # noqa: E402
 from queryinst.config_loading import merge_config  # noqa: E402
 
-DEFAULT_CONFIG = os.path.join("configs", "bundled", "queryinst_R50_FPN_nuclei.yaml")
+DEFAULT_CONFIG = os.path.join("configs", "bundled", "queryinst_MNV2_FPN_nuclei.yaml")
 _STAGE_LOSS = re.compile(r"^s(\d+)_loss_")
 
 

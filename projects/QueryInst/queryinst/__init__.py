@@ -1,8 +1,9 @@
 """QueryInst (Fang et al., "Instances as Queries", ICCV 2021) on Detectron2.
 
 Importing the package registers the meta-architecture ``QueryInst``, the proposal generator
-``LearnableProposals``, the ROI heads ``QueryInstROIHeads``, the backbone
-``build_resnet_fpn_p2_p5_backbone`` and the bundled datasets.
+``LearnableProposals``, the ROI heads ``QueryInstROIHeads``, the backbones
+``build_resnet_fpn_p2_p5_backbone`` and ``build_mobilenetv2_fpn_p2_p5_backbone``, and the
+bundled datasets.
 """
 # First: imports Detectron2 without its torch.jit.script warnings (see the module).
 from . import _quiet_imports  # noqa: F401  (isort: skip)
@@ -17,6 +18,7 @@ from .matcher import HungarianMatcher
 from .proposals import LearnableProposals
 from .roi_heads import QueryInstROIHeads, StageOutput
 from . import backbone as _  # noqa: F401  (registration only)
+from . import mobilenet as _mobilenet  # noqa: F401  (registration only)
 from . import data  # noqa: F401  (registers the bundled datasets; no IO)
 
 __all__ = [

@@ -52,6 +52,12 @@ from .official_layout import (
     is_official_state_dict,
     may_be_absent,
 )
+from .pretrained import (
+    PRETRAINED_PREFIX,
+    convert_torchvision_mobilenet_v2,
+    is_torchvision_mobilenet_v2,
+    resolve_pretrained,
+)
 
 __all__ = [
     "CheckpointError",
@@ -279,6 +285,8 @@ class QueryInstCheckpointer(DetectionCheckpointer):
       :class:`CheckpointFormatError` with the keys and the config the file implies).
     - A converted file written by ``tools/convert_mmdet_checkpoint.py`` is loaded just as
       strictly.
+    - ``queryinst://ImageNetPretrained/MobileNetV2`` and a bare torchvision MobileNetV2
+      state dict load as the backbone's ImageNet weights (:mod:`queryinst.pretrained`).
     - Detectron2 checkpoints (``{"model": ...}``: this project's training outputs) and the
       ``.pkl`` / ``.pyth`` files Detectron2 reads (ImageNet-pretrained backbones) load as
       with ``DetectionCheckpointer``.
@@ -345,6 +353,8 @@ class QueryInstCheckpointer(DetectionCheckpointer):
     def _local_path(self, path: str) -> str:
         if os.path.isfile(path):
             return path
+        if path.startswith(PRETRAINED_PREFIX):  # fetched and converted once, then cached
+            return resolve_pretrained(path)
         if "://" in path:  # detectron2://, https://, ...: downloaded (or cached) by iopath
             try:
                 path = self.path_manager.get_local_path(path)
@@ -397,6 +407,12 @@ class QueryInstCheckpointer(DetectionCheckpointer):
                     f"(e.g. {next(iter(model), None)!r}); {_EXPECTED}"
                 )
             return dict(data)
+        if is_torchvision_mobilenet_v2(data):
+            return {
+                "model": convert_torchvision_mobilenet_v2(data, source=filename),
+                "__author__": "torchvision MobileNetV2",
+                "matching_heuristics": False,
+            }
         keys = list(data)[:5]
         raise CheckpointFormatError(f"{filename}: top-level keys {keys}...; {_EXPECTED}")
 

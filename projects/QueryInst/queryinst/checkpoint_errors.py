@@ -13,7 +13,8 @@ _EXPECTED = (
     "expected either a Detectron2 checkpoint of this model ({'model': state_dict} with keys "
     "such as 'roi_heads.box_heads.0.cls_score.weight') or an official QueryInst checkpoint "
     "(hustvl/QueryInst or MMDetection: {'state_dict': {...}, 'meta': {...}} with keys such as "
-    "'roi_head.bbox_head.0.fc_cls.weight')"
+    "'roi_head.bbox_head.0.fc_cls.weight'), or a torchvision MobileNetV2 state dict "
+    "('features.0.0.weight', ...) for the MobileNetV2 backbone"
 )
 
 

@@ -74,9 +74,26 @@ def add_queryinst_config(cfg: CN) -> None:
     # (docs/benchmark.md). Off by default, as in Detectron2.
     _C.CHANNELS_LAST = False
 
+    # MobileNetV2 bottom-up network (queryinst/mobilenet.py), used with MODEL.BACKBONE.NAME
+    # "build_mobilenetv2_fpn_p2_p5_backbone" and MODEL.FPN.IN_FEATURES = OUT_FEATURES.
+    # ImageNet weights: MODEL.WEIGHTS "queryinst://ImageNetPretrained/MobileNetV2".
+    cfg.MODEL.MOBILENET = CN()
+    # torchvision's channel width multiplier; the ImageNet weights exist for 1.0 only.
+    cfg.MODEL.MOBILENET.WIDTH_MULT = 1.0
+    # Stages given to the FPN: strides 4, 8, 16, 32 (24, 32, 96, 320 channels at width 1.0).
+    cfg.MODEL.MOBILENET.OUT_FEATURES = ["stage2", "stage3", "stage4", "stage5"]
+    # Norm of every block: "FrozenBN" (pretrained statistics kept), "BN" or "SyncBN".
+    cfg.MODEL.MOBILENET.NORM = "FrozenBN"
+    # As MODEL.BACKBONE.FREEZE_AT for ResNet: 0 trains all; k >= 1 freezes the stem (the
+    # stride-2 blocks) and stages 2..k (no gradient, FrozenBN). 2 = Detectron2's default.
+    cfg.MODEL.MOBILENET.FREEZE_AT = 2
+
     # Optimiser (docs/method.md §2); read by queryinst.solver.build_optimizer.
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" (paper) or "SGD"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0  # backbone lr factor (MMDetection's recipe: 0.1)
+    # Periodic checkpoints (model_<iter>.pth) kept on disk, newest first; 0 keeps all
+    # (Detectron2's behaviour). model_final.pth is always kept. Read by train_net.py.
+    cfg.SOLVER.CHECKPOINTS_TO_KEEP = 0
 
     # Training crop policy of the 300-query configs (docs/method.md §2, from DETR); read by
     # dataset_mapper.build_train_augmentation. Flip, then with probability 0.5 either the
