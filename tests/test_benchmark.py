@@ -18,7 +18,7 @@ import torch
 from conftest import load_script
 from detectron2 import model_zoo
 from detectron2.layers import FrozenBatchNorm2d
-from detectron2.modeling import build_model
+from detectron2.modeling import build_backbone, build_model
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,3 +223,27 @@ def test_batch_of_two_reports_per_image_numbers():
     assert qi["infer_per_image_s"] == pytest.approx(qi["infer_median_s"] / 2, abs=1e-4)
     assert qi["images_per_s"] == pytest.approx(2 / qi["infer_median_s"], rel=1e-2)
     assert "gflops" not in qi
+
+
+MNV2_COCO = str(ROOT / "configs" / "queryinst_MNV2_FPN_1x_coco.yaml")
+
+
+def test_also_config_measures_mobilenet_beside_r50_without_resnet_baselines():
+    opts = ["MODEL.QUERYINST.NUM_STAGES", "1", "MODEL.QUERYINST.TEST_TOPK", "5"]
+    small = ["--input-size", "64", "64", "--iters", "1", "--warmup", "0", "--no-flops", *opts]
+    report = bench.main(["--config-file", BASE_CONFIG, "--baselines", "none",
+                         "--also-config", MNV2_COCO, *small])
+    models = report["models"]
+    assert [(m["name"], m["backbone"]) for m in models] == [
+        ("queryinst", "R50"), ("queryinst MNV2_FPN_1x_coco", "MNV2")]
+    assert models[1]["resnet_depth"] is None
+    # Same heads and queries: the parameter difference is the backbone's alone.
+    r50, mnv2 = (bench.queryinst_cfg(f, opts, "cpu") for f in (BASE_CONFIG, MNV2_COCO))
+    diff = sum(p.numel() for p in build_backbone(r50).parameters()) - sum(
+        p.numel() for p in build_backbone(mnv2).parameters())
+    assert models[0]["params"] - models[1]["params"] == diff
+    # A MobileNetV2 config gets no ResNet baselines by default, and refuses named ones.
+    assert [m["name"] for m in bench.main(["--config-file", MNV2_COCO, *small])["models"]] == [
+        "queryinst"]
+    with pytest.raises(SystemExit, match="use --baselines none"):
+        bench.main(["--config-file", MNV2_COCO, "--baselines", "mask_rcnn_R_50_FPN", *small])

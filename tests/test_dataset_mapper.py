@@ -371,6 +371,30 @@ def test_flip_mirrors_a_known_mask(voc):
                                        atol=1e-4)
 
 
+def test_vertical_flip_key_flips_image_masks_and_boxes_upside_down(nuclei):
+    """INPUT.VERTICAL_FLIP_PROB 1 (horizontal flip off): rows reversed, on a 256x256 tile that
+    the nuclei config's resize leaves as is."""
+    cfg = get_cfg()
+    add_queryinst_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIGS, "bundled", "queryinst_MNV2_FPN_nuclei.yaml"))
+    cfg.INPUT.RANDOM_FLIP = "none"
+    cfg.INPUT.VERTICAL_FLIP_PROB = 1.0
+    record = nuclei[0]
+    h, w = record["height"], record["width"]
+    out = QueryInstDatasetMapper(cfg, True)(record)
+    image = utils.read_image(record["file_name"], "RGB")
+    assert (out["image"].permute(1, 2, 0).numpy() == image[::-1]).all()
+    masks = out["instances"].gt_masks.tensor.numpy()
+    for anno, mask in zip(record["annotations"], masks):
+        assert (mask == _source_mask(anno, h, w)[::-1]).all()
+    x0, y0, bw, bh = record["annotations"][0]["bbox"]  # XYWH_ABS in the bundled json
+    np.testing.assert_allclose(out["instances"].gt_boxes.tensor[0].numpy(),
+                               [x0, h - y0 - bh, x0 + bw, h - y0], atol=1e-4)
+    cfg.INPUT.VERTICAL_FLIP_PROB = 1.5
+    with pytest.raises(ValueError, match="INPUT.VERTICAL_FLIP_PROB must be in"):
+        build_train_augmentation(cfg)
+
+
 def _tagged(record):
     """The record with category_id = annotation index, to follow instances through the mapper."""
     return dict(record, annotations=[dict(a, category_id=i)

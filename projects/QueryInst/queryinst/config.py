@@ -98,6 +98,10 @@ def add_queryinst_config(cfg: CN) -> None:
     # Training crop policy of the 300-query configs (docs/method.md §2, from DETR); read by
     # dataset_mapper.build_train_augmentation. Flip, then with probability 0.5 either the
     # INPUT.MIN_SIZE_TRAIN resize, or [resize to PRE_RESIZE -> random crop -> that resize].
+    # Probability of an extra vertical flip after all other training augmentations
+    # (dataset_mapper.build_train_augmentation); for images without an up and down, such as
+    # microscopy or aerial views. 0 (off) in the paper's recipe.
+    cfg.INPUT.VERTICAL_FLIP_PROB = 0.0
     cfg.INPUT.CROP_POLICY = CN()
     cfg.INPUT.CROP_POLICY.ENABLED = False
     # Shorter-side choices (pixels) of the resize before the crop; longer side <= MAX_SIZE_TRAIN.

