@@ -191,9 +191,10 @@ def test_run_demo_entry_launches_the_demo_script(tool, tmp_path, monkeypatch):
     argv = ["--seeds", "5", "--entry", "run_demo", "--runs-root", str(root),
             "--out", str(tmp_path / "t.md")]
     assert tool.main(argv, now=NOW) == 0
-    # run_demo.py resumes by itself; the default config is the bundled one
+    # run_demo.py resumes by itself; the default config is make demo's (MobileNetV2) one
+    demo_config = os.path.join("configs", "bundled", "queryinst_MNV2_FPN_nuclei.yaml")
     assert launched == [[launched[0][0], os.path.join("tools", "run_demo.py"), "--config-file",
-                         CONFIG, "SEED", "5", "OUTPUT_DIR", str(root / "seed5")]]
+                         demo_config, "SEED", "5", "OUTPUT_DIR", str(root / "seed5")]]
 
 
 def test_failed_run_stops_without_a_table(tool, tmp_path, monkeypatch, capsys):
