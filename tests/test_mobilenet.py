@@ -60,7 +60,12 @@ def _ours(state_dict, **kwargs):
     model = MobileNetV2(**kwargs).eval()
     converted = pretrained.convert_torchvision_mobilenet_v2(state_dict)
     prefix = pretrained.MODEL_PREFIX
-    model.load_state_dict({k[len(prefix):]: v for k, v in converted.items()}, strict=False)
+    result = model.load_state_dict({k[len(prefix):]: v for k, v in converted.items()},
+                                   strict=False)
+    # Only the BN step counters, which FrozenBN does not have, stay unused.
+    assert result.missing_keys == []
+    assert result.unexpected_keys and all(k.endswith("num_batches_tracked")
+                                          for k in result.unexpected_keys)
     return model
 
 

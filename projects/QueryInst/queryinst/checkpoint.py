@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .checkpoint_errors import (
     _EXPECTED,
+    _some,
     CheckpointError,
     CheckpointFormatError,
     WeightsUnavailableError,
@@ -257,12 +258,6 @@ def convert_official_checkpoint(
 
 
 # --------------------------------------------------------------------------- checkpointer
-def _some(keys: list, limit: int = 5) -> str:
-    """``count (e.g. first few)`` for one-line messages."""
-    more = ", ..." if len(keys) > limit else ""
-    return f"{len(keys)} (e.g. {', '.join(map(str, keys[:limit]))}{more})"
-
-
 def _download_url(path: str) -> str:
     """The URL Detectron2's PathManager downloads for ``path`` (``detectron2://`` expanded)."""
     if path.startswith(Detectron2Handler.PREFIX):

@@ -18,6 +18,12 @@ _EXPECTED = (
 )
 
 
+
+def _some(keys: list, limit: int = 5) -> str:
+    """``count (e.g. first few)`` for one-line messages about checkpoint keys."""
+    more = ", ..." if len(keys) > limit else ""
+    return f"{len(keys)} (e.g. {', '.join(map(str, keys[:limit]))}{more})"
+
 class CheckpointError(Exception):
     """The weights named (``MODEL.WEIGHTS``) cannot be used; the message says why and what to pass.
 

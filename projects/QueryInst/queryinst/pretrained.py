@@ -25,8 +25,8 @@ from typing import Mapping, NamedTuple
 import torch
 from torch import Tensor
 
-from .checkpoint_errors import CheckpointFormatError, WeightsUnavailableError
-from .data.package_files import PackageFetchError, read_package_files
+from .checkpoint_errors import CheckpointFormatError, WeightsUnavailableError, _some
+from .data.package_files import PackageFetchError, cache_root, read_package_files
 from .mobilenet import MobileNetV2
 from .official_layout import compare_state_dicts
 
@@ -64,8 +64,7 @@ PRETRAINED = {
 
 def pretrained_cache_dir() -> str:
     """``$QUERYINST_CACHE/weights``, default ``~/.cache/queryinst/weights`` (may not exist)."""
-    root = os.environ.get("QUERYINST_CACHE", os.path.expanduser("~/.cache/queryinst"))
-    return os.path.join(root, "weights")
+    return os.path.join(cache_root(), "weights")
 
 
 def is_torchvision_mobilenet_v2(state_dict: Mapping[str, object]) -> bool:
@@ -105,11 +104,6 @@ def _to_torchvision_layout(state_dict: Mapping[str, Tensor]) -> "OrderedDict[str
     return renamed
 
 
-def _some(keys, limit: int = 5) -> str:
-    keys = sorted(keys)
-    return f"{len(keys)} (e.g. {', '.join(keys[:limit])}{', ...' if len(keys) > limit else ''})"
-
-
 def convert_torchvision_mobilenet_v2(
     state_dict: Mapping[str, Tensor], *, source: str = "the state dict"
 ) -> "OrderedDict[str, Tensor]":
@@ -136,12 +130,12 @@ def convert_torchvision_mobilenet_v2(
     state_dict = _to_torchvision_layout(state_dict)
     used = {k: v for k, v in state_dict.items() if not k.startswith(_UNUSED_PREFIXES)}
     missing, surplus, mismatched = compare_state_dicts(used, reference)
-    shapes = [f"{k} {src} (expected {dst})" for k, src, dst in mismatched]
+    shapes = [f"{k} {src} (expected {dst})" for k, src, dst in sorted(mismatched)]
     problems = []
     if missing:
-        problems.append(f"backbone tensors not in it: {_some(missing)}")
+        problems.append(f"backbone tensors not in it: {_some(sorted(missing))}")
     if surplus:
-        problems.append(f"tensors with no place in the backbone: {_some(surplus)}")
+        problems.append(f"tensors with no place in the backbone: {_some(sorted(surplus))}")
     if shapes:
         problems.append(f"tensors of another shape: {_some(shapes, 2)}")
     if problems:

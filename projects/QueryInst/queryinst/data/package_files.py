@@ -19,7 +19,8 @@ import tempfile
 import zipfile
 from typing import Dict, Iterable, Optional, Sequence
 
-__all__ = ["PackageFetchError", "package_cache_dir", "download_package", "read_package_files"]
+__all__ = ["PackageFetchError", "cache_root", "package_cache_dir", "download_package",
+           "read_package_files"]
 
 _SDIST_SUFFIXES = (".tar.gz", ".zip")
 
@@ -28,14 +29,19 @@ class PackageFetchError(RuntimeError):
     """A package could not be downloaded, or its archive lacks a requested file."""
 
 
+def cache_root() -> str:
+    """``$QUERYINST_CACHE``, default ``~/.cache/queryinst``: the root of the project's download
+    caches (``packages/`` here, ``weights/`` in :mod:`queryinst.pretrained`)."""
+    return os.environ.get("QUERYINST_CACHE", os.path.expanduser("~/.cache/queryinst"))
+
+
 def package_cache_dir() -> str:
     """Return the directory that holds downloaded package archives.
 
     ``$QUERYINST_CACHE/packages`` when the environment variable is set, otherwise
     ``~/.cache/queryinst/packages``. The directory may not exist yet.
     """
-    root = os.environ.get("QUERYINST_CACHE", os.path.expanduser("~/.cache/queryinst"))
-    return os.path.join(root, "packages")
+    return os.path.join(cache_root(), "packages")
 
 
 def _canonical(name: str) -> str:
