@@ -7,6 +7,8 @@ import math
 
 from detectron2.config import CfgNode as CN
 
+from .video.config import add_queryinst_vis_config
+
 
 def add_queryinst_config(cfg: CN) -> None:
     """Add QueryInst's keys to a Detectron2 config, in place.
@@ -95,16 +97,19 @@ def add_queryinst_config(cfg: CN) -> None:
     # (Detectron2's behaviour). model_final.pth is always kept. Read by train_net.py.
     cfg.SOLVER.CHECKPOINTS_TO_KEEP = 0
 
-    # Training crop policy of the 300-query configs (docs/method.md §2, from DETR); read by
-    # dataset_mapper.build_train_augmentation. Flip, then with probability 0.5 either the
-    # INPUT.MIN_SIZE_TRAIN resize, or [resize to PRE_RESIZE -> random crop -> that resize].
     # Probability of an extra vertical flip after all other training augmentations
     # (dataset_mapper.build_train_augmentation); for images without an up and down, such as
     # microscopy or aerial views. 0 (off) in the paper's recipe.
     cfg.INPUT.VERTICAL_FLIP_PROB = 0.0
+
+    # Training crop policy of the 300-query configs (docs/method.md §2, from DETR); read by
+    # dataset_mapper.build_train_augmentation. Flip, then with probability 0.5 either the
+    # INPUT.MIN_SIZE_TRAIN resize, or [resize to PRE_RESIZE -> random crop -> that resize].
     cfg.INPUT.CROP_POLICY = CN()
     cfg.INPUT.CROP_POLICY.ENABLED = False
     # Shorter-side choices (pixels) of the resize before the crop; longer side <= MAX_SIZE_TRAIN.
     cfg.INPUT.CROP_POLICY.PRE_RESIZE = (400, 500, 600)
     # (min, max) crop height and width, pixels, each drawn uniformly ("absolute_range").
     cfg.INPUT.CROP_POLICY.SIZE = (384, 600)
+
+    add_queryinst_vis_config(cfg)  # the video model's keys (queryinst/video/config.py)

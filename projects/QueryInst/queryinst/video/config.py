@@ -1,0 +1,55 @@
+"""Config keys of QueryInst-VIS, the video instance segmentation model (docs/method.md §5).
+
+Called by ``add_queryinst_config``, so every QueryInst config has them; they are read only by
+the video code (``queryinst.video``).
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_queryinst_vis_config(cfg: CN) -> None:
+    """Add the video keys to a Detectron2 config that has QueryInst's keys, in place.
+
+    Args:
+        cfg: a Detectron2 config.
+    """
+    cfg.MODEL.QUERYINST_VIS = CN()
+    _C = cfg.MODEL.QUERYINST_VIS
+    # Which online tracker links per-frame detections into tracks (TRACKER_REGISTRY):
+    # "EmbeddingTracker" scores track-head embeddings as MaskTrack R-CNN does;
+    # "QueryCosineTracker" needs no training: cosine similarity of the last stage's object
+    # queries (MinVIS), so it works with any image-trained QueryInst checkpoint.
+    _C.TRACKER = "EmbeddingTracker"
+
+    # Track head (docs/method.md §5.1): an MLP from the last stage's object query (D) to the
+    # association embedding, trained with MaskTrack R-CNN's cross-entropy over the
+    # reference frame's matched queries plus one "new object" slot.
+    _C.TRACK_HEAD = CN()
+    _C.TRACK_HEAD.ON = True  # False: no track head (only QueryCosineTracker can run)
+    _C.TRACK_HEAD.NUM_FCS = 2  # Linear(+ReLU) layers; the last one has no ReLU
+    _C.TRACK_HEAD.EMBED_DIM = 256  # width of the hidden layers and of the embedding
+    _C.TRACK_HEAD.LOSS_WEIGHT = 1.0  # weight of the matching cross-entropy (MaskTrack: 1)
+
+    # Online tracking, frame by frame (docs/method.md §5.2). The association score of a
+    # detection and a track is: embedding match + SCORE_WEIGHT * log(detection score)
+    # + IOU_WEIGHT * IoU(track's last box, box) + LABEL_WEIGHT * [same class]
+    # (MaskTrack R-CNN's form and weights); a one-to-one Hungarian assignment maximises it.
+    _C.TRACKING = CN()
+    _C.TRACKING.SCORE_WEIGHT = 1.0  # weight of log(detection score)
+    _C.TRACKING.IOU_WEIGHT = 2.0  # weight of the box IoU with the track's last box
+    _C.TRACKING.LABEL_WEIGHT = 10.0  # bonus when the classes agree
+    # Detections scoring below this never enter the tracker (one detection per query is
+    # kept, its best class; the rest of the image model's output is ignored for tracking).
+    _C.TRACKING.DET_SCORE_THRESH = 0.05
+    # An unmatched detection starts a new track only if it scores at least this.
+    _C.TRACKING.INIT_SCORE_THRESH = 0.3
+    # A track ends after this many consecutive frames without a detection (K); it can take
+    # a detection again within K frames (occlusion gaps).
+    _C.TRACKING.MAX_MISSED = 5
+    # QueryCosineTracker: a detection may continue a track only if the cosine similarity of
+    # their queries is at least this (the EmbeddingTracker's rule is its "new object" slot).
+    _C.TRACKING.COSINE_THRESH = 0.5
+
+    # Training pairs (docs/method.md §5.1): the reference frame is drawn uniformly among
+    # the video's frames at most this many frames from the key frame (the key excluded
+    # when the video has more than one frame).
+    cfg.INPUT.SAMPLING_FRAME_RANGE = 20
