@@ -65,6 +65,13 @@ from queryinst.data import (  # noqa: E402
     register_dataset_specs,
 )
 from queryinst.solver import build_optimizer  # noqa: E402
+from queryinst.video import (  # noqa: E402
+    YTVISEvaluator,
+    build_vis_test_loader,
+    build_vis_train_loader,
+    check_video_model,
+    is_video_dataset,
+)
 
 
 class Trainer(DefaultTrainer):
@@ -84,12 +91,18 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """Detectron2's training loader with ``QueryInstDatasetMapper`` (docs/method.md §2)."""
+        """Detectron2's training loader with ``QueryInstDatasetMapper`` (docs/method.md §2),
+        or, for ``QueryInstVIS``, over videos as (key, reference) frame pairs (§6.1)."""
+        if cfg.MODEL.META_ARCHITECTURE == "QueryInstVIS":
+            return build_vis_train_loader(cfg)
         return build_detection_train_loader(cfg, mapper=QueryInstDatasetMapper(cfg, True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        """Detectron2's test loader with ``QueryInstDatasetMapper`` (reads 16-bit images)."""
+        """Detectron2's test loader with ``QueryInstDatasetMapper`` (reads 16-bit images);
+        one whole video per batch for video datasets."""
+        if is_video_dataset(dataset_name):
+            return build_vis_test_loader(cfg, dataset_name)
         return build_detection_test_loader(cfg, dataset_name,
                                            mapper=QueryInstDatasetMapper(cfg, False))
 
@@ -103,10 +116,13 @@ class Trainer(DefaultTrainer):
             output_folder (str or None): default ``OUTPUT_DIR/inference``.
 
         Returns:
-            COCOEvaluator: its ``evaluate()`` gives {"bbox": {"AP": ...}, "segm": {...}}.
+            COCOEvaluator: its ``evaluate()`` gives {"bbox": {"AP": ...}, "segm": {...}};
+            for a video dataset, ``YTVISEvaluator`` (YouTube-VIS AP, docs/method.md §6.4).
         """
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+        if is_video_dataset(dataset_name):
+            return YTVISEvaluator(dataset_name, output_dir=output_folder)
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         return COCOEvaluator(dataset_name, tasks=tasks, distributed=True,
                              output_dir=output_folder,
@@ -193,6 +209,7 @@ def main(args):
     cfg = setup(args)
     # Class count and masks of every dataset against the model, before anything is trained.
     check_config_datasets(cfg, ("TEST",) if args.eval_only else ("TRAIN", "TEST"))
+    check_video_model(cfg)  # video datasets need QueryInstVIS
     if args.eval_only:
         model = Trainer.build_model(cfg)
         # strict: a partial load or no weights at all is an error (CheckpointError)

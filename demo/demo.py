@@ -6,7 +6,8 @@ Examples::
     python demo/demo.py --config-file configs/queryinst_R50_FPN_1x_coco.yaml \\
         --input photo.jpg photos/ "more/*.png" --output out/ \\
         --opts MODEL.WEIGHTS queryinst_r50_fpn_1x_coco.pth
-    python demo/demo.py --config-file ... --video-input clip.mp4 --output out/
+    python demo/demo.py --config-file ... --video-input clip.mp4 --output out.mp4 \
+        --save-json tracks.json
     python demo/demo.py --config-file ... --webcam
 
 Inputs (``--input``): image files, directories (their image files, sorted, not recursive)
@@ -16,7 +17,13 @@ directory gets one drawn image per input, same name (``.png`` or ``.jpg``, other
 written as ``.png``); a file name (one input) gets that input's drawing. A video is drawn
 frame by frame into an mp4 (``cv2.VideoWriter``, codec mp4v): ``--output`` is that file, or
 a directory for ``<video name>.mp4``. Without ``--output`` nothing is written (webcam frames
-are shown in a window instead; Esc quits). Drawings of small images are enlarged (an integer
+are shown in a window instead; Esc quits). Video and webcam frames are tracked (docs/method.md
+§6): each track is drawn in its own stable colour, labelled "#id class score"; a
+``QueryInstVIS`` config (``configs/youtube_vis/``) tracks with its own tracker, an image config
+with the training-free ``QueryCosineTracker`` (object queries matched by cosine similarity).
+``--save-json`` writes the tracks (per frame boxes and RLE masks, None where absent);
+``--no-tracking`` draws each frame on its own, as an image. Drawings of small images are
+enlarged (an integer
 factor up to a shorter side of 1024 px: a 256x256 image gives 1024x1024; see
 ``predictor.draw_scale``), so that the labels do not cover the objects; video frames keep
 their size.
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import re
 import sys
@@ -72,6 +80,7 @@ from queryinst.config_loading import (  # noqa: E402
     merge_config,
 )
 from queryinst.data import read_image  # noqa: E402  (16-bit and float images too)
+from queryinst.video import tracks_to_json  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
@@ -107,6 +116,10 @@ def get_parser() -> argparse.ArgumentParser:
                         default=DEFAULT_CONFIDENCE_THRESHOLD,
                         help="minimum score, in [0, 1], of a drawn and counted detection "
                              f"(default {DEFAULT_CONFIDENCE_THRESHOLD})")
+    parser.add_argument("--save-json", metavar="FILE",
+                        help="video/webcam: write the tracks to this json file at the end")
+    parser.add_argument("--no-tracking", action="store_true",
+                        help="video/webcam: draw each frame on its own, without tracks")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="config overrides, KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth")
     return parser
@@ -135,6 +148,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                          f"overrides after --opts, e.g. --opts {pair}")
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.save_json and (args.input or args.no_tracking):
+        parser.error("--save-json writes the tracks of a video: it needs --video-input or "
+                     "--webcam, without --no-tracking")
     return args
 
 
@@ -353,20 +369,39 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     d2_logger.info(device_note(cfg.MODEL.DEVICE))
     try:  # an empty MODEL.WEIGHTS only gets a warning (predictor.py)
-        demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
+        demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold,
+                                 tracking=not (args.input or args.no_tracking))
     except CheckpointError as exc:  # unusable MODEL.WEIGHTS: the message says what to pass
         _error(str(exc))
         return 1
 
     if args.input:
         return 1 if run_images(demo, files, args.output, len(errors)) else 0
-    if capture is not None:
-        return run_stream(demo, capture, args.video_input, args.output, show=False)
-    capture = cv2.VideoCapture(0)
-    if not capture.isOpened():
-        _error("webcam 0: cannot open the camera")
+    if capture is None:
+        capture = cv2.VideoCapture(0)
+        if not capture.isOpened():
+            _error("webcam 0: cannot open the camera")
+            return 1
+    name = args.video_input or "webcam"
+    status = run_stream(demo, capture, name, args.output,
+                        show=args.video_input is None and args.output is None)
+    if status == 0 and args.save_json:
+        status = _save_tracks(demo, name, args.save_json)
+    return status
+
+
+def _save_tracks(demo: VisualizationDemo, name: str, path: str) -> int:
+    """Write the video's tracks (``tracks_to_json``) to ``path``; 1 if it cannot be written."""
+    tracks = demo.tracks()
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(tracks_to_json(tracks, demo.metadata, video=name), f)
+    except OSError as exc:
+        _error(f"{path}: cannot write the tracks ({exc})")
         return 1
-    return run_stream(demo, capture, "webcam", args.output, show=args.output is None)
+    tqdm.write(f"{name}: {len(tracks)} tracks -> {path}")
+    return 0
 
 
 if __name__ == "__main__":

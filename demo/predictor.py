@@ -25,6 +25,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from queryinst.checkpoint import QueryInstCheckpointer
+from queryinst.video import draw_tracked_frame, use_query_tracker
 
 __all__ = ["DEFAULT_CONFIDENCE_THRESHOLD", "DRAW_SHORT_SIDE", "QueryInstPredictor",
            "VisualizationDemo", "demo_metadata", "draw_scale"]
@@ -89,6 +90,20 @@ class QueryInstPredictor(DefaultPredictor):
         self.input_format = cfg.INPUT.FORMAT
         assert self.input_format in ["RGB", "BGR"], self.input_format
 
+    def track(self, image_bgr: np.ndarray) -> Instances:
+        """Segment the next frame of a video and extend its tracks (a ``QueryInstVIS``
+        model; ``model.start_video()`` starts a video). The input is prepared as
+        ``DefaultPredictor.__call__`` prepares it.
+
+        Returns:
+            Instances: the frame's tracked detections (``track_ids``), in input pixels.
+        """
+        image = image_bgr[:, :, ::-1] if self.input_format == "RGB" else image_bgr
+        height, width = image.shape[:2]
+        image = self.aug.get_transform(image).apply_image(image)
+        tensor = torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
+        return self.model.track_frame({"image": tensor, "height": height, "width": width})
+
 
 class VisualizationDemo:
     """Predict on BGR uint8 images and draw the detections scoring >= a threshold.
@@ -97,6 +112,10 @@ class VisualizationDemo:
         cfg: a frozen or unfrozen QueryInst config (``MODEL.DEVICE`` chooses the device).
         confidence_threshold: minimum score, in [0, 1], of a drawn / counted detection.
         instance_mode: Detectron2's ``ColorMode`` of the Visualizer.
+        tracking: for videos, link the frames' detections into tracks, each drawn in its
+            own stable colour with its id (:meth:`run_on_frames`). A ``QueryInstVIS``
+            config tracks with its own tracker; an image config with the training-free
+            ``QueryCosineTracker`` (``queryinst.video.use_query_tracker``).
 
     Raises:
         queryinst.checkpoint.CheckpointError: ``MODEL.WEIGHTS`` cannot be used (strict load,
@@ -104,11 +123,12 @@ class VisualizationDemo:
     """
 
     def __init__(self, cfg, confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
-                 instance_mode: ColorMode = ColorMode.IMAGE):
+                 instance_mode: ColorMode = ColorMode.IMAGE, tracking: bool = False):
         self.metadata = demo_metadata(cfg)
         self.confidence_threshold = confidence_threshold
         self.instance_mode = instance_mode
-        self.predictor = QueryInstPredictor(cfg)
+        self.tracking = tracking
+        self.predictor = QueryInstPredictor(use_query_tracker(cfg) if tracking else cfg)
 
     def predict(self, image_bgr: np.ndarray) -> Instances:
         """Detections of one image above the threshold, on the CPU.
@@ -148,8 +168,24 @@ class VisualizationDemo:
                       ) -> Iterator[Tuple[Instances, np.ndarray]]:
         """:meth:`run_on_image` for each BGR frame of a video, lazily, in order.
 
-        Frames are drawn at their own size (scale 1), the size of the output video.
+        Frames are drawn at their own size (scale 1), the size of the output video. With
+        ``tracking``, the frames are one video: its tracks start at the first frame, the
+        drawn detections carry ``track_ids`` and :meth:`tracks` gives the whole tracks.
         """
+        if not self.tracking:
+            for frame in frames:
+                instances = self.predict(frame)
+                yield instances, self.draw(frame, instances, scale=1)
+            return
+        self.predictor.model.start_video()
         for frame in frames:
-            instances = self.predict(frame)
-            yield instances, self.draw(frame, instances, scale=1)
+            with torch.no_grad():
+                instances = self.predictor.track(frame).to("cpu")
+            instances = instances[instances.scores >= self.confidence_threshold]
+            drawn = draw_tracked_frame(frame[:, :, ::-1], instances, self.metadata)
+            yield instances, np.ascontiguousarray(drawn[:, :, ::-1])
+
+    def tracks(self):
+        """list[VideoTrack]: the tracks of the frames given to :meth:`run_on_frames` (with
+        ``tracking``), every detection the tracker kept, whatever its score."""
+        return self.predictor.model.finish_video()

@@ -314,16 +314,7 @@ class QueryInstROIHeads(nn.Module):
             with masks, ``s{t}_loss_mask`` for each stage t, already weighted.
         """
         device = stages[0].cls_logits.device
-        match_targets = [
-            {
-                "labels": t.gt_classes,
-                "boxes": t.gt_boxes.tensor,
-                "image_size_xyxy": torch.tensor(
-                    [t.image_size[1], t.image_size[0]] * 2, dtype=torch.float32, device=device
-                ),
-            }
-            for t in targets
-        ]
+        match_targets = self.match_targets(targets, device)
         losses = {}
         num_matched = None
         for t, stage in enumerate(stages):
@@ -339,6 +330,21 @@ class QueryInstROIHeads(nn.Module):
                 )
             losses.update({f"s{t}_{name}": value for name, value in stage_losses.items()})
         return losses
+
+    @staticmethod
+    def match_targets(targets: list[Instances], device) -> list[dict[str, Tensor]]:
+        """The matcher's and box losses' view of the GT: per image "labels" (int64 (G,)),
+        "boxes" (float (G, 4) absolute xyxy pixels) and "image_size_xyxy" ([w, h, w, h])."""
+        return [
+            {
+                "labels": t.gt_classes,
+                "boxes": t.gt_boxes.tensor,
+                "image_size_xyxy": torch.tensor(
+                    [t.image_size[1], t.image_size[0]] * 2, dtype=torch.float32, device=device
+                ),
+            }
+            for t in targets
+        ]
 
     def _mask_loss(self, t, stage, features, targets, indices, num_matched):
         """Mask head t on the matched queries only, with their detached stage-t boxes."""

@@ -104,18 +104,29 @@ def check_dataset(cfg, name: str, key: str = "DATASETS.TRAIN") -> None:
         _check_masks(name, dicts)
 
 
+def _objects(record: dict):
+    """The object annotations of an image record, or of every frame of a video record
+    (YouTube-VIS loader: "annotations" holds one list per frame)."""
+    for ann in record.get("annotations", ()):
+        if isinstance(ann, list):
+            yield from ann
+        else:
+            yield ann
+
+
 def _check_masks(name: str, dicts: List[dict]) -> None:
     total, missing, first = 0, 0, None
     for record in dicts:
-        for ann in record.get("annotations", ()):
+        for ann in _objects(record):
             total += 1
             if "segmentation" not in ann:
                 missing += 1
-                first = first or record.get("file_name")
+                first = first or (f"image {record['file_name']}" if "file_name" in record
+                                  else f"video {record.get('video_id')}")
     if missing:
         raise DatasetFormatError(
             f"{_where(name)}: {missing} of {total} annotations have no 'segmentation' (the "
-            f"first in image {first}), but MODEL.MASK_ON is True: QueryInst learns and "
+            f"first in {first}), but MODEL.MASK_ON is True: QueryInst learns and "
             f"evaluates instance masks. Add masks (polygons or RLE) to the annotations, or "
             f"set MODEL.MASK_ON False to train and evaluate boxes only.")
 

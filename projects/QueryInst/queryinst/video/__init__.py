@@ -1,4 +1,4 @@
-"""QueryInst-VIS: video instance segmentation with QueryInst (docs/method.md §5).
+"""QueryInst-VIS: video instance segmentation with QueryInst (docs/method.md §6).
 
 The object queries are the instance identities: a track head embeds the last stage's query
 for MaskTrack R-CNN style association, or, without training, queries are matched by cosine

@@ -1,4 +1,4 @@
-"""Config keys of QueryInst-VIS, the video instance segmentation model (docs/method.md §5).
+"""Config keys of QueryInst-VIS, the video instance segmentation model (docs/method.md §6).
 
 Called by ``add_queryinst_config``, so every QueryInst config has them; they are read only by
 the video code (``queryinst.video``).
@@ -20,7 +20,7 @@ def add_queryinst_vis_config(cfg: CN) -> None:
     # queries (MinVIS), so it works with any image-trained QueryInst checkpoint.
     _C.TRACKER = "EmbeddingTracker"
 
-    # Track head (docs/method.md §5.1): an MLP from the last stage's object query (D) to the
+    # Track head (docs/method.md §6.1): an MLP from the last stage's object query (D) to the
     # association embedding, trained with MaskTrack R-CNN's cross-entropy over the
     # reference frame's matched queries plus one "new object" slot.
     _C.TRACK_HEAD = CN()
@@ -29,7 +29,7 @@ def add_queryinst_vis_config(cfg: CN) -> None:
     _C.TRACK_HEAD.EMBED_DIM = 256  # width of the hidden layers and of the embedding
     _C.TRACK_HEAD.LOSS_WEIGHT = 1.0  # weight of the matching cross-entropy (MaskTrack: 1)
 
-    # Online tracking, frame by frame (docs/method.md §5.2). The association score of a
+    # Online tracking, frame by frame (docs/method.md §6.2). The association score of a
     # detection and a track is: embedding match + SCORE_WEIGHT * log(detection score)
     # + IOU_WEIGHT * IoU(track's last box, box) + LABEL_WEIGHT * [same class]
     # (MaskTrack R-CNN's form and weights); a one-to-one Hungarian assignment maximises it.
@@ -49,7 +49,33 @@ def add_queryinst_vis_config(cfg: CN) -> None:
     # their queries is at least this (the EmbeddingTracker's rule is its "new object" slot).
     _C.TRACKING.COSINE_THRESH = 0.5
 
-    # Training pairs (docs/method.md §5.1): the reference frame is drawn uniformly among
+    # Training pairs (docs/method.md §6.1): the reference frame is drawn uniformly among
     # the video's frames at most this many frames from the key frame (the key excluded
     # when the video has more than one frame).
     cfg.INPUT.SAMPLING_FRAME_RANGE = 20
+
+
+def use_query_tracker(cfg: CN) -> CN:
+    """A copy of an image config that tracks with the training-free ``QueryCosineTracker``.
+
+    The model becomes ``QueryInstVIS`` without a track head, so an image checkpoint (the
+    official COCO weights included) fills it exactly; a config that already has a track head
+    is returned as a copy, unchanged.
+
+    Args:
+        cfg: a QueryInst config (frozen or not).
+
+    Returns:
+        CfgNode: the copy, frozen if ``cfg`` was.
+    """
+    out = cfg.clone()
+    if out.MODEL.META_ARCHITECTURE == "QueryInstVIS":
+        return out
+    frozen = out.is_frozen()
+    out.defrost()
+    out.MODEL.META_ARCHITECTURE = "QueryInstVIS"
+    out.MODEL.QUERYINST_VIS.TRACK_HEAD.ON = False
+    out.MODEL.QUERYINST_VIS.TRACKER = "QueryCosineTracker"
+    if frozen:
+        out.freeze()
+    return out

@@ -1,4 +1,4 @@
-"""What the video model returns: tracks (docs/method.md §5.3)."""
+"""What the video model returns: tracks (docs/method.md §6.3)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,7 +6,7 @@ from typing import List, Optional
 
 from torch import Tensor
 
-__all__ = ["VideoTrack"]
+__all__ = ["VideoTrack", "encode_mask", "tracks_to_json"]
 
 
 @dataclass
@@ -39,3 +39,45 @@ class VideoTrack:
     def present(self) -> List[int]:
         """Indices of the frames where the track has a detection."""
         return [t for t, b in enumerate(self.boxes) if b is not None]
+
+
+def encode_mask(mask: Tensor) -> dict:
+    """A bool (H, W) mask as a COCO compressed RLE with ``counts`` as str (json-ready)."""
+    import numpy as np
+    from pycocotools import mask as mask_util
+
+    rle = mask_util.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def tracks_to_json(tracks: List[VideoTrack], metadata=None, video: Optional[str] = None) -> dict:
+    """The tracks of one video as a json-ready dict (``demo/demo.py --save-json``).
+
+    Args:
+        tracks: a video's tracks.
+        metadata: Detectron2 metadata whose ``thing_classes`` name the categories, or None.
+        video: a name recorded in the output (e.g. the video file).
+
+    Returns:
+        dict: {"video", "num_frames", "tracks": [{"id", "category_id" (contiguous index),
+        "category" (name or None), "score", "boxes" (per frame [x0, y0, x1, y1] pixels or
+        None), "segmentations" (per frame compressed RLE or None)}]}.
+    """
+    names = list(metadata.get("thing_classes", None) or []) if metadata is not None else []
+    return {
+        "video": video,
+        "num_frames": tracks[0].num_frames if tracks else 0,
+        "tracks": [
+            {
+                "id": k.track_id,
+                "category_id": k.category,
+                "category": names[k.category] if k.category < len(names) else None,
+                "score": k.score,
+                "boxes": [None if b is None else [round(float(v), 2) for v in b]
+                          for b in k.boxes],
+                "segmentations": [None if m is None else encode_mask(m) for m in k.masks],
+            }
+            for k in tracks
+        ],
+    }

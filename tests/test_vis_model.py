@@ -1,0 +1,156 @@
+"""QueryInst-VIS: the track head's targets and loss (hand cases), a training step on a frame
+pair, and online tracking whose per-frame masks are the image model's (docs/method.md §6)."""
+import math
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Boxes, Instances
+
+from queryinst.video.meta_arch import one_detection_per_query
+from queryinst.video.track_head import TrackHead, track_match_loss, track_match_targets
+from test_model import random_image, small_cfg
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_track_match_targets_hand_case():
+    # Key frame: query 3 -> GT 1 (identity 11), query 0 -> GT 2 (12), query 4 -> GT 0 (10).
+    key = (torch.tensor([3, 0, 4]), torch.tensor([1, 2, 0]))
+    key_ids = torch.tensor([10, 11, 12])
+    # Reference frame slots j = 0, 1, 2: queries 2, 1, 0 matched to identities 12, 13, 10.
+    ref = (torch.tensor([2, 1, 0]), torch.tensor([0, 2, 1]))
+    ref_ids = torch.tensor([12, 10, 13])
+    targets = track_match_targets(5, key, key_ids, ref, ref_ids)
+    # q0 (12) -> slot 0 -> 1; q1, q2 unmatched -> -1; q3 (11, not in ref) -> new = 0;
+    # q4 (10) -> slot 2 -> 3.
+    assert targets.tolist() == [1, -1, -1, 0, 3]
+
+
+def test_track_match_targets_without_reference_matches():
+    key = (torch.tensor([1]), torch.tensor([0]))
+    empty = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+    targets = track_match_targets(3, key, torch.tensor([7]), empty, torch.zeros(0, dtype=torch.int64))
+    assert targets.tolist() == [-1, 0, -1]
+
+
+def test_track_match_loss_hand_value():
+    key = torch.tensor([[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]])
+    ref = torch.tensor([[1.0, 1.0], [0.0, -1.0]])
+    targets = torch.tensor([1, 0, -1])
+    loss, n = track_match_loss(key, ref, targets)
+    # query 0: logits [0, 1, 0], target 1; query 1: logits [0, 2, -2], target 0 (new).
+    ce0 = -1 + math.log(1 + math.e + 1)
+    ce1 = math.log(1 + math.exp(2) + math.exp(-2))
+    assert n == 2
+    assert loss.item() == pytest.approx(ce0 + ce1, rel=1e-6)
+
+
+def test_track_head_shapes_and_depth():
+    head = TrackHead(32, 16, num_fcs=3)
+    assert head(torch.randn(2, 5, 32)).shape == (2, 5, 16)
+    assert sum(isinstance(m, torch.nn.Linear) for m in head.modules()) == 3
+    with pytest.raises(ValueError, match="NUM_FCS"):
+        TrackHead(32, 16, num_fcs=0)
+
+
+def vis_cfg(tracker="EmbeddingTracker", track_head=True):
+    cfg = small_cfg(num_classes=2, num_proposals=8, num_stages=2)
+    cfg.MODEL.META_ARCHITECTURE = "QueryInstVIS"
+    cfg.MODEL.QUERYINST_VIS.TRACKER = tracker
+    cfg.MODEL.QUERYINST_VIS.TRACK_HEAD.ON = track_head
+    cfg.MODEL.QUERYINST_VIS.TRACK_HEAD.EMBED_DIM = 16
+    return cfg
+
+
+def frame_instances(boxes, ids, size=(64, 80)):
+    inst = Instances(size)
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+    inst.gt_classes = torch.tensor([i % 2 for i in ids])
+    masks = torch.zeros(len(boxes), *size, dtype=torch.bool)
+    for m, (x0, y0, x1, y1) in zip(masks, boxes):
+        m[int(y0):int(y1), int(x0):int(x1)] = True
+    inst.gt_masks = BitMasks(masks)
+    inst.gt_ids = torch.tensor(ids)
+    return inst
+
+
+def test_training_step_reaches_track_head_and_queries():
+    torch.manual_seed(0)
+    model = build_model(vis_cfg())
+    model.train()
+    video = {
+        "image": [random_image(64, 80, 1), random_image(64, 80, 2)],
+        "instances": [frame_instances([[4, 4, 30, 40], [40, 10, 70, 50]], [5, 6]),
+                      frame_instances([[8, 6, 34, 42], [20, 30, 50, 60]], [5, 9])],
+    }
+    losses = model([video, video])
+    assert "loss_track" in losses and "s1_loss_mask" in losses
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["loss_track"].backward()
+    head_grads = [p.grad for p in model.track_head.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in head_grads)
+    query_grad = model.proposal_generator.init_proposal_features.weight.grad
+    assert query_grad is not None and query_grad.abs().sum() > 0
+
+
+def test_training_needs_pairs():
+    model = build_model(vis_cfg())
+    model.train()
+    video = {"image": [random_image(64, 80, 1)],
+             "instances": [frame_instances([[4, 4, 30, 40]], [5])]}
+    with pytest.raises(ValueError, match="frame pairs"):
+        model([video])
+
+
+def test_embedding_tracker_needs_a_track_head():
+    with pytest.raises(ValueError, match="TRACK_HEAD.ON"):
+        build_model(vis_cfg(tracker="EmbeddingTracker", track_head=False))
+
+
+def test_one_detection_per_query_keeps_best_class_above_threshold():
+    inst = Instances((10, 10))
+    inst.scores = torch.tensor([0.9, 0.8, 0.5, 0.04, 0.03])
+    inst.query_indices = torch.tensor([2, 2, 0, 1, 3])
+    kept = one_detection_per_query(inst, 0.05)
+    assert kept.query_indices.tolist() == [2, 0]
+    assert kept.scores.tolist() == pytest.approx([0.9, 0.5])
+
+
+@pytest.mark.parametrize("tracker,head", [("EmbeddingTracker", True),
+                                          ("QueryCosineTracker", False)])
+def test_tracks_keep_the_image_models_masks(tracker, head):
+    """Tracking changes ids, never per-frame masks: each track's mask in frame t is one of the
+    image model's masks for frame t (same weights, same frame)."""
+    cfg = vis_cfg(tracker, head)
+    cfg.MODEL.QUERYINST_VIS.TRACKING.DET_SCORE_THRESH = 0.0
+    cfg.MODEL.QUERYINST_VIS.TRACKING.INIT_SCORE_THRESH = 0.0
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    image_cfg = small_cfg(num_classes=2, num_proposals=8, num_stages=2)
+    image_model = build_model(image_cfg).eval()
+    image_model.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith("track_head.")})
+    frames = [random_image(64, 80, s) for s in (3, 3, 4)]
+    with torch.no_grad():
+        out = model([{"image": frames, "height": 128, "width": 160}])[0]
+        image_out = [image_model([{"image": f, "height": 128, "width": 160}])[0]["instances"]
+                     for f in frames]
+    assert out["num_frames"] == 3 and out["image_size"] == (128, 160)
+    tracks = out["tracks"]
+    assert tracks, "the tracker started no track"
+    for t, dets in enumerate(image_out):
+        for track in tracks:
+            if track.masks[t] is None:
+                continue
+            same = [torch.equal(track.masks[t], m) and torch.equal(track.boxes[t], b)
+                    for m, b in zip(dets.pred_masks, dets.pred_boxes.tensor)]
+            assert any(same)
+    # Frames 0 and 1 are the same image: every track of frame 0 continues in frame 1 (a
+    # one-to-one assignment of identical detections exists). Cosine similarity is largest for
+    # the query itself, so that tracker keeps each mask on its own track.
+    for track in tracks:
+        if track.masks[0] is not None:
+            assert track.masks[1] is not None
+            if tracker == "QueryCosineTracker":
+                assert torch.equal(track.masks[0], track.masks[1])
