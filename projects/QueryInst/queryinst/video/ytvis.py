@@ -32,7 +32,6 @@ from detectron2.structures import BoxMode
 
 from ..data.builtin import datasets_root
 from ..data.coco_format import (
-    DatasetFormatError,
     _check_image_file,
     _is_xywh_box,
     _raise_problems,
