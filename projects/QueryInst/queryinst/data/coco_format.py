@@ -28,10 +28,13 @@ _TRANSPOSING_EXIF = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 class DatasetFormatError(ValueError):
-    """A dataset file is missing, unreadable, or not valid COCO instances format."""
+    """A dataset file is missing, unreadable, or not valid COCO (or YouTube-VIS) format."""
 
 
-def _read_json(json_file: str) -> dict:
+def _read_json(json_file: str, lists=("images", "annotations", "categories"),
+               nonempty=("images", "categories")) -> dict:
+    """Parse a json file whose top level is an object with the lists ``lists`` (those in
+    ``nonempty`` non-empty); raise :class:`DatasetFormatError` naming the file otherwise."""
     if not os.path.isfile(json_file):
         raise DatasetFormatError(f"{json_file}: annotation file does not exist")
     with open(json_file, "rb") as f:
@@ -44,11 +47,10 @@ def _read_json(json_file: str) -> dict:
         raise DatasetFormatError(f"{json_file}: malformed json ({e})") from e
     if not isinstance(data, dict):
         raise DatasetFormatError(f"{json_file}: top level must be a json object")
-    missing = [k for k in ("images", "annotations", "categories")
-               if not isinstance(data.get(k), list)]
+    missing = [k for k in lists if not isinstance(data.get(k), list)]
     if missing:
         raise DatasetFormatError(f"{json_file}: no list named {', '.join(map(repr, missing))}")
-    for key in ("images", "categories"):
+    for key in nonempty:
         if not data[key]:
             raise DatasetFormatError(f"{json_file}: '{key}' is empty")
     return data
@@ -73,6 +75,13 @@ def _check_image_file(path: str, width: int, height: int, verify: bool) -> Optio
     if size != (width, height):
         return f"image file {path} is {size[0]}x{size[1]} but the json says {width}x{height}"
     return None
+
+
+def _is_xywh_box(box) -> bool:
+    """Whether ``box`` is a list [x, y, w, h] of 4 finite numbers with w, h >= 0."""
+    return (isinstance(box, list) and len(box) == 4
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
+            and box[2] >= 0 and box[3] >= 0)
 
 
 def _segmentation_problem(segm, height: int, width: int) -> Optional[str]:
@@ -160,9 +169,7 @@ def validate_coco_instances(json_file: str, image_root: str, verify_images: bool
             problems.append(f"{where} has category_id {ann.get('category_id')!r}, not in "
                             f"'categories' (ids {sorted(category_ids)})")
         box = ann.get("bbox")
-        if not (isinstance(box, list) and len(box) == 4
-                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
-                and box[2] >= 0 and box[3] >= 0):
+        if not _is_xywh_box(box):
             problems.append(f"{where} has bbox {box!r}; needs [x, y, w, h] with w, h >= 0")
         if ann.get("ignore", 0):
             problems.append(f"{where} has 'ignore' set, which Detectron2 does not support")
@@ -172,12 +179,18 @@ def validate_coco_instances(json_file: str, image_root: str, verify_images: bool
             if problem:
                 problems.append(f"{where} (image_id {ann['image_id']}): {problem}")
 
+    _raise_problems(json_file, problems)
+    return data
+
+
+def _raise_problems(json_file: str, problems: List[str]) -> None:
+    """Raise one :class:`DatasetFormatError` naming ``json_file`` and listing ``problems``
+    (the first 20, and the count); do nothing if there are none."""
     if problems:
         listed = "\n  ".join(problems[:_MAX_LISTED])
         hidden = len(problems) - _MAX_LISTED
         more = f"\n  ... and {hidden} more" if hidden > 0 else ""
         raise DatasetFormatError(f"{json_file}: {len(problems)} problem(s):\n  {listed}{more}")
-    return data
 
 
 def load_coco_instances(

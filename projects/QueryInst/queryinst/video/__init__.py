@@ -6,6 +6,30 @@ similarity (MinVIS). Importing registers the meta-architecture ``QueryInstVIS``,
 and the YouTube-VIS datasets.
 """
 from .config import add_queryinst_vis_config
+from .dataset_mapper import YTVISDatasetMapper, sample_frame_pair
 from .structures import VideoTrack
+from .ytvis import (
+    PREDEFINED_YTVIS_SPLITS,
+    YTVIS_2019_CATEGORIES,
+    YTVIS_2021_CATEGORIES,
+    load_ytvis_json,
+    register_all_ytvis,
+    register_ytvis_instances,
+    ytvis_metadata,
+)
 
-__all__ = ["add_queryinst_vis_config", "VideoTrack"]
+register_all_ytvis()  # the predefined YouTube-VIS splits under $DETECTRON2_DATASETS; no IO
+
+__all__ = [
+    "PREDEFINED_YTVIS_SPLITS",
+    "YTVIS_2019_CATEGORIES",
+    "YTVIS_2021_CATEGORIES",
+    "YTVISDatasetMapper",
+    "VideoTrack",
+    "add_queryinst_vis_config",
+    "load_ytvis_json",
+    "register_all_ytvis",
+    "register_ytvis_instances",
+    "sample_frame_pair",
+    "ytvis_metadata",
+]
