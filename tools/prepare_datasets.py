@@ -3,7 +3,8 @@
 
 Downloads the source packages once (``$QUERYINST_CACHE/packages``), converts them under the
 datasets root (``--root``, default ``$DETECTRON2_DATASETS`` or ``./datasets``), loads each one
-with the validated COCO loader and prints name, images, instances and json path.
+with the validated COCO or YouTube-VIS loader and prints name, images (frames for the video
+sets), instances (track-frames for the video sets) and json path.
 Already-built datasets are only checked. Exit code 0 on success.
 
 Usage: ``python tools/prepare_datasets.py [--root DIR]``
@@ -24,6 +25,11 @@ from queryinst.data import (  # noqa: E402
     prepare_bundled_datasets,
     register_bundled_datasets,
 )
+from queryinst.video.builtin import (  # noqa: E402
+    BUNDLED_VIDEO_DATASETS,
+    prepare_bundled_video_datasets,
+    register_bundled_video_datasets,
+)
 
 
 def main(argv=None) -> int:
@@ -33,12 +39,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     json_files = prepare_bundled_datasets(args.root)
+    json_files.update(prepare_bundled_video_datasets(args.root))
     register_bundled_datasets(args.root)
+    register_bundled_video_datasets(args.root)
     rows = [("name", "images", "instances", "json")]
     for name in BUNDLED_DATASETS:
         dicts = DatasetCatalog.get(name)  # validated, counts checked against the recorded ones
         rows.append((name, str(len(dicts)), str(sum(len(d["annotations"]) for d in dicts)),
                      json_files[name]))
+    for name in BUNDLED_VIDEO_DATASETS:  # one dict per video, one object list per frame
+        dicts = DatasetCatalog.get(name)
+        rows.append((name, str(sum(d["length"] for d in dicts)),
+                     str(sum(len(f) for d in dicts for f in d["annotations"])), json_files[name]))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
