@@ -7,8 +7,6 @@ import math
 
 from detectron2.config import CfgNode as CN
 
-from .video.config import add_queryinst_vis_config
-
 
 def add_queryinst_config(cfg: CN) -> None:
     """Add QueryInst's keys to a Detectron2 config, in place.
@@ -112,4 +110,8 @@ def add_queryinst_config(cfg: CN) -> None:
     # (min, max) crop height and width, pixels, each drawn uniformly ("absolute_range").
     cfg.INPUT.CROP_POLICY.SIZE = (384, 600)
 
-    add_queryinst_vis_config(cfg)  # the video model's keys (queryinst/video/config.py)
+    # The video model's keys (queryinst/video/config.py); imported here, not at the top, so
+    # that importing this module does not import the video package.
+    from .video.config import add_queryinst_vis_config
+
+    add_queryinst_vis_config(cfg)

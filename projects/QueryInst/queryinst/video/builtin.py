@@ -2,7 +2,7 @@
 
 - ``nuclei_dsb_video_train`` / ``nuclei_dsb_video_val``: pseudo-videos, a moving crop window
   over the real nuclei image of the image datasets (synthetic motion, real pixels and labels;
-  see ``pseudo_video.py`` and docs/method.md §5.5); 1 class.
+  see ``pseudo_video.py`` and docs/method.md §6.5); 1 class.
 - ``labelme_video_example``: labelme's real 5-frame street clip with its polygon tracks
   (``examples/video_annotation`` of the labelme sdist); classes "car", "track".
 

@@ -1,5 +1,5 @@
 """Video dataset mapper of QueryInst-VIS: a key and a reference frame in training, every frame
-in inference (docs/method.md §5.1).
+in inference (docs/method.md §6.1).
 
 Training follows MaskTrack R-CNN's pair sampling: a key frame drawn uniformly among the
 video's T frames, and a reference frame drawn uniformly among the other frames at most
@@ -26,7 +26,7 @@ __all__ = ["YTVISDatasetMapper", "sample_frame_pair"]
 
 
 def sample_frame_pair(length: int, frame_range: int, rng=np.random) -> Tuple[int, int]:
-    """Draw a (key, reference) pair of frame indices (docs/method.md §5.1).
+    """Draw a (key, reference) pair of frame indices (docs/method.md §6.1).
 
     The key is uniform over 0..T-1; the reference is uniform over the frames t with
     ``|t - key| <= frame_range`` and ``t != key``. A video of one frame (or

@@ -1,4 +1,4 @@
-"""Nuclei pseudo-videos: a moving crop window over one real image (docs/method.md §5.5).
+"""Nuclei pseudo-videos: a moving crop window over one real image (docs/method.md §6.5).
 
 The source is the 512x512 nuclei image and its instance label image that the image datasets
 ``nuclei_dsb_train`` / ``nuclei_dsb_val`` use (``queryinst.data.bundled_sources``). A square
