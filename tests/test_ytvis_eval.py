@@ -187,7 +187,8 @@ def test_gt_formats_uncompressed_rle_polygon_and_crowd():
     res = make_results([(1, 1, 0.9, [SQ, SQ]), (1, 1, 0.8, [poly_mask, None])])
     check(evaluate_ytvis(gt, res)[0], AP=100)
     # A crowd GT track is ignored: neither a miss nor does its match count as a false positive.
-    crowd = make_gt({1: (2, 40, 40)}, [(1, 1, [SQ, SQ]), (1, 1, [rect(40, 40, 30, 30, 40, 40)] * 2, 1)])
+    corner = rect(40, 40, 30, 30, 40, 40)
+    crowd = make_gt({1: (2, 40, 40)}, [(1, 1, [SQ, SQ]), (1, 1, [corner, corner], 1)])
     check(evaluate_ytvis(crowd, make_results([(1, 1, 0.9, [SQ, SQ])]))[0], AP=100, AR10=100)
     with pytest.raises(ValueError, match="segmentation"):
         to_rle("bad", 40, 40)
@@ -199,6 +200,8 @@ def test_malformed_results_raise_naming_the_row():
         evaluate_ytvis(gt, make_results([(1, 1, 0.9, [SQ, SQ, SQ])]))
     with pytest.raises(ValueError, match="video 7"):
         evaluate_ytvis(gt, make_results([(7, 1, 0.9, [SQ, SQ])]))
+    with pytest.raises(ValueError, match="result 0 .*size \\[20, 20\\].*40x40"):
+        evaluate_ytvis(gt, make_results([(1, 1, 0.9, [np.ones((20, 20), bool)] * 2)]))
     with pytest.raises(ValueError, match="'score'|'segmentations'"):
         evaluate_ytvis(gt, [{"video_id": 1, "category_id": 1, "score": 1.0}])
 

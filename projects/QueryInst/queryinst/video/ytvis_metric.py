@@ -168,6 +168,10 @@ def _tracks(rows: Sequence[dict], videos: Dict[int, Tuple[int, int, int]], what:
             rles = [to_rle(s, H, W) for s in segms]
         except (ValueError, TypeError) as e:
             raise ValueError(f"{what} {i} (video {vid}): {e}") from e
+        for r in rles:
+            if r is not None and list(r["size"]) != [H, W]:
+                raise ValueError(f"{what} {i} (video {vid}) has a mask of size {list(r['size'])}"
+                                 f", the video is {H}x{W}")
         out.append({"id": i + 1, "image_id": vid, "category_id": row["category_id"],
                     "iscrowd": int(row.get("iscrowd", 0)), "score": float(row.get("score", 1.0)),
                     "segmentations": rles, "area": _mean_area(rles)})
@@ -195,8 +199,8 @@ class YTVISeval(COCOeval):
     GT does not list are not evaluated.
 
     Raises:
-        ValueError: a row lacks a key, names an unknown video, or its number of frames differs
-            from the video's.
+        ValueError: a row lacks a key, names an unknown video, its number of frames differs
+            from the video's, or a mask's size from the video's height x width.
     """
 
     def __init__(self, gt: dict, results: Sequence[dict]):
