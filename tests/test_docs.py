@@ -85,7 +85,8 @@ def test_readme_commands_use_options_their_scripts_define():
 def test_method_has_the_numbered_sections():
     headings = re.findall(r"^## (\d)\. (.+)$", read("docs/method.md"), flags=re.M)
     assert headings == [("1", "Architecture"), ("2", "Training"), ("3", "Inference"),
-                        ("4", "Official checkpoint layout"), ("5", "Reference results")]
+                        ("4", "Official checkpoint layout"), ("5", "Reference results"),
+                        ("6", "Video instance segmentation (QueryInstVIS)")]
 
 
 def test_method_citations_name_existing_sections():

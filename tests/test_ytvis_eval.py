@@ -1,4 +1,4 @@
-"""YouTube-VIS evaluation (docs/method.md §5.4): hand-computed cases, a brute-force check on
+"""YouTube-VIS evaluation (docs/method.md §6.4): hand-computed cases, a brute-force check on
 random cases, identity switches, the submission zip, the evaluator and tools/ytvis_eval.py."""
 import json
 import math

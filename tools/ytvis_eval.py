@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Evaluate YouTube-VIS results against a GT json (docs/method.md §5.4).
+"""Evaluate YouTube-VIS results against a GT json (docs/method.md §6.4).
 
 Prints pycocotools' summary table, the identity switches and, as its last line, one JSON object
 with AP, AP50, AP75, APs, APm, APl, AR1, AR10 in percent (null where undefined, e.g. APl

@@ -118,7 +118,7 @@ def load_json(path: str, what: str):
 
 
 class YTVISEvaluator(DatasetEvaluator):
-    """YouTube-VIS track AP/AR and identity switches of QueryInst-VIS (docs/method.md §5.4).
+    """YouTube-VIS track AP/AR and identity switches of QueryInst-VIS (docs/method.md §6.4).
 
     ``process`` turns each video's tracks into result rows; ``evaluate`` gathers them from all
     processes, writes ``results.json`` and ``results.zip`` into ``output_dir`` (the

@@ -1,4 +1,4 @@
-"""YouTube-VIS metrics: track AP/AR and identity switches (docs/method.md §5.4).
+"""YouTube-VIS metrics: track AP/AR and identity switches (docs/method.md §6.4).
 
 The AP follows the definitions of the official YouTube-VIS evaluation: videos take the place
 of COCO's images and tracks the place of its annotations, so pycocotools' ``COCOeval`` does the
@@ -102,7 +102,7 @@ def spatio_temporal_iou(dts: Sequence[Sequence[Optional[dict]]],
 
     Returns:
         float64 array (D, G): sum over frames of intersections / sum over frames of unions
-        (docs/method.md §5.4); 0 where the union is empty.
+        (docs/method.md §6.4); 0 where the union is empty.
 
     Raises:
         ValueError: if the tracks do not all have the same number of frames.
@@ -187,7 +187,7 @@ def _coco(videos: List[dict], anns: List[dict], categories: List[dict]) -> COCO:
 
 
 class YTVISeval(COCOeval):
-    """COCOeval on videos: tracks matched by spatio-temporal mask IoU (docs/method.md §5.4).
+    """COCOeval on videos: tracks matched by spatio-temporal mask IoU (docs/method.md §6.4).
 
     Args:
         gt: a YouTube-VIS GT dict (``videos`` with id/height/width/length or file_names,
@@ -246,7 +246,7 @@ class YTVISeval(COCOeval):
 
 
 def evaluate_ytvis(gt: dict, results: Sequence[dict]) -> Tuple["OrderedDict[str, float]", str]:
-    """YouTube-VIS AP/AR of ``results`` against ``gt`` (docs/method.md §5.4).
+    """YouTube-VIS AP/AR of ``results`` against ``gt`` (docs/method.md §6.4).
 
     Args:
         gt: YouTube-VIS GT dict (see ``YTVISeval``).
@@ -276,7 +276,7 @@ def evaluate_ytvis(gt: dict, results: Sequence[dict]) -> Tuple["OrderedDict[str,
 
 def identity_switches(gt: dict, results: Sequence[dict], iou_thresh: float = 0.5,
                       min_score: float = 0.0) -> Dict[str, object]:
-    """Identity switches of the predicted tracks (docs/method.md §5.4).
+    """Identity switches of the predicted tracks (docs/method.md §6.4).
 
     In every frame the present, non-crowd GT masks and the present predicted masks (of any
     category) are matched one to one (Hungarian on mask IoU, ``scipy.optimize
