@@ -7,5 +7,20 @@ and the YouTube-VIS datasets.
 """
 from .config import add_queryinst_vis_config
 from .structures import VideoTrack
+from .tracker import (
+    TRACKER_REGISTRY,
+    EmbeddingTracker,
+    OnlineTracker,
+    QueryCosineTracker,
+    build_tracker,
+)
 
-__all__ = ["add_queryinst_vis_config", "VideoTrack"]
+__all__ = [
+    "add_queryinst_vis_config",
+    "VideoTrack",
+    "TRACKER_REGISTRY",
+    "build_tracker",
+    "OnlineTracker",
+    "EmbeddingTracker",
+    "QueryCosineTracker",
+]
