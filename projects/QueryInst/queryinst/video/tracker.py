@@ -236,8 +236,9 @@ class OnlineTracker:
             det_classes: int64 tensor (D,).
 
         Returns:
-            (total, allowed): float tensor (D, N) and bool tensor (D, N), N the number of
+            (total, allowed): float tensor (D, N) and bool tensor (D, N), N >= 1 the number of
             tracks held (call after ``update`` has ended the stale ones, as ``update`` does).
+            Needs at least one track (after the first ``update`` that started one).
         """
         m, allowed = self.match_scores(det_embeddings, self._emb)
         total = (
