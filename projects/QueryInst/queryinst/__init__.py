@@ -2,8 +2,8 @@
 
 Importing the package registers the meta-architecture ``QueryInst``, the proposal generator
 ``LearnableProposals``, the ROI heads ``QueryInstROIHeads``, the backbones
-``build_resnet_fpn_p2_p5_backbone`` and ``build_mobilenetv2_fpn_p2_p5_backbone``, and the
-bundled datasets.
+``build_resnet_fpn_p2_p5_backbone`` and ``build_mobilenetv2_fpn_p2_p5_backbone``, the
+bundled datasets, and the video model ``QueryInstVIS`` with its datasets (``queryinst.video``).
 """
 # First: imports Detectron2 without its torch.jit.script warnings (see the module).
 from . import _quiet_imports  # noqa: F401  (isort: skip)
@@ -20,6 +20,7 @@ from .roi_heads import QueryInstROIHeads, StageOutput
 from . import backbone as _  # noqa: F401  (registration only)
 from . import mobilenet as _mobilenet  # noqa: F401  (registration only)
 from . import data  # noqa: F401  (registers the bundled datasets; no IO)
+from . import video  # noqa: F401  (QueryInstVIS, trackers, video datasets; no IO)
 
 __all__ = [
     "add_queryinst_config",

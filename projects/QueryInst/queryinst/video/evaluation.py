@@ -14,31 +14,17 @@ import zipfile
 from collections import OrderedDict
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
-import pycocotools.mask as mask_util
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
-from .structures import VideoTrack
+from .structures import VideoTrack, encode_mask
 from .ytvis_metric import METRIC_NAMES, evaluate_ytvis, identity_switches
 
 __all__ = ["results_from_tracks", "write_submission", "load_json", "YTVISEvaluator"]
 
 logger = logging.getLogger(__name__)
-
-
-def _encode(mask) -> dict:
-    """bool (H, W) tensor or array -> compressed RLE with ``counts`` as str (json-ready)."""
-    if hasattr(mask, "detach"):
-        mask = mask.detach().cpu().numpy()
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"a frame mask must have shape (H, W), got {tuple(mask.shape)}")
-    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
 
 
 def results_from_tracks(video_id: int, tracks: Sequence[VideoTrack],
@@ -70,7 +56,7 @@ def results_from_tracks(video_id: int, tracks: Sequence[VideoTrack],
             category = int(contiguous_to_dataset_id[category])
         rows.append({"video_id": int(video_id), "category_id": category,
                      "score": float(track.score),
-                     "segmentations": [None if m is None else _encode(m) for m in track.masks]})
+                     "segmentations": [None if m is None else encode_mask(m) for m in track.masks]})
     return rows
 
 

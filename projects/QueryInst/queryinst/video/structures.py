@@ -41,12 +41,22 @@ class VideoTrack:
         return [t for t, b in enumerate(self.boxes) if b is not None]
 
 
-def encode_mask(mask: Tensor) -> dict:
-    """A bool (H, W) mask as a COCO compressed RLE with ``counts`` as str (json-ready)."""
+def encode_mask(mask) -> dict:
+    """A bool (H, W) mask (tensor or array) as a COCO compressed RLE with ``counts`` as str
+    (json-ready), by pycocotools.
+
+    Raises:
+        ValueError: the mask is not 2-D.
+    """
     import numpy as np
     from pycocotools import mask as mask_util
 
-    rle = mask_util.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
+    if hasattr(mask, "detach"):
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"a frame mask must have shape (H, W), got {tuple(mask.shape)}")
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
 
