@@ -1,7 +1,7 @@
 """YouTube-VIS evaluation of QueryInst-VIS: submission rows, zip, and the evaluator.
 
 The metric itself (track AP/AR, identity switches) is in ``ytvis_metric`` (docs/method.md
-§5.4). Here: model tracks -> official result rows, the ``results.json`` + zip the YouTube-VIS
+§6.4). Here: model tracks -> official result rows, the ``results.json`` + zip the YouTube-VIS
 server takes, and ``YTVISEvaluator``, a Detectron2 ``DatasetEvaluator``.
 """
 from __future__ import annotations

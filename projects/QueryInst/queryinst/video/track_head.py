@@ -81,8 +81,10 @@ def track_match_targets(
     key_q, key_g = key_indices
     ref_identity = ref_ids[ref_indices[1]]  # (M_r,) identity behind each reference slot
     same = key_ids[key_g][:, None] == ref_identity[None, :]  # (M_k, M_r), <= 1 True per row
-    slot = torch.where(same.any(1), same.float().argmax(1) + 1, torch.zeros_like(key_q))
-    targets[key_q] = slot
+    if same.shape[1]:
+        targets[key_q] = torch.where(same.any(1), same.float().argmax(1) + 1, 0)
+    else:  # no matched query in the reference frame: every instance is new there
+        targets[key_q] = 0
     return targets
 
 
