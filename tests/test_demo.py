@@ -6,6 +6,7 @@ The main scenario runs the script in a subprocess, as a user does (exit status i
 the others call its ``main(argv)`` in this process, which saves the ~9 s of importing torch
 and Detectron2 again.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -252,9 +253,51 @@ def test_video_gives_video_with_same_frames(demo, tmp_path, capsys):
     _write_video(video, frames=5)
     assert _count_frames(video) == (5, (64, 96, 3))
     out = tmp_path / "out"
-    assert demo.main(_argv("--video-input", str(video), "--output", str(out), min_size=64)) == 0
+    assert demo.main(_argv("--video-input", str(video), "--output", str(out), "--no-tracking",
+                           min_size=64)) == 0
     assert _count_frames(out / "clip.mp4") == (5, (64, 96, 3))
     assert f"{video}: 5 frames, 50 detections with score >= 0" in capsys.readouterr().out
+
+
+# Every detection of the random model enters the tracker (its scores are ~0.01).
+TRACK_ALL = ["MODEL.QUERYINST_VIS.TRACKING.DET_SCORE_THRESH", "0",
+             "MODEL.QUERYINST_VIS.TRACKING.INIT_SCORE_THRESH", "0"]
+
+
+def test_video_is_tracked_and_tracks_saved(demo, tmp_path, capsys):
+    """An image config tracks with the training-free tracker: one track per object query of
+    the first frame at most, ids unique per frame, per-frame RLE masks of the frame's size."""
+    from detectron2.data import MetadataCatalog
+    from pycocotools import mask as mask_util
+
+    video = tmp_path / "clip.mp4"
+    _write_video(video, frames=5)
+    out, tracks_json = tmp_path / "tracked.mp4", tmp_path / "tracks.json"
+    argv = _argv("--video-input", str(video), "--output", str(out), "--save-json",
+                 str(tracks_json), min_size=64) + TRACK_ALL
+    assert demo.main(argv) == 0
+    assert _count_frames(out) == (5, (64, 96, 3))
+    saved = json.loads(tracks_json.read_text())
+    assert saved["num_frames"] == 5 and saved["video"] == str(video)
+    tracks = saved["tracks"]
+    assert 0 < len(tracks) and len({t["id"] for t in tracks}) == len(tracks)
+    for t in range(5):
+        present = [k for k in tracks if k["segmentations"][t] is not None]
+        assert len(present) <= 10  # at most one detection per query (10 queries)
+        for k in present:
+            assert mask_util.decode(k["segmentations"][t]).shape == (64, 96)
+            assert k["boxes"][t] is not None
+    voc_classes = MetadataCatalog.get("voc_mini").thing_classes
+    for k in tracks:
+        assert k["category"] == voc_classes[k["category_id"]]
+        assert len(k["boxes"]) == 5 and 0 <= k["score"] <= 1
+    assert f"{video}: {len(tracks)} tracks -> {tracks_json}" in capsys.readouterr().out
+
+
+def test_save_json_needs_a_tracked_video(demo, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--config-file", BASE, "--input", PHOTO, "--save-json", "t.json"])
+    assert exit_info.value.code == 2 and "--save-json" in capsys.readouterr().err
 
 
 def test_unreadable_video_fails(demo, tmp_path, capsys):

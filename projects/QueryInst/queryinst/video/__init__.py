@@ -24,7 +24,7 @@ from .build import (
     check_video_model,
     is_video_dataset,
 )
-from .evaluation import YTVISEvaluator, results_from_tracks, write_submission
+from .evaluation import YTVISEvaluator, results_from_tracks, track_dataset, write_submission
 from .ytvis_metric import evaluate_ytvis, identity_switches
 from .visualization import draw_tracked_frame, frame_instances, save_gif, track_color
 from .ytvis import (
@@ -78,6 +78,7 @@ __all__ = [
     "sample_frame_pair",
     "save_gif",
     "track_color",
+    "track_dataset",
     "tracks_to_json",
     "use_query_tracker",
     "write_submission",

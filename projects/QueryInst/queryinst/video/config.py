@@ -40,11 +40,20 @@ def add_queryinst_vis_config(cfg: CN) -> None:
     # Detections scoring below this never enter the tracker (one detection per query is
     # kept, its best class; the rest of the image model's output is ignored for tracking).
     _C.TRACKING.DET_SCORE_THRESH = 0.05
+    # Duplicates: a detection whose box overlaps a higher-scoring one of its class with IoU
+    # above this is not tracked (per-frame NMS of the tracker's input; 0 = off, as QueryInst
+    # predicts without NMS). A briefly trained model gives several detections per object,
+    # each of which would become a track.
+    _C.TRACKING.NMS_THRESH = 0.0
     # An unmatched detection starts a new track only if it scores at least this.
     _C.TRACKING.INIT_SCORE_THRESH = 0.3
     # A track ends after this many consecutive frames without a detection (K); it can take
     # a detection again within K frames (occlusion gaps).
     _C.TRACKING.MAX_MISSED = 5
+    # Motion gate: a detection may continue a track only if the IoU of its box and the track's
+    # last box is at least this (0 = no gate, MaskTrack R-CNN's rule). Objects that look alike
+    # (cells, one class) need it: their embeddings barely tell them apart (docs/method.md §6.2).
+    _C.TRACKING.MIN_IOU = 0.0
     # QueryCosineTracker: a detection may continue a track only if the cosine similarity of
     # their queries is at least this (the EmbeddingTracker's rule is its "new object" slot).
     _C.TRACKING.COSINE_THRESH = 0.5

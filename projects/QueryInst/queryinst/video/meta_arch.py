@@ -189,16 +189,18 @@ class QueryInstVIS(QueryInst):
         self.tracker.reset()
 
     @torch.no_grad()
-    def track_frame(self, frame: dict) -> Instances:
-        """Segment one frame with the image model and extend the tracks.
+    def detect_frame(self, frame: dict) -> Instances:
+        """The image model's part of :meth:`track_frame`: one detection per query above
+        ``det_score_thresh``, with ``track_embeddings`` for the tracker.
 
         Args:
             frame: "image" (C, H, W) tensor and optional "height", "width" (output size).
 
         Returns:
-            Instances: the frame's tracked detections in output pixels: ``pred_boxes``,
-            ``scores``, ``pred_classes``, ``pred_masks`` (bool (R, H, W)), ``query_indices``,
-            ``track_embeddings`` and ``track_ids`` (int64).
+            Instances: ``pred_boxes``, ``scores``, ``pred_classes``, ``pred_masks`` (bool
+            (R, H, W), the image model's masks), ``query_indices`` and ``track_embeddings``
+            (float (R, E): track-head embeddings, or the raw last-stage queries (R, D) for a
+            tracker that compares queries), in output pixels.
         """
         images, features, stages = self._stages([frame])
         results = self.roi_heads.inference(stages, features, images.image_sizes)[0]
@@ -211,7 +213,20 @@ class QueryInstVIS(QueryInst):
         results.track_embeddings = (
             self.track_head(queries) if self.tracker.uses_track_head else queries
         )
-        return self.tracker.update(results)
+        return results
+
+    @torch.no_grad()
+    def track_frame(self, frame: dict) -> Instances:
+        """Segment one frame with the image model and extend the tracks.
+
+        Args:
+            frame: as :meth:`detect_frame`.
+
+        Returns:
+            Instances: the frame's tracked detections (:meth:`detect_frame`'s fields) with
+            ``track_ids`` (int64).
+        """
+        return self.tracker.update(self.detect_frame(frame))
 
     def finish_video(self):
         """list[VideoTrack]: every track of the frames seen since :meth:`start_video`."""

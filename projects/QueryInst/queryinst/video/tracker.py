@@ -32,7 +32,7 @@ from detectron2.structures import Instances
 from detectron2.utils.registry import Registry
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
-from torchvision.ops import box_iou
+from torchvision.ops import batched_nms, box_iou
 
 from .structures import VideoTrack
 
@@ -152,6 +152,8 @@ class OnlineTracker:
         det_score_thresh: float = 0.05,
         init_score_thresh: float = 0.3,
         max_missed: int = 5,
+        min_iou: float = 0.0,
+        nms_thresh: float = 0.0,
     ):
         """
         Args:
@@ -163,6 +165,11 @@ class OnlineTracker:
                 least this.
             max_missed: K; a track ends once it has gone more than K consecutive frames
                 without a detection.
+            min_iou: a pair is allowed only if the IoU of the track's last box and the
+                detection's box is at least this (a motion gate; 0 = off).
+            nms_thresh: before association, a detection whose box has IoU above this with a
+                higher-scoring detection of its class is ignored (torchvision's
+                ``batched_nms``); 0 = off (QueryInst itself predicts without NMS).
 
         Raises:
             ValueError: ``max_missed`` is negative or not an integer.
@@ -175,6 +182,8 @@ class OnlineTracker:
         self.det_score_thresh = float(det_score_thresh)
         self.init_score_thresh = float(init_score_thresh)
         self.max_missed = int(max_missed)
+        self.min_iou = float(min_iou)
+        self.nms_thresh = float(nms_thresh)
         self.reset()
 
     @classmethod
@@ -187,6 +196,8 @@ class OnlineTracker:
             "det_score_thresh": t.DET_SCORE_THRESH,
             "init_score_thresh": t.INIT_SCORE_THRESH,
             "max_missed": t.MAX_MISSED,
+            "min_iou": t.MIN_IOU,
+            "nms_thresh": t.NMS_THRESH,
         }
 
     # ----------------------------------------------------------------------------- subclass
@@ -247,12 +258,15 @@ class OnlineTracker:
             Needs at least one track (after the first ``update`` that started one).
         """
         m, allowed = self.match_scores(det_embeddings, self._emb)
+        iou = box_iou(det_boxes.float(), self._boxes.float())
         total = (
             m
             + self.score_weight * det_scores.float().clamp(min=_MIN_SCORE).log()[:, None]
-            + self.iou_weight * box_iou(det_boxes.float(), self._boxes.float())
+            + self.iou_weight * iou
             + self.label_weight * (det_classes[:, None] == self._labels[None, :]).float()
         )
+        if self.min_iou > 0:
+            allowed = allowed & (iou >= self.min_iou)
         return total, allowed
 
     def update(self, frame: Instances) -> Instances:
@@ -285,6 +299,11 @@ class OnlineTracker:
         scores = frame.scores.detach()
         device = scores.device
         det_idx = torch.nonzero(scores >= self.det_score_thresh).flatten()
+        if self.nms_thresh > 0 and len(det_idx):
+            keep = batched_nms(frame.pred_boxes.tensor.detach()[det_idx].float(),
+                               scores[det_idx].float(), frame.pred_classes[det_idx],
+                               self.nms_thresh)
+            det_idx = det_idx[keep.sort().values]  # input order
         emb = frame.track_embeddings.detach()[det_idx]
         boxes = frame.pred_boxes.tensor.detach()[det_idx]
         classes = frame.pred_classes[det_idx]
