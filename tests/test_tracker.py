@@ -324,3 +324,27 @@ def test_cuda(kind):
     tracker.update(f)
     (track,) = tracker.finish()
     assert track.masks[1].is_cuda and torch.equal(track.masks[1], f.pred_masks[0])
+
+
+def test_motion_gate_refuses_far_pairs():
+    """With MIN_IOU, a detection whose box barely overlaps the track's last box starts a new
+    track even though its embedding is the track's own; without the gate it continues."""
+    emb = [[1.0, 0.0]]
+    first = _frame([[0, 0, 10, 10]], [0.9], [0], emb)
+    shifted = _frame([[9, 0, 19, 10]], [0.9], [0], emb)  # IoU with the last box: 10 / 190
+    for min_iou, same_id in ((0.0, True), (0.1, False), (0.05, True)):
+        tracker = QueryCosineTracker(min_iou=min_iou)
+        a = tracker.update(first).track_ids.tolist()
+        b = tracker.update(shifted).track_ids.tolist()
+        assert (a == b) == same_id, min_iou
+
+
+def test_nms_keeps_the_best_of_overlapping_detections_per_class():
+    """NMS_THRESH: of two same-class detections with box IoU 81/100 = 0.81 only the higher
+    scoring one is tracked; another class at the same place and a far one are kept."""
+    boxes = [[0, 0, 10, 10], [0, 0, 9, 9], [0, 0, 10, 10], [30, 0, 40, 10]]
+    frame = _frame(boxes, [0.6, 0.9, 0.5, 0.7], [0, 0, 1, 0], torch.eye(4))
+    out = QueryCosineTracker(nms_thresh=0.8).update(frame)
+    assert out.scores.tolist() == pytest.approx([0.9, 0.5, 0.7])  # input order, row 0 gone
+    assert len(QueryCosineTracker(nms_thresh=0.85).update(frame)) == 4
+    assert len(QueryCosineTracker().update(frame)) == 4  # 0 = off

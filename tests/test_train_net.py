@@ -5,13 +5,16 @@ they check the plumbing, not accuracy.
 """
 import json
 import os
+import re
 import shutil
 import sys
+import zipfile
 
 import cv2
 import pytest
 import torch
 from conftest import load_script
+from PIL import Image
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
 from torch import nn
@@ -321,6 +324,13 @@ def test_run_demo_writes_figures_and_resumes(tmp_path, capsys):
     # 8-pixel gap | predictions; the printed demo.py command draws the same detections.
     assert cv2.imread(os.path.join(out_dir, "val_predictions.png")).shape == (1024, 2056, 3)
     assert "demo/demo.py --config-file" in printed and "--confidence-threshold 0.0" in printed
+    # The video part: the held-out pseudo-video tracked, scored and drawn (12 frames, 2x).
+    assert re.search(r"\[demo\] nuclei_dsb_video_val VIS AP [\d.]+  AP50 [\d.]+  "
+                     r"ID switches \d+ \(of 185 GT track-frames\)", printed)
+    with Image.open(os.path.join(out_dir, "video", "tracks.gif")) as gif:
+        assert gif.n_frames == 12 and gif.size == (384, 384)
+    assert zipfile.ZipFile(os.path.join(out_dir, "video", "results.zip")).namelist() == [
+        "results.json"]
 
     iterations, curves = run_demo.read_loss_curves(os.path.join(out_dir, "metrics.json"))
     assert iterations == [MAX_ITER - 1]
