@@ -101,8 +101,9 @@ def test_every_config_loads_and_inherits_base(path):
     cfg = _load(path)
     if path != BASE:
         assert _base_chain(path)[-1] == BASE  # every variant ends at Base-QueryInst.yaml
-    # inherited, not restated
-    assert cfg.MODEL.META_ARCHITECTURE == "QueryInst"
+    # inherited, not restated; the video configs set the video meta-architecture
+    video = "youtube_vis" in path or os.path.basename(path).startswith("queryinst_vis_")
+    assert cfg.MODEL.META_ARCHITECTURE == ("QueryInstVIS" if video else "QueryInst")
     assert cfg.MODEL.PROPOSAL_GENERATOR.NAME == "LearnableProposals"
     assert cfg.MODEL.ROI_HEADS.NAME == "QueryInstROIHeads"
     assert cfg.INPUT.FORMAT == "RGB" and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
@@ -274,3 +275,47 @@ def test_build_coco_variants(one_torch_thread):
             _params(r50) - _params(r50.backbone))
         mask_params = 0 if e["mask"] else _params(r50.roi_heads.mask_heads)
         assert head_extra == (e["queries"] - 100) * (4 + 256) - mask_params, name
+
+
+YTVIS = {  # name -> (depth, train set, test set)
+    "queryinst_vis_R50_FPN_ytvis2019.yaml": (50, "ytvis_2019_train", "ytvis_2019_val"),
+    "queryinst_vis_R101_FPN_ytvis2019.yaml": (101, "ytvis_2019_train", "ytvis_2019_val"),
+    "queryinst_vis_R50_FPN_ytvis2021.yaml": (50, "ytvis_2021_train", "ytvis_2021_val"),
+    "queryinst_vis_R101_FPN_ytvis2021.yaml": (101, "ytvis_2021_train", "ytvis_2021_val"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(YTVIS))
+def test_youtube_vis_configs(name, one_torch_thread):
+    """The paper's VIS setting (docs/method.md §6): 40 classes, frames 360/640, RLE masks as
+    bitmasks, the official COCO weights of the same depth, the VIS data, loader and
+    evaluator; the model builds with a track head and the embedding tracker."""
+    from queryinst.video import QueryInstVIS, YTVISEvaluator, check_video_model
+
+    depth, train, test = YTVIS[name]
+    cfg = _load(os.path.join(CONFIGS, "youtube_vis", name))
+    assert cfg.MODEL.QUERYINST.NUM_CLASSES == 40 and cfg.MODEL.RESNETS.DEPTH == depth
+    assert (cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN) == ((360,), 640)
+    assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (360, 640)
+    assert cfg.INPUT.MASK_FORMAT == "bitmask"
+    assert f"queryinst_r{depth}_fpn_mstrain_480-800_3x_coco" in cfg.MODEL.WEIGHTS
+    assert (tuple(cfg.DATASETS.TRAIN), tuple(cfg.DATASETS.TEST)) == ((train,), (test,))
+    check_video_model(cfg)  # video data with the video model: no error
+    evaluator = train_net.Trainer.build_evaluator(cfg, test, output_folder="unused")
+    assert isinstance(evaluator, YTVISEvaluator)
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    assert isinstance(model, QueryInstVIS) and model.track_head is not None
+    assert type(model.tracker).__name__ == "EmbeddingTracker"
+
+
+def test_video_data_with_an_image_model_is_refused():
+    from queryinst.video import check_video_model
+
+    cfg = _load(BASE, ["DATASETS.TEST", "('nuclei_dsb_video_val',)"])
+    with pytest.raises(ValueError, match="MODEL.META_ARCHITECTURE QueryInstVIS"):
+        check_video_model(cfg)
+    cfg = _load(os.path.join(CONFIGS, "youtube_vis", "queryinst_vis_R50_FPN_ytvis2019.yaml"),
+                ["DATASETS.TRAIN", "('nuclei_dsb_train',)"])
+    with pytest.raises(ValueError, match="trains on videos"):
+        check_video_model(cfg)

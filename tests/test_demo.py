@@ -260,8 +260,8 @@ def test_video_gives_video_with_same_frames(demo, tmp_path, capsys):
 
 
 # Every detection of the random model enters the tracker (its scores are ~0.01).
-TRACK_ALL = ["MODEL.QUERYINST_VIS.TRACKING.DET_SCORE_THRESH", "0",
-             "MODEL.QUERYINST_VIS.TRACKING.INIT_SCORE_THRESH", "0"]
+TRACK_ALL = ["MODEL.QUERYINST_VIS.TRACKING.DET_SCORE_THRESH", "0.0",
+             "MODEL.QUERYINST_VIS.TRACKING.INIT_SCORE_THRESH", "0.0"]
 
 
 def test_video_is_tracked_and_tracks_saved(demo, tmp_path, capsys):
