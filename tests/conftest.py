@@ -36,3 +36,40 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def stardist_arrays():
+    """(image, labels) of the bundled nuclei source, read straight from the cached stardist
+    wheel (not via the converters under test)."""
+    import io
+    import zipfile
+
+    import tifffile
+
+    from queryinst.data import bundled_sources as src
+    from queryinst.data import download_package
+
+    wheel = download_package(src.STARDIST, pip_args=src.STARDIST_PIP_ARGS)
+    with zipfile.ZipFile(wheel) as zf:
+        image = tifffile.imread(io.BytesIO(zf.read("stardist/data/images/img2d.tif")))
+        labels = tifffile.imread(io.BytesIO(zf.read("stardist/data/images/mask2d.tif")))
+    return image, labels
+
+
+def uncompressed_rle(mask):
+    """Uncompressed COCO RLE written from its definition (independent of pycocotools):
+    run lengths of the column-major pixels, starting with a run of zeros (the format of
+    many YouTube-VIS GT files). ``mask``: (H, W) array of {0, 1}."""
+    import numpy as np
+
+    flat = np.asarray(mask).flatten(order="F").astype(np.uint8)
+    counts, current, run = [], 0, 0
+    for v in flat:
+        if v == current:
+            run += 1
+        else:
+            counts.append(run)
+            current, run = v, 1
+    counts.append(run)
+    return {"size": list(np.asarray(mask).shape), "counts": [int(c) for c in counts]}

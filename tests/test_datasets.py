@@ -3,17 +3,14 @@
 The source packages are downloaded once per machine into the package cache
 ($QUERYINST_CACHE/packages); the conversion runs once per test session.
 """
-import io
 import json
 import os
 import shutil
 import subprocess
-import zipfile
 
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
-import tifffile
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
@@ -54,16 +51,6 @@ def _coco(root, name):
         data = json.load(f)
     assert MetadataCatalog.get(name).json_file.startswith(root)
     return data
-
-
-@pytest.fixture(scope="session")
-def stardist_arrays():
-    """(image, labels) read straight from the cached stardist wheel, not via the converter."""
-    wheel = download_package(src.STARDIST, pip_args=src.STARDIST_PIP_ARGS)
-    with zipfile.ZipFile(wheel) as zf:
-        image = tifffile.imread(io.BytesIO(zf.read("stardist/data/images/img2d.tif")))
-        labels = tifffile.imread(io.BytesIO(zf.read("stardist/data/images/mask2d.tif")))
-    return image, labels
 
 
 @pytest.fixture(scope="session")

@@ -4,18 +4,15 @@ YouTube-VIS loader and decoded against their sources read straight from the pack
 The sources come from the package cache ($QUERYINST_CACHE/packages, downloaded once per
 machine); the build runs once per test session, into a temporary datasets root.
 """
-import io
 import json
 import os
 import shutil
 import tarfile
-import zipfile
 
 import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
-import tifffile
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
@@ -47,16 +44,6 @@ def built(tmp_path_factory):
             jsons[name] = json.load(f)
     yield root, dicts, jsons
     vb.register_bundled_video_datasets()  # back to the default root for other tests
-
-
-@pytest.fixture(scope="module")
-def stardist_arrays():
-    """(image, labels) read straight from the cached stardist wheel, not via the converter."""
-    wheel = download_package(src.STARDIST, pip_args=src.STARDIST_PIP_ARGS)
-    with zipfile.ZipFile(wheel) as zf:
-        image = tifffile.imread(io.BytesIO(zf.read("stardist/data/images/img2d.tif")))
-        labels = tifffile.imread(io.BytesIO(zf.read("stardist/data/images/mask2d.tif")))
-    return image, labels
 
 
 def _decode(segm):

@@ -19,6 +19,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from PIL import Image
 
+from conftest import uncompressed_rle
 from queryinst import add_queryinst_config
 from queryinst.data import DatasetFormatError, datasets_root
 from queryinst.video import (
@@ -47,20 +48,6 @@ def l_shape(x0, y0):
     m[y0:y0 + 8, x0:x0 + 2] = 1
     m[y0 + 6:y0 + 8, x0:x0 + 6] = 1
     return m
-
-
-def uncompressed_rle(mask):
-    """Uncompressed RLE by hand: run lengths of the column-major pixels, zeros first."""
-    flat = mask.flatten(order="F")
-    counts, value, run = [], 0, 0
-    for v in flat:
-        if v == value:
-            run += 1
-        else:
-            counts.append(run)
-            value, run = v, 1
-    counts.append(run)
-    return {"size": [H, W], "counts": [int(c) for c in counts]}
 
 
 def compressed_rle(mask):

@@ -11,7 +11,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-from conftest import load_script
+from conftest import load_script, uncompressed_rle
 
 from queryinst.video.evaluation import (YTVISEvaluator, results_from_tracks,
                                         write_submission)
@@ -37,21 +37,6 @@ def rle(mask):
     r = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
     r["counts"] = r["counts"].decode()
     return r
-
-
-def uncompressed_rle(mask):
-    """Uncompressed RLE written here from its definition: column-major run lengths that
-    start with a run of zeros (the format of many YouTube-VIS GT files)."""
-    flat = mask.flatten(order="F").astype(np.uint8)
-    counts, cur, run = [], 0, 0
-    for v in flat:
-        if v == cur:
-            run += 1
-        else:
-            counts.append(run)
-            cur, run = v, 1
-    counts.append(run)
-    return {"size": list(mask.shape), "counts": counts}
 
 
 def make_gt(videos, tracks, categories=(1, 2), encode=rle):

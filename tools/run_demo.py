@@ -171,6 +171,24 @@ def draw_val_predictions(cfg, weights: str, dataset_name: str, out_file: str,
     return len(instances), record["file_name"]
 
 
+def pseudo_video_model(cfg, weights: str):
+    """A video model for the bundled pseudo-videos: ``cfg`` (a ``QueryInstVIS`` config) with
+    the frames tested at their own size, the scale of the image tiles, and the model built
+    from it in eval mode with ``weights`` loaded strictly.
+
+    Returns:
+        (CfgNode, QueryInstVIS): the adjusted copy of ``cfg`` and the model.
+    """
+    from detectron2.modeling import build_model
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.INPUT.MIN_SIZE_TEST = NUCLEI_VIDEO_FRAME
+    model = build_model(cfg).eval()
+    QueryInstCheckpointer(model, strict=True).load(weights)
+    return cfg, model
+
+
 def track_video(cfg, weights: str, dataset_name: str, out_dir: str,
                 score_threshold: float) -> tuple[dict, str]:
     """Track a bundled video with an image model and the training-free tracker; draw a GIF.
@@ -187,13 +205,8 @@ def track_video(cfg, weights: str, dataset_name: str, out_dir: str,
     """
     from detectron2.data import MetadataCatalog
     from detectron2.data.detection_utils import read_image
-    from detectron2.modeling import build_model
 
-    cfg = video.use_query_tracker(cfg)
-    cfg.defrost()
-    cfg.INPUT.MIN_SIZE_TEST = NUCLEI_VIDEO_FRAME  # the frames' own size: the tiles' scale
-    model = build_model(cfg).eval()
-    QueryInstCheckpointer(model, strict=True).load(weights)
+    cfg, model = pseudo_video_model(video.use_query_tracker(cfg), weights)
     results, kept = video.track_dataset(
         model, video.build_vis_test_loader(cfg, dataset_name),
         video.YTVISEvaluator(dataset_name, output_dir=out_dir, distributed=False))

@@ -37,6 +37,7 @@ import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)  # train_net.py (it puts the package of this checkout on the path)
+sys.path.insert(0, os.path.join(_REPO, "tools"))  # run_demo.py
 
 import numpy as np  # noqa: E402
 import train_net  # noqa: E402  (registers the model and the datasets)
@@ -49,13 +50,11 @@ from detectron2.data import (  # noqa: E402
 )
 from detectron2.engine import default_argument_parser  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
 
 from queryinst import QueryInstDatasetMapper, add_queryinst_config  # noqa: E402
 from queryinst import video  # noqa: E402
-from queryinst.checkpoint import QueryInstCheckpointer  # noqa: E402
 from queryinst.config_loading import merge_config  # noqa: E402
-from queryinst.video.pseudo_video import NUCLEI_VIDEO_FRAME  # noqa: E402
+from run_demo import pseudo_video_model  # noqa: E402  (tools/, this script's folder)
 
 IMAGE_CONFIG = os.path.join("configs", "bundled", "queryinst_MNV2_FPN_nuclei.yaml")
 VIS_CONFIG = os.path.join("configs", "bundled", "queryinst_vis_MNV2_FPN_nuclei.yaml")
@@ -131,11 +130,7 @@ def overhead(model, video_input: dict, repeats: int) -> dict:
 
 
 def measure(tracker: str, cfg, weights: str, repeats: int, out_dir: str) -> dict:
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.INPUT.MIN_SIZE_TEST = NUCLEI_VIDEO_FRAME  # the frames' own size: the tiles' scale
-    model = build_model(cfg).eval()
-    QueryInstCheckpointer(model, strict=True).load(weights)
+    cfg, model = pseudo_video_model(cfg, weights)
     results, kept = video.track_dataset(
         model, video.build_vis_test_loader(cfg, DATASET),
         video.YTVISEvaluator(DATASET, output_dir=os.path.join(out_dir, tracker),
@@ -176,13 +171,10 @@ def gt_identity_row(cfg, weights: str, out_dir: str) -> dict:
     link up), with perfect association. The switches left are due to the detections: frames
     where an object has no mask at IoU >= 0.5, duplicates. (Detections of no GT object get
     random embeddings and short tracks, so this row's AP means nothing and is not reported.)"""
-    cfg = video.use_query_tracker(cfg)  # a VIS config keeps its track head, unused here
-    cfg.defrost()
-    cfg.INPUT.MIN_SIZE_TEST = NUCLEI_VIDEO_FRAME
+    cfg = cfg.clone()  # the track head stays in the model, unused by this tracker
     cfg.MODEL.QUERYINST_VIS.TRACKER = "QueryCosineTracker"
     cfg.MODEL.QUERYINST_VIS.TRACKING.COSINE_THRESH = 0.99
-    model = build_model(cfg).eval()
-    QueryInstCheckpointer(model, strict=True).load(weights)
+    cfg, model = pseudo_video_model(cfg, weights)
     videos = {v["video_id"]: v for v in DatasetCatalog.get(DATASET)}
     evaluator = video.YTVISEvaluator(DATASET, output_dir=os.path.join(out_dir, "gt_identity"),
                                      distributed=False)

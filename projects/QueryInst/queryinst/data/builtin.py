@@ -25,7 +25,7 @@ from . import bundled_sources as src
 from .coco_format import DatasetFormatError, load_coco_instances
 
 __all__ = ["BundledDataset", "BUNDLED_DATASETS", "datasets_root", "prepare_bundled_datasets",
-           "register_bundled_datasets"]
+           "register_bundled_datasets", "register_lazily"]
 
 
 class BundledDataset(NamedTuple):
@@ -202,23 +202,36 @@ def register_bundled_datasets(root: Optional[str] = None) -> None:
     Metadata per dataset: thing_classes, thing_dataset_id_to_contiguous_id, json_file,
     image_root, evaluator_type="coco", image_count, instance_count, source, license.
     """
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
     root = datasets_root(root)
     for name, spec in BUNDLED_DATASETS.items():
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-        if name in MetadataCatalog.list():
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda spec=spec: _load(spec, root))
         json_file, image_root = _paths(spec, root)
-        MetadataCatalog.get(name).set(
-            thing_classes=list(spec.thing_classes),
-            thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(spec.thing_classes))},
+        register_lazily(
+            name, lambda spec=spec: _load(spec, root), spec.thing_classes,
             json_file=json_file, image_root=image_root, evaluator_type="coco",
             image_count=spec.image_count, instance_count=spec.instance_count,
             source=spec.source, license=spec.license,
         )
+
+
+def register_lazily(name: str, load, thing_classes, **metadata) -> None:
+    """(Re-)register a bundled dataset: ``load`` runs on the first ``DatasetCatalog.get``.
+
+    An earlier registration of ``name`` is replaced (so a new datasets root takes effect).
+    The metadata get ``thing_classes`` and category ids 1..C mapped to 0..C-1, plus
+    ``metadata``.
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    if name in MetadataCatalog.list():
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(
+        thing_classes=list(thing_classes),
+        thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(thing_classes))},
+        **metadata,
+    )
 
 
 register_bundled_datasets()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from PIL import Image
 
@@ -126,15 +126,7 @@ def validate_coco_instances(json_file: str, image_root: str, verify_images: bool
     data = _read_json(json_file)
     problems: List[str] = []
 
-    category_ids = set()
-    for cat in data["categories"]:
-        cid = cat.get("id") if isinstance(cat, dict) else None
-        if not isinstance(cid, int) or not isinstance(cat.get("name"), str):
-            problems.append(f"category {cat!r} needs an integer 'id' and a string 'name'")
-            continue
-        if cid in category_ids:
-            problems.append(f"category id {cid} appears twice")
-        category_ids.add(cid)
+    category_ids = set(_check_categories(data, problems))
 
     images = {}
     for img in data["images"]:
@@ -154,14 +146,9 @@ def validate_coco_instances(json_file: str, image_root: str, verify_images: bool
 
     annotation_ids = set()
     for ann in data["annotations"]:
-        aid = ann.get("id") if isinstance(ann, dict) else None
-        if aid is None:
-            problems.append(f"annotation without 'id': {str(ann)[:200]}")
+        where = _annotation_where(ann, annotation_ids, problems)
+        if where is None:
             continue
-        where = f"annotation id {aid}"
-        if aid in annotation_ids:
-            problems.append(f"{where} appears twice")
-        annotation_ids.add(aid)
         if ann.get("image_id") not in images:
             problems.append(f"{where} refers to image_id {ann.get('image_id')!r}, not in 'images'")
             continue
@@ -247,3 +234,33 @@ def register_coco_instances_checked(name: str, metadata: dict, json_file: str, i
     MetadataCatalog.get(name).set(
         json_file=json_file, image_root=image_root, evaluator_type="coco", **metadata
     )
+
+
+def _annotation_where(ann, seen: set, problems: List[str], meaning: str = "") -> Optional[str]:
+    """"annotation id N" for messages about ``ann``; a missing id (then None is returned) or
+    a repeated one is added to ``problems``. ``seen`` collects the ids met so far;
+    ``meaning`` says what the id stands for (e.g. "the track identity")."""
+    aid = ann.get("id") if isinstance(ann, dict) else None
+    if aid is None:
+        what = f" ({meaning})" if meaning else ""
+        problems.append(f"annotation without 'id'{what}: {str(ann)[:200]}")
+        return None
+    where = f"annotation id {aid}"
+    if aid in seen:
+        problems.append(f"{where} appears twice; give each annotation its own id")
+    seen.add(aid)
+    return where
+
+
+def _check_categories(data: dict, problems: List[str]) -> Dict[int, str]:
+    """Category id -> name of the json; problems appended."""
+    categories: Dict[int, str] = {}
+    for cat in data["categories"]:
+        cid = cat.get("id") if isinstance(cat, dict) else None
+        if not isinstance(cid, int) or not isinstance(cat.get("name"), str):
+            problems.append(f"category {cat!r} needs an integer 'id' and a string 'name'")
+            continue
+        if cid in categories:
+            problems.append(f"category id {cid} appears twice; give each category its own id")
+        categories[cid] = cat["name"]
+    return categories

@@ -28,7 +28,7 @@ import pycocotools.mask as mask_util
 from PIL import Image
 
 from ..data import bundled_sources as src
-from ..data.builtin import _write_atomic, datasets_root
+from ..data.builtin import _write_atomic, datasets_root, register_lazily
 from ..data.coco_format import DatasetFormatError
 from ..data.package_files import read_package_files
 from .pseudo_video import (
@@ -322,19 +322,11 @@ def register_bundled_video_datasets(root: Optional[str] = None) -> None:
     image_root, evaluator_type="ytvis", video_count, frame_count, track_count,
     track_frame_count, source, license.
     """
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
     root = datasets_root(root)
     for name, spec in BUNDLED_VIDEO_DATASETS.items():
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-        if name in MetadataCatalog.list():
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda spec=spec: _load(spec, root))
         json_file, image_root = _paths(spec, root)
-        MetadataCatalog.get(name).set(
-            thing_classes=list(spec.thing_classes),
-            thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(spec.thing_classes))},
+        register_lazily(
+            name, lambda spec=spec: _load(spec, root), spec.thing_classes,
             json_file=json_file, image_root=image_root, evaluator_type="ytvis",
             video_count=spec.video_count, frame_count=spec.frame_count,
             track_count=spec.track_count, track_frame_count=spec.track_frame_count,

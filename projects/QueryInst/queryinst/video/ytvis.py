@@ -32,6 +32,8 @@ from detectron2.structures import BoxMode
 
 from ..data.builtin import datasets_root
 from ..data.coco_format import (
+    _annotation_where,
+    _check_categories,
     _check_image_file,
     _is_xywh_box,
     _raise_problems,
@@ -94,20 +96,6 @@ def ytvis_metadata(year: int) -> dict:
     }
 
 
-def _check_categories(data: dict, problems: List[str]) -> Dict[int, str]:
-    """Category id -> name of the json; problems appended."""
-    categories: Dict[int, str] = {}
-    for cat in data["categories"]:
-        cid = cat.get("id") if isinstance(cat, dict) else None
-        if not isinstance(cid, int) or not isinstance(cat.get("name"), str):
-            problems.append(f"category {cat!r} needs an integer 'id' and a string 'name'")
-            continue
-        if cid in categories:
-            problems.append(f"category id {cid} appears twice; give each category its own id")
-        categories[cid] = cat["name"]
-    return categories
-
-
 def _check_videos(data: dict, image_root: str, verify_images: bool,
                   problems: List[str]) -> Dict[int, dict]:
     """Video id -> video of the json, frame files checked; problems appended."""
@@ -145,14 +133,9 @@ def _check_annotations(data: dict, videos: Dict[int, dict], categories: Dict[int
     """Check every annotation (track) against its video; problems appended."""
     annotation_ids = set()
     for ann in data["annotations"]:
-        aid = ann.get("id") if isinstance(ann, dict) else None
-        if aid is None:
-            problems.append(f"annotation without 'id' (the track identity): {str(ann)[:200]}")
+        where = _annotation_where(ann, annotation_ids, problems, "the track identity")
+        if where is None:
             continue
-        where = f"annotation id {aid}"
-        if aid in annotation_ids:
-            problems.append(f"{where} appears twice; give each track its own id")
-        annotation_ids.add(aid)
         video = videos.get(ann.get("video_id"))
         if video is None:
             problems.append(f"{where} refers to video_id {ann.get('video_id')!r}, not a valid "
