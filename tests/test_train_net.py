@@ -345,3 +345,31 @@ def test_run_demo_writes_figures_and_resumes(tmp_path, capsys):
     with open(os.path.join(out_dir, "log.txt")) as f:
         starts = [line for line in f if "Starting training from iteration" in line]
     assert [s.split()[-1] for s in starts] == ["0", str(MAX_ITER)]
+
+
+# ---------------------------------------------------------------- QueryInstVIS (issue 12)
+
+
+def test_vis_training_and_eval_only_on_the_bundled_videos(tmp_path):
+    """train_net.py trains QueryInstVIS on (key, reference) pairs of the training
+    pseudo-videos (the VIS loader and mapper; loss_track logged), evaluates the held-out
+    video with YTVISEvaluator after the last iteration and writes the submission; then
+    --eval-only loads that checkpoint strictly and gives the same numbers (tracking is
+    deterministic)."""
+    out_dir = str(tmp_path / "vis")
+    vis = ["MODEL.META_ARCHITECTURE", "QueryInstVIS", "MODEL.WEIGHTS", "",
+           "MODEL.QUERYINST_VIS.TRACK_HEAD.EMBED_DIM", "32",
+           "DATASETS.TRAIN", "('nuclei_dsb_video_train',)",
+           "DATASETS.TEST", "('nuclei_dsb_video_val',)",
+           "DATALOADER.FILTER_EMPTY_ANNOTATIONS", "False", "SOLVER.MAX_ITER", "2",
+           "OUTPUT_DIR", out_dir]
+    results = train_net.main(_args(opts=vis))
+    segm = results["segm"]
+    assert {"AP", "AP50", "AR10", "ID switches"} <= set(segm)
+    assert segm["GT track-frames"] == 185  # the held-out video's
+    assert "loss_track" in _metrics(out_dir)[-1]
+    with zipfile.ZipFile(os.path.join(out_dir, "inference", "results.zip")) as zf:
+        assert zf.namelist() == ["results.json"]
+    again = train_net.main(_args("--eval-only", opts=vis + [
+        "MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth")]))
+    assert again["segm"] == pytest.approx(segm, nan_ok=True)

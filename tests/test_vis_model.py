@@ -154,3 +154,21 @@ def test_tracks_keep_the_image_models_masks(tracker, head):
             assert track.masks[1] is not None
             if tracker == "QueryCosineTracker":
                 assert torch.equal(track.masks[0], track.masks[1])
+
+
+def test_image_checkpoint_tracks_training_free_but_never_fills_a_track_head(tmp_path):
+    """An image checkpoint fills the model of ``use_query_tracker(image config)`` exactly
+    (strict inference load); a model with a track head is refused, not loaded partially."""
+    from queryinst.checkpoint import CheckpointFormatError, QueryInstCheckpointer
+    from queryinst.video import use_query_tracker
+
+    image_cfg = small_cfg(num_classes=2, num_proposals=8, num_stages=2)
+    torch.manual_seed(0)
+    path = str(tmp_path / "image_model.pth")
+    torch.save({"model": build_model(image_cfg).state_dict()}, path)
+    tracking = build_model(use_query_tracker(image_cfg)).eval()
+    QueryInstCheckpointer(tracking, strict=True).load(path)
+    assert type(tracking.tracker).__name__ == "QueryCosineTracker"
+    assert tracking.track_head is None
+    with pytest.raises(CheckpointFormatError, match="track_head"):
+        QueryInstCheckpointer(build_model(vis_cfg()), strict=True).load(path)
