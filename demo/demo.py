@@ -369,8 +369,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     d2_logger.info(device_note(cfg.MODEL.DEVICE))
     try:  # an empty MODEL.WEIGHTS only gets a warning (predictor.py)
+        # Tracks keep their masks only for --save-json: a webcam stream would grow forever.
         demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold,
-                                 tracking=not (args.input or args.no_tracking))
+                                 tracking=not (args.input or args.no_tracking),
+                                 keep_track_masks=bool(args.save_json))
     except CheckpointError as exc:  # unusable MODEL.WEIGHTS: the message says what to pass
         _error(str(exc))
         return 1

@@ -116,6 +116,8 @@ class VisualizationDemo:
             own stable colour with its id (:meth:`run_on_frames`). A ``QueryInstVIS``
             config tracks with its own tracker; an image config with the training-free
             ``QueryCosineTracker`` (``queryinst.video.use_query_tracker``).
+        keep_track_masks: with ``tracking``, keep every frame's masks for :meth:`tracks`;
+            False frees them after drawing (long streams), and the tracks have no masks.
 
     Raises:
         queryinst.checkpoint.CheckpointError: ``MODEL.WEIGHTS`` cannot be used (strict load,
@@ -123,12 +125,15 @@ class VisualizationDemo:
     """
 
     def __init__(self, cfg, confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
-                 instance_mode: ColorMode = ColorMode.IMAGE, tracking: bool = False):
+                 instance_mode: ColorMode = ColorMode.IMAGE, tracking: bool = False,
+                 keep_track_masks: bool = True):
         self.metadata = demo_metadata(cfg)
         self.confidence_threshold = confidence_threshold
         self.instance_mode = instance_mode
         self.tracking = tracking
         self.predictor = QueryInstPredictor(use_query_tracker(cfg) if tracking else cfg)
+        if tracking:
+            self.predictor.model.tracker.keep_masks = keep_track_masks
 
     def predict(self, image_bgr: np.ndarray) -> Instances:
         """Detections of one image above the threshold, on the CPU.

@@ -348,3 +348,16 @@ def test_nms_keeps_the_best_of_overlapping_detections_per_class():
     assert out.scores.tolist() == pytest.approx([0.9, 0.5, 0.7])  # input order, row 0 gone
     assert len(QueryCosineTracker(nms_thresh=0.85).update(frame)) == 4
     assert len(QueryCosineTracker().update(frame)) == 4  # 0 = off
+
+
+def test_keep_masks_false_frees_the_masks_of_finished_frames():
+    """keep_masks False (long streams): update still returns the frame's masks, finish()
+    keeps boxes and scores but no masks."""
+    tracker = QueryCosineTracker()
+    tracker.keep_masks = False
+    frame = _frame([[0, 0, 10, 10]], [0.9], [0], [[1.0, 0.0]])
+    out = tracker.update(frame)
+    assert out.has("pred_masks") and torch.equal(out.pred_masks, frame.pred_masks)
+    (track,) = tracker.finish()
+    assert track.masks == [None] and torch.equal(track.boxes[0], frame.pred_boxes.tensor[0])
+    assert track.frame_scores == pytest.approx([0.9])

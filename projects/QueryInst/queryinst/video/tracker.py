@@ -138,9 +138,13 @@ class OnlineTracker:
     Attributes:
         uses_track_head: whether ``track_embeddings`` must be track-head embeddings (True)
             or the raw last-stage object queries (False); ``QueryInstVIS`` supplies them.
+        keep_masks: whether ``finish()`` returns the masks (True, default). Set it to False
+            for long streams (a webcam) whose tracks are only drawn frame by frame: the
+            history then holds boxes, scores and classes, and the masks are freed.
     """
 
     uses_track_head = True
+    keep_masks = True
 
     @configurable
     def __init__(
@@ -359,8 +363,13 @@ class OnlineTracker:
         track_ids = [ids_of[d] for d in kept]
         out.track_ids = torch.as_tensor(track_ids, dtype=torch.int64, device=device)
         classes_cpu = classes.tolist()
+        kept_frame = out
+        if not self.keep_masks and out.has("pred_masks"):
+            kept_frame = Instances(out.image_size, **out.get_fields())
+            kept_frame.remove("pred_masks")
         self._history.append(
-            (out, track_ids, [det_scores_cpu[d] for d in kept], [classes_cpu[d] for d in kept])
+            (kept_frame, track_ids, [det_scores_cpu[d] for d in kept],
+             [classes_cpu[d] for d in kept])
         )
         self._num_frames = t + 1
         return out
