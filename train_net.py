@@ -181,8 +181,10 @@ def setup(args):
     cfg = get_cfg()
     add_queryinst_config(cfg)
     merge_config(cfg, args.config_file, args.opts)
-    # An official checkpoint in MODEL.WEIGHTS implies its queries / classes / stages / depth.
-    cfg.merge_from_list(official_config_opts(cfg.MODEL.WEIGHTS))
+    # An official checkpoint in MODEL.WEIGHTS implies its queries / stages / depth, and for
+    # --eval-only its classes (training fine-tunes it to the config's classes).
+    cfg.merge_from_list(official_config_opts(cfg.MODEL.WEIGHTS,
+                                              fine_tuning=not getattr(args, "eval_only", False)))
     cfg.freeze()
     default_setup(cfg, args)
     logging.getLogger("detectron2").info(device_note(cfg.MODEL.DEVICE))

@@ -368,11 +368,49 @@ def test_official_config_opts_reads_the_file_or_gives_nothing(official_file, mod
         assert official_config_opts(path) == []
 
 
-def test_official_file_for_another_config_is_refused(official_file):
+def test_official_file_for_another_class_count_fine_tunes_but_never_infers(official,
+                                                                           official_file):
+    """Training (not strict) fine-tunes an official file to 5 classes: every tensor but the
+    class logits and mask predictors is the file's, those keep their random init; inference
+    (strict) refuses the file and names the class count it implies."""
     detected = detect_official_config(load_official_state_dict(official_file))
     model = build_model(make_cfg({**detected, "MODEL.QUERYINST.NUM_CLASSES": 5}))
+    before = model.state_dict()["roi_heads.box_heads.1.cls_score.weight"].clone()
+    QueryInstCheckpointer(model).load(official_file)
+    state = model.state_dict()
+    assert torch.equal(state["backbone.bottom_up.res4.2.conv2.norm.running_var"],
+                       official["backbone.layer3.2.bn2.running_var"])
+    assert torch.equal(state["roi_heads.box_heads.1.cls_score.weight"], before)
+    assert state["roi_heads.mask_heads.0.predictor.weight"].shape[0] == 5
     with pytest.raises(CheckpointFormatError, match=r"(?s)cls_score.*NUM_CLASSES: 3"):
+        QueryInstCheckpointer(model, strict=True).load(official_file)
+
+
+def test_official_file_for_another_query_count_is_refused_even_for_training(official_file):
+    detected = detect_official_config(load_official_state_dict(official_file))
+    model = build_model(make_cfg({**detected, "MODEL.QUERYINST.NUM_PROPOSALS": 12}))
+    with pytest.raises(CheckpointFormatError, match=r"(?s)init_proposal_boxes.*NUM_PROPOSALS: 10"):
         QueryInstCheckpointer(model).load(official_file)
+
+
+def test_official_file_starts_a_video_model_with_its_own_classes(official, official_file):
+    """The YouTube-VIS configs' start: an official COCO file into QueryInstVIS with another
+    class count; the track head (no official tensor) keeps its init, the rest is the file's.
+    official_config_opts leaves the class count to the config when fine-tuning."""
+    detected = detect_official_config(load_official_state_dict(official_file))
+    opts = official_config_opts(official_file, fine_tuning=True)
+    assert "MODEL.QUERYINST.NUM_CLASSES" not in opts[::2]
+    assert "MODEL.QUERYINST.NUM_CLASSES" in official_config_opts(official_file)[::2]
+    cfg = make_cfg({**detected, "MODEL.QUERYINST.NUM_CLASSES": 4})
+    cfg.MODEL.META_ARCHITECTURE = "QueryInstVIS"
+    model = build_model(cfg)
+    head = model.track_head.mlp[0].weight.clone()
+    QueryInstCheckpointer(model).load(official_file)
+    assert torch.equal(model.track_head.mlp[0].weight, head)
+    assert torch.equal(model.state_dict()["proposal_generator.init_proposal_features.weight"],
+                       official["rpn_head.init_proposal_features.weight"])
+    with pytest.raises(CheckpointFormatError, match="track_head"):
+        QueryInstCheckpointer(model, strict=True).load(official_file)
 
 
 def test_converted_file_loads_with_detectron2_checkpointer(official, official_file, tmp_path):

@@ -2,6 +2,7 @@
 pair, and online tracking whose per-frame masks are the image model's (docs/method.md §6)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -140,12 +141,15 @@ def test_tracks_keep_the_image_models_masks(tracker, head):
     tracks = out["tracks"]
     assert tracks, "the tracker started no track"
     for t, dets in enumerate(image_out):
-        for track in tracks:
-            if track.masks[t] is None:
-                continue
+        # With both thresholds 0 every query's best detection is tracked: the frame's tracked
+        # masks are exactly those of the image model, one per query.
+        expected = one_detection_per_query(dets, 0.0)
+        present = [k for k in tracks if k.masks[t] is not None]
+        assert len(present) == len(expected) > 0
+        for track in present:
             same = [torch.equal(track.masks[t], m) and torch.equal(track.boxes[t], b)
-                    for m, b in zip(dets.pred_masks, dets.pred_boxes.tensor)]
-            assert any(same)
+                    for m, b in zip(expected.pred_masks, expected.pred_boxes.tensor)]
+            assert sum(same) == 1
     # Frames 0 and 1 are the same image: every track of frame 0 continues in frame 1 (a
     # one-to-one assignment of identical detections exists). Cosine similarity is largest for
     # the query itself, so that tracker keeps each mask on its own track.
@@ -172,3 +176,29 @@ def test_image_checkpoint_tracks_training_free_but_never_fills_a_track_head(tmp_
     assert tracking.track_head is None
     with pytest.raises(CheckpointFormatError, match="track_head"):
         QueryInstCheckpointer(build_model(vis_cfg()), strict=True).load(path)
+
+
+def test_each_track_is_drawn_in_its_own_stable_colour():
+    """draw_tracked_frame fills a track's mask with track_color(id) (alpha 0.5 on a black
+    frame): the same id gives the same colour in any frame, and ids 3 and 4 differ."""
+    from detectron2.data import MetadataCatalog
+    from queryinst.video import draw_tracked_frame, track_color
+
+    def drawn_colour(track_id, x0):
+        inst = Instances((64, 96))
+        mask = torch.zeros(1, 64, 96, dtype=torch.bool)
+        mask[0, 20:44, x0:x0 + 24] = True
+        inst.pred_masks = mask
+        inst.pred_boxes = Boxes(torch.tensor([[x0, 20.0, x0 + 24, 44.0]]))
+        inst.scores = torch.tensor([0.9])
+        inst.pred_classes = torch.tensor([0])
+        inst.track_ids = torch.tensor([track_id])
+        frame = np.zeros((64, 96, 3), np.uint8)
+        image = draw_tracked_frame(frame, inst, MetadataCatalog.get("__unused"))
+        return image[30:34, x0 + 10:x0 + 14].reshape(-1, 3).mean(0)
+
+    for track_id in (3, 4):
+        expected = 0.5 * 255 * np.asarray(track_color(track_id))
+        assert np.abs(drawn_colour(track_id, 10) - expected).max() < 3
+        assert np.abs(drawn_colour(track_id, 60) - expected).max() < 3  # another frame/place
+    assert np.abs(np.asarray(track_color(3)) - np.asarray(track_color(4))).max() > 0.1

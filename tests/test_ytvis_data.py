@@ -396,3 +396,28 @@ def test_mapper_from_config_train_and_16_bit_frames(tmp_path):
     out = test_mapper({"video_id": 0, "height": H, "width": W, "file_names": names})
     for im in out["image"]:
         np.testing.assert_array_equal(im[0].numpy(), (values >> 4).astype(np.uint8))
+
+
+@pytest.mark.parametrize("edit", ["absent", "null"])
+def test_split_without_annotations_loads_videos_without_objects(tiny, edit):
+    """The official valid json has no annotations: every video loads, with empty frames."""
+    json_file, image_root = tiny
+
+    def drop(data):
+        if edit == "absent":
+            del data["annotations"]
+        else:
+            data["annotations"] = None
+
+    _edit_json(json_file, drop)
+    dicts = load_ytvis_json(json_file, image_root)
+    assert len(dicts) == 2
+    assert all(frame == [] for d in dicts for frame in d["annotations"])
+    assert all(len(d["annotations"]) == d["length"] == len(d["file_names"]) for d in dicts)
+
+
+def test_annotations_of_the_wrong_type_are_refused(tiny):
+    json_file, image_root = tiny
+    _edit_json(json_file, lambda data: data.update(annotations={"id": 1}))
+    with pytest.raises(DatasetFormatError, match="'annotations' must be a list"):
+        load_ytvis_json(json_file, image_root)

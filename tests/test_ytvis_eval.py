@@ -189,6 +189,12 @@ def test_malformed_results_raise_naming_the_row():
         evaluate_ytvis(gt, make_results([(1, 1, 0.9, [np.ones((20, 20), bool)] * 2)]))
     with pytest.raises(ValueError, match="'score'|'segmentations'"):
         evaluate_ytvis(gt, [{"video_id": 1, "category_id": 1, "score": 1.0}])
+    no_size = {"counts": rle(SQ)["counts"]}
+    for counts in (no_size["counts"], [0, 16]):  # compressed, uncompressed
+        row = {"video_id": 1, "category_id": 1, "score": 1.0,
+               "segmentations": [{"counts": counts}, None]}
+        with pytest.raises(ValueError, match="result 0 .*needs 'size'"):
+            evaluate_ytvis(gt, [row])
 
 
 # ---------------------------------------------------------------- brute force

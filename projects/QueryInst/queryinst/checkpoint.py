@@ -86,13 +86,14 @@ CONVERTED_AUTHOR = "QueryInst official (mmdet layout), converted by queryinst.ch
 
 
 # --------------------------------------------------------------------------- file loading
-def official_config_opts(path: str) -> list:
+def official_config_opts(path: str, fine_tuning: bool = False) -> list:
     """Config overrides for ``MODEL.WEIGHTS`` if it is a local official file, else ``[]``.
 
     For programs that accept official files in ``MODEL.WEIGHTS``: merge the result before
     building the model, so that e.g. a 300-query file gets a 300-query model. Cheap: a
     zip-format file is memory-mapped, and ``.pkl``/``.pyth``, URLs and missing paths are not
-    opened at all. Detectron2 checkpoints give ``[]``.
+    opened at all. Detectron2 checkpoints give ``[]``. With ``fine_tuning`` (training) the
+    class count is left to the config: the official model is fine-tuned to its classes.
     """
     if not path or path.endswith((".pkl", ".pyth")) or not os.path.isfile(path):
         return []
@@ -103,7 +104,10 @@ def official_config_opts(path: str) -> list:
     sd = data.get("state_dict") if isinstance(data, Mapping) else None
     if not isinstance(sd, Mapping) or not is_official_state_dict(sd):
         return []
-    return config_as_opts(detect_official_config(sd))
+    config = detect_official_config(sd)
+    if fine_tuning:
+        config.pop("MODEL.QUERYINST.NUM_CLASSES", None)
+    return config_as_opts(config)
 
 
 def _first_line(text: str, limit: int = 160) -> str:
@@ -277,9 +281,12 @@ class QueryInstCheckpointer(DetectionCheckpointer):
 
     - An official ``.pth`` (``{"state_dict", "meta"}`` with ``roi_head.bbox_head.0.`` keys)
       is converted on load and must fill this model exactly (else
-      :class:`CheckpointFormatError` with the keys and the config the file implies).
-    - A converted file written by ``tools/convert_mmdet_checkpoint.py`` is loaded just as
-      strictly.
+      :class:`CheckpointFormatError` with the keys and the config the file implies). Only
+      for training (not ``strict``) may the class-dependent tensors differ (fine-tuning to
+      another class count) and modules the official model lacks (the video track head) be
+      left unfilled; queries, stages and depth must still match.
+    - A converted file written by ``tools/convert_mmdet_checkpoint.py`` is loaded by the
+      same rules.
     - ``queryinst://ImageNetPretrained/MobileNetV2`` and a bare torchvision MobileNetV2
       state dict load as the backbone's ImageNet weights (:mod:`queryinst.pretrained`).
     - Detectron2 checkpoints (``{"model": ...}``: this project's training outputs) and the
@@ -415,7 +422,10 @@ class QueryInstCheckpointer(DetectionCheckpointer):
         config = checkpoint.pop("official_config", None)
         if checkpoint.get("__author__") == CONVERTED_AUTHOR:
             model_state = self.model.state_dict()
-            check_against_model(checkpoint["model"], model_state, config)
+            # Training may fine-tune an official model to other classes or add modules (the
+            # VIS track head); inference (strict) takes only a file that fills the model.
+            check_against_model(checkpoint["model"], model_state, config,
+                                fine_tuning=not self.strict)
             fill_num_batches_tracked(checkpoint["model"], model_state)
         incompatible = super()._load_model(checkpoint)
         if self.strict:

@@ -318,14 +318,35 @@ def compare_state_dicts(source: Mapping[str, Tensor], target: Mapping[str, Tenso
     return missing, surplus, mismatched
 
 
+# Modules of an official QueryInst model; a model tensor outside them (e.g. QueryInstVIS's
+# "track_head.") is one the official files cannot have.
+OFFICIAL_MODULES = ("backbone.", "proposal_generator.", "roi_heads.")
+# Tensors whose shape follows the class count: box-stage logits and mask-head predictors.
+_CLASS_TENSOR = re.compile(r"^roi_heads\.(box_heads\.\d+\.cls_score|mask_heads\.\d+\.predictor)\.")
+
+
+def fine_tuning_differences(key: str) -> bool:
+    """Whether a model tensor may stay unfilled when fine-tuning from an official file: the
+    class-dependent tensors (another class count) and modules the official model lacks."""
+    return bool(_CLASS_TENSOR.match(key)) or not key.startswith(OFFICIAL_MODULES)
+
+
 def check_against_model(converted: Mapping[str, Tensor], model_state: Mapping[str, Tensor],
-                        config: Mapping[str, Any] | None = None) -> None:
+                        config: Mapping[str, Any] | None = None,
+                        fine_tuning: bool = False) -> list[str]:
     """Refuse a converted state dict that does not fill exactly this model's tensors.
 
     Args:
         converted: output of :func:`convert_official_state_dict`.
         model_state: ``model.state_dict()`` of the model to load into.
         config: the detected config (:func:`detect_official_config`), quoted in the error.
+        fine_tuning: for training (not inference): the class-dependent tensors may differ
+            in shape and modules the official model lacks may be missing
+            (:func:`fine_tuning_differences`); they start from random initialisation.
+
+    Returns:
+        list[str]: with ``fine_tuning``, the model tensors that will not be filled (for the
+        log); else [].
 
     Raises:
         CheckpointFormatError: naming the model keys left unfilled, the converted keys the
@@ -334,9 +355,15 @@ def check_against_model(converted: Mapping[str, Tensor], model_state: Mapping[st
     """
     missing, unexpected, mismatched = compare_state_dicts(converted, model_state)
     missing = [k for k in missing if not may_be_absent(k)]
+    allowed = []
+    if fine_tuning:
+        allowed = [k for k in missing if fine_tuning_differences(k)]
+        allowed += [k for k, _, _ in mismatched if fine_tuning_differences(k)]
+        missing = [k for k in missing if k not in allowed]
+        mismatched = [m for m in mismatched if m[0] not in allowed]
     shapes = [f"{k}: checkpoint {src}, model {dst}" for k, src, dst in mismatched]
     if not (missing or unexpected or shapes):
-        return
+        return allowed
     parts = []
     if missing:
         parts.append(f"model tensors the checkpoint does not fill:{_format_keys(missing)}")

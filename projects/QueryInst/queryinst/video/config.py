@@ -47,8 +47,8 @@ def add_queryinst_vis_config(cfg: CN) -> None:
     _C.TRACKING.NMS_THRESH = 0.0
     # An unmatched detection starts a new track only if it scores at least this.
     _C.TRACKING.INIT_SCORE_THRESH = 0.3
-    # A track ends after this many consecutive frames without a detection (K); it can take
-    # a detection again within K frames (occlusion gaps).
+    # A track ends once it has gone more than this many consecutive frames (K) without a
+    # detection; after a gap of up to K frames it can still take one (occlusions).
     _C.TRACKING.MAX_MISSED = 5
     # Motion gate: a detection may continue a track only if the IoU of its box and the track's
     # last box is at least this (0 = no gate, MaskTrack R-CNN's rule). Objects that look alike

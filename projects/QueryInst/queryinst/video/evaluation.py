@@ -131,6 +131,7 @@ class YTVISEvaluator(DatasetEvaluator):
         self._results: List[dict] = []
 
     def reset(self):
+        """Forget the result rows of earlier videos (called before each evaluation)."""
         self._results = []
 
     def process(self, inputs, outputs):

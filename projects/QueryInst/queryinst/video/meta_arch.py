@@ -167,7 +167,7 @@ class QueryInstVIS(QueryInst):
         return [self.inference_video(video) for video in batched_inputs]
 
     def inference_video(self, video: dict) -> dict:
-        """Track one video online, frame after frame (docs/method.md §6.2-5.3).
+        """Track one video online, frame after frame (docs/method.md §6.2-6.3).
 
         Args:
             video: "image" (T tensors (C, H, W) in ``INPUT.FORMAT``), "height", "width"

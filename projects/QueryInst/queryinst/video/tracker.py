@@ -192,6 +192,7 @@ class OnlineTracker:
 
     @classmethod
     def from_config(cls, cfg) -> dict:
+        """The arguments from ``MODEL.QUERYINST_VIS.TRACKING`` (queryinst/video/config.py)."""
         t = cfg.MODEL.QUERYINST_VIS.TRACKING
         return {
             "score_weight": t.SCORE_WEIGHT,
@@ -461,6 +462,7 @@ class QueryCosineTracker(OnlineTracker):
 
     @classmethod
     def from_config(cls, cfg) -> dict:
+        """The base arguments plus ``MODEL.QUERYINST_VIS.TRACKING.COSINE_THRESH``."""
         ret = super().from_config(cfg)
         ret["cosine_thresh"] = cfg.MODEL.QUERYINST_VIS.TRACKING.COSINE_THRESH
         return ret

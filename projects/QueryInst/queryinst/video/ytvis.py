@@ -32,6 +32,7 @@ from detectron2.structures import BoxMode
 
 from ..data.builtin import datasets_root
 from ..data.coco_format import (
+    DatasetFormatError,
     _annotation_where,
     _check_categories,
     _check_image_file,
@@ -236,7 +237,8 @@ def load_ytvis_json(json_file: str, image_root: str, dataset_name: Optional[str]
     """Check and load a YouTube-VIS json into Detectron2 video dicts.
 
     Checked (every problem collected, then one error): the file is a json object with lists
-    "videos" and "categories" (non-empty) and "annotations"; ids are unique; each video has
+    "videos" and "categories" (non-empty) and "annotations" (absent or null in a split
+    without public annotations, such as the official valid json: no objects); ids are unique; each video has
     a non-empty ``file_names``, positive ``height`` / ``width`` and ``length`` (if given)
     equal to the number of frames, and every frame file exists under ``image_root`` (with
     ``verify_images``, PIL also opens it and its size must match: one header read per
@@ -278,8 +280,14 @@ def load_ytvis_json(json_file: str, image_root: str, dataset_name: Optional[str]
         DatasetFormatError: naming ``json_file`` and, for each problem (the first 20, and
             the count), the video / annotation id and the fix.
     """
-    data = _read_json(json_file, lists=("videos", "annotations", "categories"),
+    data = _read_json(json_file, lists=("videos", "categories"),
                       nonempty=("videos", "categories"))
+    # The official valid / test jsons have no annotations (the server holds them).
+    if data.get("annotations") is None:
+        data["annotations"] = []
+    elif not isinstance(data["annotations"], list):
+        raise DatasetFormatError(f"{json_file}: 'annotations' must be a list (or absent, for "
+                                 "a split without public annotations)")
     problems: List[str] = []
     categories = _check_categories(data, problems)
     videos = _check_videos(data, image_root, verify_images, problems)

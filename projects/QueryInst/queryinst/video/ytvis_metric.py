@@ -71,8 +71,11 @@ def to_rle(segm, height: int, width: int) -> Optional[dict]:
     if segm is None:
         return None
     if isinstance(segm, dict) and "counts" in segm:
+        size = segm.get("size")
+        if not (isinstance(size, (list, tuple)) and len(size) == 2):
+            raise ValueError(f"an RLE needs 'size' [height, width], got {size!r}")
         if isinstance(segm["counts"], list):
-            return mask_util.frPyObjects(segm, *segm.get("size", (height, width)))
+            return mask_util.frPyObjects(segm, *size)
         return segm
     if isinstance(segm, list):
         if len(segm) == 0:  # an empty polygon list: present but empty
