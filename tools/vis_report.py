@@ -19,7 +19,7 @@ identities as embeddings: the association is then perfect, so its identity switc
 those the detections alone cause.
 
 Both models are trained first if their ``model_final.pth`` is missing (``train_net.py
---resume``; the image model ~8 min, the VIS fine-tuning ~3 min on 2 CPU cores). Run from
+--resume``; the image model ~8 min, the VIS fine-tuning ~9 min on 2 CPU cores). Run from
 the repository root::
 
     python tools/vis_report.py [--repeats 3] [--json-out F.json] [--md-out F.md]
