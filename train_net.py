@@ -55,6 +55,7 @@ from queryinst.checkpoint import (  # noqa: E402
     official_config_opts,
 )
 from queryinst.config_loading import (  # noqa: E402
+    ConfigValueTypeError,
     UnknownConfigKeyError,
     device_note,
     merge_config,
@@ -257,5 +258,5 @@ if __name__ == "__main__":
             args=(args,),
         )
     # Unusable MODEL.WEIGHTS or a misspelled key: the message says what to pass instead.
-    except (CheckpointError, UnknownConfigKeyError) as e:
+    except (CheckpointError, UnknownConfigKeyError, ConfigValueTypeError) as e:
         sys.exit(f"ERROR: {e}")

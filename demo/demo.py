@@ -75,6 +75,7 @@ from predictor import DEFAULT_CONFIDENCE_THRESHOLD, VisualizationDemo  # noqa: E
 from queryinst import add_queryinst_config  # noqa: E402
 from queryinst.checkpoint import CheckpointError, official_config_opts  # noqa: E402
 from queryinst.config_loading import (  # noqa: E402
+    ConfigValueTypeError,
     UnknownConfigKeyError,
     device_note,
     merge_config,
@@ -364,7 +365,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     d2_logger = setup_logger()
     try:
         cfg = setup_cfg(args)
-    except UnknownConfigKeyError as exc:  # a misspelled key: a command-line error
+    except (UnknownConfigKeyError, ConfigValueTypeError) as exc:  # a command-line error
         _error(str(exc))
         return 2
     d2_logger.info(device_note(cfg.MODEL.DEVICE))

@@ -190,6 +190,24 @@ def test_misspelled_key_is_one_error_line(script, argv, status):
         in result.stderr.splitlines()
 
 
+@pytest.mark.parametrize("script,argv,status", [
+    ("train_net.py", ["--config-file", BASE, "--eval-only",
+                      "MODEL.QUERYINST_VIS.TRACKING.DET_SCORE_THRESH", "0"], 1),
+    ("demo/demo.py", ["--config-file", BASE, "--input", PHOTO,
+                      "--opts", "MODEL.QUERYINST_VIS.TRACKING.DET_SCORE_THRESH", "0"], 2),
+])
+def test_value_of_the_wrong_type_is_one_error_line(script, argv, status):
+    """yacs refuses an int for a float key; the user gets the key, the source and the fix,
+    not a traceback."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == status, result.stderr
+    assert "Traceback" not in result.stderr
+    assert ("ERROR: MODEL.QUERYINST_VIS.TRACKING.DET_SCORE_THRESH holds a float (default 0.05), "
+            "but it is 0 (type int) in the command-line options: write a float (0.0)"
+            ) in result.stderr.splitlines()
+
+
 @pytest.mark.parametrize("script", ["train_net.py", "demo/demo.py", "tools/benchmark.py",
                                     "tools/convert_mmdet_checkpoint.py", "tools/parity_check.py",
                                     "tools/prepare_datasets.py"])

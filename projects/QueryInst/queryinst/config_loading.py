@@ -12,7 +12,8 @@ from typing import Iterable, Optional
 import torch
 from detectron2.config import CfgNode
 
-__all__ = ["UnknownConfigKeyError", "default_device", "device_note", "merge_config"]
+__all__ = ["ConfigValueTypeError", "UnknownConfigKeyError", "default_device", "device_note",
+           "merge_config"]
 
 # yacs's messages: merge_from_file raises KeyError("Non-existent config key: A.B"),
 # merge_from_list AssertionError("Non-existent key: A.B").
@@ -118,6 +119,8 @@ def merge_config(cfg: CfgNode, config_file: Optional[str] = None,
     Raises:
         UnknownConfigKeyError: an unknown key in the yaml file (or a file it inherits from)
             or in ``opts``; a ``KeyError`` and an ``AssertionError``, as yacs raises.
+        ConfigValueTypeError: a value of another type than the key's default (a
+            ``ValueError``, as yacs raises), naming the key, the source and the fix.
     """
     cfg.MODEL.DEVICE = default_device()
     steps = []
@@ -134,4 +137,26 @@ def merge_config(cfg: CfgNode, config_file: Optional[str] = None,
             if hinted is None:
                 raise
             raise hinted from None
+        except ValueError as exc:
+            match = _TYPE_MISMATCH.search(str(exc))
+            if match is None:
+                raise
+            raise ConfigValueTypeError(_type_message(match, source)) from None
     return cfg
+
+
+# yacs's message for a value of another type than the key's default.
+_TYPE_MISMATCH = re.compile(r"Type mismatch \(<class '(\w+)'> vs\. <class '(\w+)'>\) with "
+                            r"values \((.*) vs\. (.*)\) for config key: ([\w.]+)")
+
+
+class ConfigValueTypeError(ValueError):
+    """A config value of another type than the key holds (e.g. ``0`` for a float key), in a
+    yaml file or an option list; the message names the key, the source and the fix."""
+
+
+def _type_message(match: "re.Match", source: str) -> str:
+    key_type, given_type, default, given, key = match.groups()
+    example = f" ({given}.0)" if (key_type, given_type) == ("float", "int") else ""
+    return (f"{key} holds a {key_type} (default {default}), but it is {given} (type "
+            f"{given_type}) in {source}: write a {key_type}{example}")
