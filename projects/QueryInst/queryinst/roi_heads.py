@@ -276,6 +276,15 @@ class QueryInstROIHeads(nn.Module):
         roi_features = self.mask_pooler(x, [Boxes(b) for b in boxes])
         return self.mask_heads[stage](roi_features, attn_feats)
 
+    def pooled_features(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The maps the poolers read (``in_features``), NCHW-contiguous.
+
+        RoIAlign reads NCHW-contiguous maps and would copy channels-last ones
+        (``MODEL.QUERYINST.CHANNELS_LAST``) in each of its 7+ calls; they are converted once
+        here (a no-op for contiguous maps).
+        """
+        return {name: features[name].contiguous() for name in self.in_features}
+
     def forward(self, images, features, proposals, targets=None):
         """Detectron2's ROI-heads interface.
 
@@ -293,9 +302,7 @@ class QueryInstROIHeads(nn.Module):
         Raises:
             ValueError: in training without targets.
         """
-        # RoIAlign reads NCHW-contiguous maps and would copy channels-last ones (CHANNELS_LAST)
-        # in each of its 7+ calls; convert once here (a no-op for contiguous maps).
-        features = {name: features[name].contiguous() for name in self.in_features}
+        features = self.pooled_features(features)
         stages = self.forward_stages(features, proposals)
         if self.training:
             if targets is None:
@@ -304,10 +311,25 @@ class QueryInstROIHeads(nn.Module):
         image_sizes = [p.image_size for p in proposals]
         return self.inference(stages, features, image_sizes), {}
 
+    def match(self, stages: list[StageOutput], targets: list[Instances]) -> list:
+        """Hungarian matching of every stage's queries to the GT (docs/method.md §2.1).
+
+        Returns:
+            list: per stage, per image, (query indices, GT indices), int64 (M,) each.
+        """
+        match_targets = self.match_targets(targets, stages[0].cls_logits.device)
+        return [self.criterion.matcher(stage.cls_logits, stage.pred_boxes, match_targets)
+                for stage in stages]
+
     def losses(
-        self, stages: list[StageOutput], features: dict[str, Tensor], targets: list[Instances]
+        self, stages: list[StageOutput], features: dict[str, Tensor], targets: list[Instances],
+        matches: list | None = None,
     ) -> dict[str, Tensor]:
-        """Hungarian matching and losses at every stage ("parallel supervision", docs/method.md §2).
+        """Losses at every stage ("parallel supervision", docs/method.md §2).
+
+        Args:
+            matches: :meth:`match`'s result for these stages and targets, if the caller has
+                it already (the video model reuses it); None: matched here.
 
         Returns:
             dict[str, Tensor]: ``s{t}_loss_cls``, ``s{t}_loss_bbox``, ``s{t}_loss_giou`` and,
@@ -315,10 +337,11 @@ class QueryInstROIHeads(nn.Module):
         """
         device = stages[0].cls_logits.device
         match_targets = self.match_targets(targets, device)
+        if matches is None:
+            matches = self.match(stages, targets)
         losses = {}
         num_matched = None
-        for t, stage in enumerate(stages):
-            indices = self.criterion.matcher(stage.cls_logits, stage.pred_boxes, match_targets)
+        for t, (stage, indices) in enumerate(zip(stages, matches)):
             if num_matched is None:  # min(N, G_b) per image: the same at every stage
                 num_matched = num_matched_across_processes(indices, device)
             stage_losses = self.criterion.box_losses(

@@ -110,7 +110,7 @@ class QueryInstVIS(QueryInst):
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         proposals, _ = self.proposal_generator(images, features, None)
-        features = {name: features[name].contiguous() for name in self.roi_heads.in_features}
+        features = self.roi_heads.pooled_features(features)
         return images, features, self.roi_heads.forward_stages(features, proposals)
 
     def forward(self, batched_inputs):
@@ -127,27 +127,26 @@ class QueryInstVIS(QueryInst):
                              "needs two images and two Instances (YTVISDatasetMapper)")
         targets = [f["instances"].to(self.device) for f in frames]
         _, features, stages = self._stages(frames)
-        losses = self.roi_heads.losses(stages, features, targets)
+        matches = self.roi_heads.match(stages, targets)
+        losses = self.roi_heads.losses(stages, features, targets, matches)
         if self.track_head is not None:
-            losses["loss_track"] = self.track_loss(stages[-1], targets)
+            losses["loss_track"] = self.track_loss(stages[-1], targets, matches[-1])
         return losses
 
-    def track_loss(self, last_stage, targets: list[Instances]) -> torch.Tensor:
+    def track_loss(self, last_stage, targets: list[Instances], indices: list) -> torch.Tensor:
         """The track head's loss over the (key, reference) pairs of a batch (docs/method.md §6.1).
 
         Args:
             last_stage (StageOutput): the last box stage on 2B frames, ordered key_0, ref_0,
                 key_1, ref_1, ...
             targets: the 2B frames' Instances with ``gt_ids``, resized-image pixels.
+            indices: the last stage's Hungarian matches (``roi_heads.match(...)[-1]``): per
+                frame (query indices, GT indices).
 
         Returns:
             Tensor: scalar, weight x (summed cross-entropy / number of supervised key
             queries, at least 1).
         """
-        match_targets = self.roi_heads.match_targets(targets, self.device)
-        indices = self.roi_heads.criterion.matcher(
-            last_stage.cls_logits, last_stage.pred_boxes, match_targets
-        )
         embeds = self.track_head(last_stage.object_feats)  # (2B, N, E)
         total, count = embeds.new_zeros(()), 0
         for key in range(0, len(targets), 2):
