@@ -333,7 +333,7 @@ def fine_tuning_differences(key: str) -> bool:
 
 def check_against_model(converted: Mapping[str, Tensor], model_state: Mapping[str, Tensor],
                         config: Mapping[str, Any] | None = None,
-                        fine_tuning: bool = False) -> list[str]:
+                        fine_tuning: bool = False) -> None:
     """Refuse a converted state dict that does not fill exactly this model's tensors.
 
     Args:
@@ -342,11 +342,8 @@ def check_against_model(converted: Mapping[str, Tensor], model_state: Mapping[st
         config: the detected config (:func:`detect_official_config`), quoted in the error.
         fine_tuning: for training (not inference): the class-dependent tensors may differ
             in shape and modules the official model lacks may be missing
-            (:func:`fine_tuning_differences`); they start from random initialisation.
-
-    Returns:
-        list[str]: with ``fine_tuning``, the model tensors that will not be filled (for the
-        log); else [].
+            (:func:`fine_tuning_differences`); they start from random initialisation (the
+            checkpointer's load logs them).
 
     Raises:
         CheckpointFormatError: naming the model keys left unfilled, the converted keys the
@@ -355,15 +352,12 @@ def check_against_model(converted: Mapping[str, Tensor], model_state: Mapping[st
     """
     missing, unexpected, mismatched = compare_state_dicts(converted, model_state)
     missing = [k for k in missing if not may_be_absent(k)]
-    allowed = []
     if fine_tuning:
-        allowed = [k for k in missing if fine_tuning_differences(k)]
-        allowed += [k for k, _, _ in mismatched if fine_tuning_differences(k)]
-        missing = [k for k in missing if k not in allowed]
-        mismatched = [m for m in mismatched if m[0] not in allowed]
+        missing = [k for k in missing if not fine_tuning_differences(k)]
+        mismatched = [m for m in mismatched if not fine_tuning_differences(m[0])]
     shapes = [f"{k}: checkpoint {src}, model {dst}" for k, src, dst in mismatched]
     if not (missing or unexpected or shapes):
-        return allowed
+        return
     parts = []
     if missing:
         parts.append(f"model tensors the checkpoint does not fill:{_format_keys(missing)}")

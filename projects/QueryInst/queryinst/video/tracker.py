@@ -233,18 +233,14 @@ class OnlineTracker:
         self._boxes: Optional[Tensor] = None
         self._labels: Optional[Tensor] = None
         self._last_seen: List[int] = []
-        # Per frame: (tracked detections as returned by update, their ids, scores, classes).
-        self._history: List[Tuple[Instances, List[int], List[float], List[int]]] = []
+        # Per frame: the tracked detections as update returned them (with track_ids), their
+        # masks dropped unless keep_masks.
+        self._history: List[Instances] = []
 
     @property
     def num_frames(self) -> int:
         """Number of frames given to ``update`` since ``reset()``."""
         return self._num_frames
-
-    @property
-    def num_live_tracks(self) -> int:
-        """Tracks that can still take a detection in the next frame."""
-        return sum(self._num_frames - s - 1 < self.max_missed + 1 for s in self._last_seen)
 
     def association_scores(
         self, det_embeddings: Tensor, det_boxes: Tensor, det_scores: Tensor, det_classes: Tensor
@@ -363,15 +359,11 @@ class OnlineTracker:
         out = frame[det_idx[torch.as_tensor(kept, dtype=torch.long, device=device)]]
         track_ids = [ids_of[d] for d in kept]
         out.track_ids = torch.as_tensor(track_ids, dtype=torch.int64, device=device)
-        classes_cpu = classes.tolist()
         kept_frame = out
         if not self.keep_masks and out.has("pred_masks"):
             kept_frame = Instances(out.image_size, **out.get_fields())
             kept_frame.remove("pred_masks")
-        self._history.append(
-            (kept_frame, track_ids, [det_scores_cpu[d] for d in kept],
-             [classes_cpu[d] for d in kept])
-        )
+        self._history.append(kept_frame)
         self._num_frames = t + 1
         return out
 
@@ -407,9 +399,10 @@ class OnlineTracker:
             for i in range(self._next_id)
         ]
         votes = [dict() for _ in tracks]
-        for t, (out, ids, scores, classes) in enumerate(self._history):
+        for t, out in enumerate(self._history):
             has_masks = out.has("pred_masks")
-            for row, (i, s, c) in enumerate(zip(ids, scores, classes)):
+            rows = zip(out.track_ids.tolist(), out.scores.tolist(), out.pred_classes.tolist())
+            for row, (i, s, c) in enumerate(rows):
                 tr = tracks[i]
                 tr.boxes[t] = out.pred_boxes.tensor[row]
                 if has_masks:
