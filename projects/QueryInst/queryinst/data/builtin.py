@@ -25,7 +25,7 @@ from . import bundled_sources as src
 from .coco_format import DatasetFormatError, load_coco_instances
 
 __all__ = ["BundledDataset", "BUNDLED_DATASETS", "datasets_root", "prepare_bundled_datasets",
-           "register_bundled_datasets", "register_lazily"]
+           "register_bundled_datasets", "register_lazily", "write_converted_folder"]
 
 
 class BundledDataset(NamedTuple):
@@ -147,14 +147,29 @@ def _prepare_folder(folder: str, root: str) -> None:
                 f"{spec.name}: the source gave {counts[0]} images / {counts[1]} instances, "
                 f"expected {spec.image_count} / {spec.instance_count}; did {spec.source} change?")
     folder_path = os.path.join(root, folder)
-    for data in converted.values():
-        for file_name, content in data.files.items():
-            _write_atomic(os.path.join(folder_path, "images", file_name), content)
-    _write_atomic(os.path.join(folder_path, "README.md"), _readme(folder).encode("utf-8"))
     _write_atomic(os.path.join(root, "README"), _index_readme().encode("utf-8"))
-    for json_name, data in converted.items():  # last: a json means the folder is complete
-        _write_atomic(os.path.join(folder_path, "annotations", json_name),
-                      json.dumps(data.coco).encode("utf-8"))
+    write_converted_folder(
+        folder_path, {os.path.join("images", f): c for d in converted.values()
+                      for f, c in d.files.items()},
+        _readme(folder), {os.path.join("annotations", n): d.coco for n, d in converted.items()})
+
+
+def write_converted_folder(folder_path: str, files: Dict[str, bytes], readme: str,
+                           jsons: Dict[str, dict]) -> None:
+    """Write a converted dataset folder, every file atomically, the jsons last: a json on
+    disk means its folder is complete (an interrupted build leaves none, and is redone).
+
+    Args:
+        folder_path: the dataset folder under the datasets root.
+        files: path relative to ``folder_path`` -> bytes (images, frames).
+        readme: the text of ``folder_path/README.md``.
+        jsons: path relative to ``folder_path`` -> the annotation dict.
+    """
+    for path, content in files.items():
+        _write_atomic(os.path.join(folder_path, path), content)
+    _write_atomic(os.path.join(folder_path, "README.md"), readme.encode("utf-8"))
+    for path, data in jsons.items():
+        _write_atomic(os.path.join(folder_path, path), json.dumps(data).encode("utf-8"))
 
 
 def prepare_bundled_datasets(root: Optional[str] = None) -> Dict[str, str]:

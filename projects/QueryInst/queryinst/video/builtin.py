@@ -28,7 +28,7 @@ import pycocotools.mask as mask_util
 from PIL import Image
 
 from ..data import bundled_sources as src
-from ..data.builtin import _write_atomic, datasets_root, register_lazily
+from ..data.builtin import datasets_root, register_lazily, write_converted_folder
 from ..data.coco_format import DatasetFormatError
 from ..data.package_files import read_package_files
 from .pseudo_video import (
@@ -265,13 +265,11 @@ def _prepare_folder(folder: str, root: str) -> None:
             raise DatasetFormatError(
                 f"{spec.name}: the source gave {counts} (videos, frames, tracks, "
                 f"track-frames), expected {_spec_counts(spec)}; did {spec.source} change?")
-    folder_path = os.path.join(root, folder)
-    for spec in specs:
-        for file_name, content in converted[spec.json_name].files.items():
-            _write_atomic(os.path.join(folder_path, spec.image_dir, file_name), content)
-    _write_atomic(os.path.join(folder_path, "README.md"), _readme(folder).encode("utf-8"))
-    for json_name, data in converted.items():  # last: a json means the folder is complete
-        _write_atomic(os.path.join(folder_path, json_name), json.dumps(data.coco).encode("utf-8"))
+    write_converted_folder(
+        os.path.join(root, folder),
+        {os.path.join(spec.image_dir, f): c for spec in specs
+         for f, c in converted[spec.json_name].files.items()},
+        _readme(folder), {name: data.coco for name, data in converted.items()})
 
 
 def prepare_bundled_video_datasets(root: Optional[str] = None) -> Dict[str, str]:
