@@ -30,7 +30,8 @@ from fvcore.transforms.transform import Transform
 
 from .data.image_io import read_image
 
-__all__ = ["QueryInstDatasetMapper", "RandomSelect", "build_train_augmentation"]
+__all__ = ["QueryInstDatasetMapper", "RandomSelect", "boxes_from_masks_in_training",
+           "build_train_augmentation"]
 
 _AugLike = Union[T.Augmentation, Transform, Sequence[Union[T.Augmentation, Transform]]]
 
@@ -178,9 +179,15 @@ class QueryInstDatasetMapper(DatasetMapper):
         ret = super().from_config(cfg, is_train)
         if is_train:
             ret["augmentations"] = build_train_augmentation(cfg)
-            cropping = cfg.INPUT.CROP.ENABLED or cfg.INPUT.CROP_POLICY.ENABLED
-            ret["recompute_boxes"] = bool(cfg.MODEL.MASK_ON and cropping)
+            ret["recompute_boxes"] = boxes_from_masks_in_training(cfg)
         return ret
+
+
+def boxes_from_masks_in_training(cfg) -> bool:
+    """Whether training boxes are recomputed from the augmented masks: with masks and a crop
+    (``INPUT.CROP`` or ``INPUT.CROP_POLICY``), so a box never reaches past its cropped mask."""
+    cropping = cfg.INPUT.CROP.ENABLED or cfg.INPUT.CROP_POLICY.ENABLED
+    return bool(cfg.MODEL.MASK_ON and cropping)
 
     # Detectron2's DatasetMapper.__call__ with its image reading replaced ("USER: Write your
     # own image loading" there): it calls detection_utils.read_image directly, no hook.

@@ -20,7 +20,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
 from ..data.image_io import read_image
-from ..dataset_mapper import build_train_augmentation
+from ..dataset_mapper import boxes_from_masks_in_training, build_train_augmentation
 
 __all__ = ["YTVISDatasetMapper", "sample_frame_pair"]
 
@@ -127,7 +127,6 @@ class YTVISDatasetMapper:
         else:
             augmentations = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST,
                                                   cfg.INPUT.MAX_SIZE_TEST, "choice")]
-        cropping = cfg.INPUT.CROP.ENABLED or cfg.INPUT.CROP_POLICY.ENABLED
         return {
             "is_train": is_train,
             "augmentations": augmentations,
@@ -135,7 +134,7 @@ class YTVISDatasetMapper:
             "use_instance_mask": cfg.MODEL.MASK_ON,
             "instance_mask_format": cfg.INPUT.MASK_FORMAT,
             "sampling_frame_range": cfg.INPUT.SAMPLING_FRAME_RANGE,
-            "recompute_boxes": bool(is_train and cfg.MODEL.MASK_ON and cropping),
+            "recompute_boxes": is_train and boxes_from_masks_in_training(cfg),
         }
 
     def _read(self, video: dict, t: int) -> np.ndarray:
