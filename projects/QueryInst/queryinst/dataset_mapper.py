@@ -138,6 +138,13 @@ def _build_geometric_augmentation(cfg) -> List[T.Augmentation]:
     return [*flip, RandomSelect(resize, crop_branch, prob=0.5)]
 
 
+def boxes_from_masks_in_training(cfg) -> bool:
+    """Whether training boxes are recomputed from the augmented masks: with masks and a crop
+    (``INPUT.CROP`` or ``INPUT.CROP_POLICY``), so a box never reaches past its cropped mask."""
+    cropping = cfg.INPUT.CROP.ENABLED or cfg.INPUT.CROP_POLICY.ENABLED
+    return bool(cfg.MODEL.MASK_ON and cropping)
+
+
 class QueryInstDatasetMapper(DatasetMapper):
     """Detectron2's ``DatasetMapper`` with QueryInst's training augmentations.
 
@@ -181,13 +188,6 @@ class QueryInstDatasetMapper(DatasetMapper):
             ret["augmentations"] = build_train_augmentation(cfg)
             ret["recompute_boxes"] = boxes_from_masks_in_training(cfg)
         return ret
-
-
-def boxes_from_masks_in_training(cfg) -> bool:
-    """Whether training boxes are recomputed from the augmented masks: with masks and a crop
-    (``INPUT.CROP`` or ``INPUT.CROP_POLICY``), so a box never reaches past its cropped mask."""
-    cropping = cfg.INPUT.CROP.ENABLED or cfg.INPUT.CROP_POLICY.ENABLED
-    return bool(cfg.MODEL.MASK_ON and cropping)
 
     # Detectron2's DatasetMapper.__call__ with its image reading replaced ("USER: Write your
     # own image loading" there): it calls detection_utils.read_image directly, no hook.
