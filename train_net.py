@@ -45,7 +45,7 @@ from detectron2.engine import (  # noqa: E402
     hooks,
     launch,
 )
-from detectron2.evaluation import COCOEvaluator, verify_results  # noqa: E402
+from detectron2.evaluation import verify_results  # noqa: E402
 
 import queryinst.data  # noqa: E402,F401  (registers the bundled datasets)
 from queryinst import QueryInstDatasetMapper, add_queryinst_config  # noqa: E402
@@ -54,6 +54,8 @@ from queryinst.checkpoint import (  # noqa: E402
     QueryInstCheckpointer,
     official_config_opts,
 )
+from queryinst.class_init import class_init_from_config  # noqa: E402
+from queryinst.evaluation import build_image_evaluator  # noqa: E402
 from queryinst.config_loading import (  # noqa: E402
     ConfigValueTypeError,
     UnknownConfigKeyError,
@@ -81,13 +83,17 @@ class Trainer(DefaultTrainer):
     Training data go through ``QueryInstDatasetMapper`` (the paper's augmentations: resize,
     flip, and with ``INPUT.CROP_POLICY.ENABLED`` the 300-query crop policy; images without
     annotations dropped by ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``). Checkpoints load through
-    ``QueryInstCheckpointer``, so ``MODEL.WEIGHTS`` may also be an official ``.pth``.
+    ``QueryInstCheckpointer``, so ``MODEL.WEIGHTS`` may also be an official ``.pth``; with
+    ``MODEL.QUERYINST.CLASS_INIT_FROM`` a checkpoint of other classes initialises the
+    class rows it names (COCO -> Cityscapes, docs/method.md §7).
     """
 
     def __init__(self, cfg):
+        # A bad MODEL.QUERYINST.CLASS_INIT_FROM fails here, before the model is built.
+        class_init = class_init_from_config(cfg)
         super().__init__(cfg)
         self.checkpointer = QueryInstCheckpointer(
-            self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), class_init=class_init
         )
 
     @classmethod
@@ -109,25 +115,25 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """COCO box AP, and mask AP when ``MODEL.MASK_ON``.
+        """COCO box AP, and mask AP when ``MODEL.MASK_ON``; Cityscapes' AP too on Cityscapes.
 
         Args:
             cfg: the config.
-            dataset_name (str): a registered dataset with COCO metadata (json_file).
+            dataset_name (str): a registered dataset.
             output_folder (str or None): default ``OUTPUT_DIR/inference``.
 
         Returns:
-            COCOEvaluator: its ``evaluate()`` gives {"bbox": {"AP": ...}, "segm": {...}};
-            for a video dataset, ``YTVISEvaluator`` (YouTube-VIS AP, docs/method.md §6.4).
+            DatasetEvaluator: by the dataset's ``evaluator_type``
+            (``queryinst.evaluation.build_image_evaluator``): ``COCOEvaluator``, whose
+            ``evaluate()`` gives {"bbox": {"AP": ...}, "segm": {...}}; for Cityscapes also
+            {"cityscapes": {"AP", "AP50"}} (cityscapesscripts' instance-level AP); for a
+            video dataset, ``YTVISEvaluator`` (YouTube-VIS AP, docs/method.md §6.4).
         """
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
         if is_video_dataset(dataset_name):
             return YTVISEvaluator(dataset_name, output_dir=output_folder)
-        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-        return COCOEvaluator(dataset_name, tasks=tasks, distributed=True,
-                             output_dir=output_folder,
-                             max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+        return build_image_evaluator(cfg, dataset_name, output_folder)
 
     def build_hooks(self):
         """Detectron2's hooks; with ``SOLVER.CHECKPOINTS_TO_KEEP`` > 0 the periodic

@@ -469,3 +469,77 @@ def test_official_meta_with_numpy_falls_back_only_for_the_official_layout(offici
     with pytest.raises(CheckpointFormatError, match=r"numpy\S*scalar") as info:
         load_checkpoint_file(str(bad))
     assert "weights_only set to False" not in str(info.value)
+
+
+# ------------------------------------------------------ class rows from another class list
+def _class_init_cfg(official_file, names, source="class_init_test_source", classes=4):
+    from detectron2.data import MetadataCatalog
+
+    MetadataCatalog.get("class_init_test_source").set(thing_classes=["a", "b", "c"])
+    detected = detect_official_config(load_official_state_dict(official_file))
+    cfg = make_cfg({**detected, "MODEL.QUERYINST.NUM_CLASSES": classes})
+    cfg.merge_from_list(["MODEL.QUERYINST.CLASS_INIT_FROM", names,
+                         "MODEL.QUERYINST.CLASS_INIT_SOURCE", source])
+    return cfg
+
+
+def test_class_init_copies_the_named_rows_and_initialises_the_rest(official, official_file,
+                                                                   tmp_path):
+    """COCO -> Cityscapes style fine-tuning (docs/method.md §7) on a 3-class official file:
+    model classes 0, 2, 3 start from file classes c, a, a (rows of every stage's classifier
+    and mask logits, exactly); class 1 ("") keeps the model's initialisation, whose bias is
+    the prior -log((1 - 0.01) / 0.01). A resumed 4-class checkpoint is not remapped again."""
+    from queryinst.class_init import class_init_from_config
+
+    cfg = _class_init_cfg(official_file, ("c", "", "a", "a"))
+    init = class_init_from_config(cfg)
+    assert init.rows == (2, -1, 0, 0)
+    model = build_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    QueryInstCheckpointer(model, class_init=init).load(official_file)
+    state = model.state_dict()
+    prior_bias = -np.log((1 - 0.01) / 0.01)
+    for s in range(SMALL_LAYOUT["stages"]):
+        for ours, theirs in ((f"roi_heads.box_heads.{s}.cls_score",
+                              f"roi_head.bbox_head.{s}.fc_cls"),
+                             (f"roi_heads.mask_heads.{s}.predictor",
+                              f"roi_head.mask_head.{s}.conv_logits")):
+            for part in ("weight", "bias"):
+                got, src = state[f"{ours}.{part}"], official[f"{theirs}.{part}"]
+                assert got.shape[0] == 4
+                assert torch.equal(got[[0, 2, 3]], src[[2, 0, 0]])
+                assert torch.equal(got[1], before[f"{ours}.{part}"][1])
+        assert state[f"roi_heads.box_heads.{s}.cls_score.bias"][1].item() == pytest.approx(
+            prior_bias, abs=1e-6)
+    # everything else is the file's
+    assert torch.equal(state["proposal_generator.init_proposal_features.weight"],
+                       official["rpn_head.init_proposal_features.weight"])
+    # resuming the fine-tuned model's own checkpoint leaves its rows as they are
+    own = _save(tmp_path, "model_0000099.pth", {"model": state})
+    again = build_model(cfg)
+    QueryInstCheckpointer(again, class_init=init).load(own)
+    for key, value in state.items():
+        assert torch.equal(again.state_dict()[key], value), key
+
+
+def test_class_init_config_errors_name_the_key_and_the_fix(official_file):
+    from queryinst.class_init import ClassInitError, class_init_from_config
+
+    with pytest.raises(ClassInitError,
+                       match=r"CLASS_INIT_FROM has 3 entries but .*NUM_CLASSES is 4"):
+        class_init_from_config(_class_init_cfg(official_file, ("a", "b", "c")))
+    with pytest.raises(ClassInitError, match=r"CLASS_INIT_FROM\[1\] is 'bb'.*closest: b"):
+        class_init_from_config(_class_init_cfg(official_file, ("a", "bb", "c", "")))
+    with pytest.raises(ClassInitError, match="'no_such_dataset', which is not a registered"):
+        class_init_from_config(_class_init_cfg(official_file, ("a", "b", "c", ""),
+                                               source="no_such_dataset"))
+
+
+def test_class_init_refuses_a_source_with_another_class_count(official_file):
+    """COCO's 80 names for a 3-class file: the rows cannot be the named classes."""
+    from queryinst.class_init import ClassInitError, class_init_from_config
+
+    cfg = _class_init_cfg(official_file, ("person", "", "car", "truck"), source="coco_2017_train")
+    model = build_model(cfg)
+    with pytest.raises(ClassInitError, match=r"cls_score.weight has shape \(3, 16\).*80 classes"):
+        QueryInstCheckpointer(model, class_init=class_init_from_config(cfg)).load(official_file)

@@ -319,3 +319,48 @@ def test_video_data_with_an_image_model_is_refused():
                 ["DATASETS.TRAIN", "('nuclei_dsb_train',)"])
     with pytest.raises(ValueError, match="trains on videos"):
         check_video_model(cfg)
+
+
+CITYSCAPES = {"queryinst_R50_FPN_cityscapes.yaml": 50, "queryinst_R101_FPN_cityscapes.yaml": 101}
+
+
+@pytest.mark.parametrize("name", sorted(CITYSCAPES))
+def test_cityscapes_configs(name, one_torch_thread, monkeypatch):
+    """Cityscapes (docs/method.md §7): Detectron2's 8 thing classes and built-in splits, Mask
+    R-CNN's scales, the official COCO weights of the same depth with each class's rows taken
+    from its COCO counterpart, and both Cityscapes' and COCO's AP as evaluators."""
+    from detectron2.data import MetadataCatalog
+    from detectron2.evaluation import DatasetEvaluators
+
+    from queryinst import evaluation
+    from queryinst.class_init import class_init_from_config
+
+    depth = CITYSCAPES[name]
+    cfg = _load(os.path.join(CONFIGS, "cityscapes", name))
+    train, test = "cityscapes_fine_instance_seg_train", "cityscapes_fine_instance_seg_val"
+    assert (tuple(cfg.DATASETS.TRAIN), tuple(cfg.DATASETS.TEST)) == ((train,), (test,))
+    classes = MetadataCatalog.get(train).thing_classes
+    assert cfg.MODEL.QUERYINST.NUM_CLASSES == len(classes) == 8
+    assert cfg.MODEL.RESNETS.DEPTH == depth
+    assert f"queryinst_r{depth}_fpn_mstrain_480-800_3x_coco" in cfg.MODEL.WEIGHTS
+    assert min(cfg.INPUT.MIN_SIZE_TRAIN) == 800 and max(cfg.INPUT.MIN_SIZE_TRAIN) == 1024
+    assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TEST) == (
+        1024, 2048, 2048)
+    # Cityscapes order (person, rider, car, truck, bus, train, motorcycle, bicycle) -> COCO
+    # indices written out by hand from COCO's list (person 0, bicycle 1, car 2, motorcycle 3,
+    # airplane 4, bus 5, train 6, truck 7); rider from person.
+    assert class_init_from_config(cfg).rows == (0, 0, 2, 7, 5, 6, 3, 1)
+    # COCOEvaluator reads the dataset when built (no Cityscapes data here): a stand-in
+    class COCOStandIn:
+        def __init__(self, dataset_name, **kwargs):
+            self.dataset_name, self.tasks = dataset_name, kwargs["tasks"]
+
+    monkeypatch.setattr(evaluation, "COCOEvaluator", COCOStandIn)
+    evaluator = train_net.Trainer.build_evaluator(cfg, test, output_folder="unused")
+    assert isinstance(evaluator, DatasetEvaluators)
+    cityscapes, coco = evaluator._evaluators
+    assert isinstance(cityscapes, evaluation.CityscapesAPEvaluator)
+    assert (coco.dataset_name, coco.tasks) == (test, ("bbox", "segm"))
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    assert model.roi_heads.box_heads[0].cls_score.out_features == 8

@@ -27,7 +27,7 @@ import pickle
 import re
 import zipfile
 from collections import OrderedDict
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 from urllib.parse import urlparse
 
 import torch
@@ -42,6 +42,7 @@ from .checkpoint_errors import (
     CheckpointFormatError,
     WeightsUnavailableError,
 )
+from .class_init import ClassInit, remap_class_rows
 from .official_layout import (
     _looks_official,
     check_against_model,
@@ -314,11 +315,17 @@ class QueryInstCheckpointer(DetectionCheckpointer):
             ``pixel_mean``/``pixel_std`` may be absent in both modes. In strict mode the
             check runs after fvcore has copied the matching tensors, so a refused model is
             partly loaded: do not use it.
+        class_init: training only (ignored when ``strict``): the class rows that a
+            checkpoint with another class count gives the model's class-specific tensors
+            (:func:`queryinst.class_init.remap_class_rows`, from
+            ``MODEL.QUERYINST.CLASS_INIT_FROM``); None drops those tensors instead.
     """
 
-    def __init__(self, model, save_dir: str = "", *, strict: bool = False, **kwargs):
+    def __init__(self, model, save_dir: str = "", *, strict: bool = False,
+                 class_init: Optional[ClassInit] = None, **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self.strict = strict
+        self.class_init = class_init
         self._source = ""  # the path as given (a URL stays a URL), for messages
 
     # fvcore logs "No checkpoint found. Initializing model from scratch" for any empty path,
@@ -420,6 +427,9 @@ class QueryInstCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint: dict):
         config = checkpoint.pop("official_config", None)
+        if self.class_init is not None and not self.strict:
+            remap_class_rows(checkpoint["model"], self.model.state_dict(), self.class_init,
+                             source=self._source or "MODEL.WEIGHTS")
         if checkpoint.get("__author__") == CONVERTED_AUTHOR:
             model_state = self.model.state_dict()
             # Training may fine-tune an official model to other classes or add modules (the

@@ -46,6 +46,16 @@ def add_queryinst_config(cfg: CN) -> None:
     _C.SCALE_CLAMP = math.log(1000.0 / 16)  # box clamp: |dw|, |dh| <= log(1000/16) ~ 4.135
     # Initial foreground probability of every class logit (docs/method.md §2.3).
     _C.PRIOR_PROB = 0.01
+    # Fine-tuning MODEL.WEIGHTS to other classes (queryinst/class_init.py, docs/method.md
+    # §7), e.g. COCO -> Cityscapes: per class of this model, in order, the name of the
+    # checkpoint class whose classifier and mask-logit rows it starts from; "" = the usual
+    # initialisation. Applied when the checkpoint's class count differs from NUM_CLASSES
+    # (never on --resume of this model's own checkpoints). Empty: the class-specific layers
+    # of a checkpoint with another class count are dropped (random initialisation).
+    _C.CLASS_INIT_FROM = ()
+    # A registered dataset whose thing_classes are MODEL.WEIGHTS's classes, in row order;
+    # the names of CLASS_INIT_FROM are looked up there.
+    _C.CLASS_INIT_SOURCE = "coco_2017_train"
 
     # Loss weights (docs/method.md §2); every stage has weight 1 ("parallel supervision").
     _C.CLASS_WEIGHT = 2.0  # sigmoid focal loss over all queries x classes
