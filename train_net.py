@@ -63,6 +63,7 @@ from queryinst.config_loading import (  # noqa: E402
     merge_config,
 )
 from queryinst.data import (  # noqa: E402
+    DatasetFormatError,
     add_dataset_argument,
     check_config_datasets,
     register_dataset_specs,
@@ -213,7 +214,11 @@ def main(args):
     Raises:
         queryinst.checkpoint.CheckpointError: ``MODEL.WEIGHTS`` cannot be used: missing,
             unreadable, not downloadable; with ``--eval-only`` also empty or not filling the
-            model (a checkpoint of another config). Run as a script, one ``ERROR:`` line.
+            model (a checkpoint of another config); ``ClassInitError``, one of them, for a
+            ``MODEL.QUERYINST.CLASS_INIT_FROM`` that cannot be applied.
+        queryinst.data.DatasetFormatError: a dataset of the config cannot be read (e.g. a
+            missing Cityscapes folder or gtFine file, named in the message).
+        Run as a script, each is one ``ERROR:`` line and exit status 1.
     """
     cfg = setup(args)
     # Class count and masks of every dataset against the model, before anything is trained.
@@ -263,6 +268,8 @@ if __name__ == "__main__":
             dist_url=args.dist_url,
             args=(args,),
         )
-    # Unusable MODEL.WEIGHTS or a misspelled key: the message says what to pass instead.
-    except (CheckpointError, UnknownConfigKeyError, ConfigValueTypeError) as e:
+    # Unusable MODEL.WEIGHTS, a misspelled key or a dataset that cannot be read (e.g. no
+    # Cityscapes folder): the message says what is wrong and what to pass instead.
+    except (CheckpointError, UnknownConfigKeyError, ConfigValueTypeError,
+            DatasetFormatError) as e:
         sys.exit(f"ERROR: {e}")
