@@ -45,8 +45,8 @@ from .builtin import write_converted_folder
 from .coco_format import DatasetFormatError
 
 __all__ = ["CITYSCAPES_SAMPLE_CITY", "CITYSCAPES_SAMPLE_SPLITS", "CityscapesInstanceEvaluator",
-           "LABELME_TO_CITYSCAPES", "check_cityscapes_dataset", "cityscapes_gt_files", "labelme_to_cityscapes_json",
-           "write_cityscapes_sample"]
+           "LABELME_TO_CITYSCAPES", "check_cityscapes_dataset", "cityscapes_gt_files",
+           "labelme_to_cityscapes_json", "write_cityscapes_sample"]
 
 CITYSCAPES_SAMPLE_CITY = "labelme"  # no "_": cityscapesscripts splits file names on it
 # labelme frame number -> split. The frames are consecutive (a parked car and a truck that
