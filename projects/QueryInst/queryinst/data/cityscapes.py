@@ -116,8 +116,10 @@ street (1000x563), 3 polygons each. Frames 00000100..00000104 become city "{city
 (leftImg8bit). Polygons: labels mapped to Cityscapes names ({mapping}; "track" is labelme's
 label for the truck, split by a tree into two shapes: cab and load bed), coordinates rounded
 to the nearest integer pixel (halves up) and clipped into the image, as Cityscapes stores
-them (gtFine_polygons.json). gtFine_instanceIds.png and gtFine_labelIds.png were made from
-that json by cityscapesscripts' json2instanceImg / json2labelImg ("ids" encoding). Only the
+them (gtFine_polygons.json). gtFine_instanceIds.png and gtFine_labelIds.png were drawn from
+that json by cityscapesscripts ("ids" encoding): json2labelImg, and json2instanceImg's
+createInstanceImage, its 32-bit image saved as 16-bit PNG (as Cityscapes' own; Pillow 13
+no longer writes 32-bit PNGs). Only the
 3 objects are annotated: every other pixel is "unlabeled" (id 0), unlike real Cityscapes,
 which labels every pixel.
 
@@ -158,8 +160,9 @@ def write_cityscapes_sample(root: str) -> dict:
     from the package cache, downloaded once; the same files as the ``labelme_video_example``
     video set). Images become ``leftImg8bit`` PNGs (1000x563, uint8 RGB), the polygons
     ``gtFine_polygons.json`` (:func:`labelme_to_cityscapes_json`), and cityscapesscripts
-    makes ``gtFine_instanceIds.png`` (int32 ids: class id * 1000 + instance index, car 26xxx,
-    truck 27xxx; 0 elsewhere) and ``gtFine_labelIds.png`` (uint8 class ids) from each json.
+    draws ``gtFine_instanceIds.png`` (16-bit: class id * 1000 + instance index, car 26000,
+    truck 27000 and 27001; 0 elsewhere) and ``gtFine_labelIds.png`` (8-bit class ids) from
+    each json.
     Splits: :data:`CITYSCAPES_SAMPLE_SPLITS`; a README.md in ``cityscapes/`` gives source
     and licence.
 
