@@ -365,10 +365,10 @@ def check_cityscapes_dataset(name: str) -> None:
     if missing:
         absent = set(missing)
         lacking = sum(any(gt in absent for gt in files) for files in found.values())
-        where = "" if os.path.isdir(gt_dir) else f" ({gt_dir} does not exist)"
+        where = "" if os.path.isdir(gt_dir) else f"; {gt_dir} does not exist"
         raise DatasetFormatError(
             f"{what}: {lacking} of {len(found)} images in {image_dir} lack gtFine files "
-            f"({len(missing)} files missing; the first: {missing[0]}){where}. Every image "
+            f"({len(missing)} files missing, the first {missing[0]}{where}). Every image "
             f"needs {', '.join('<stem>' + s for s in _GT_SUFFIXES)} in {gt_dir}/<city>/ "
             "(metadata gt_dir): unpack gtFine_trainvaltest.zip (it holds all three for the "
             "train and val images) into the folder that holds cityscapes/, next to "
