@@ -1,4 +1,5 @@
-"""Datasets: checked COCO-format loading, config checks, image reading, bundled datasets.
+"""Datasets: checked COCO-format loading, config checks, image reading, bundled datasets,
+Cityscapes (a real sample in its layout, a check of its files, its evaluator under NumPy 2).
 
 Importing this package registers the bundled datasets (``nuclei_dsb_train``,
 ``nuclei_dsb_val``, ``voc_mini``) with Detectron2; nothing is read or downloaded until one
@@ -12,6 +13,11 @@ from .builtin import (
     register_bundled_datasets,
 )
 from .checks import check_config_datasets, check_dataset, check_num_classes_keys
+from .cityscapes import (
+    CityscapesInstanceEvaluator,
+    check_cityscapes_dataset,
+    write_cityscapes_sample,
+)
 from .coco_format import (
     DatasetFormatError,
     load_coco_instances,
@@ -35,10 +41,12 @@ from .package_files import (
 __all__ = [
     "BUNDLED_DATASETS",
     "BundledDataset",
+    "CityscapesInstanceEvaluator",
     "DatasetFormatError",
     "DatasetSpec",
     "PackageFetchError",
     "add_dataset_argument",
+    "check_cityscapes_dataset",
     "check_config_datasets",
     "check_dataset",
     "check_num_classes_keys",
@@ -50,6 +58,7 @@ __all__ = [
     "prepare_bundled_datasets",
     "read_image",
     "read_package_files",
+    "write_cityscapes_sample",
     "register_bundled_datasets",
     "register_coco_instances_checked",
     "register_dataset_specs",
