@@ -64,6 +64,7 @@ from queryinst.config_loading import (  # noqa: E402
 )
 from queryinst.data import (  # noqa: E402
     DatasetFormatError,
+    MissingPackageError,
     add_dataset_argument,
     check_config_datasets,
     register_dataset_specs,
@@ -217,7 +218,8 @@ def main(args):
             model (a checkpoint of another config); ``ClassInitError``, one of them, for a
             ``MODEL.QUERYINST.CLASS_INIT_FROM`` that cannot be applied.
         queryinst.data.DatasetFormatError: a dataset of the config cannot be read (e.g. a
-            missing Cityscapes folder or gtFine file, named in the message).
+            missing Cityscapes folder or gtFine file, named in the message);
+            ``MissingPackageError``: a package it needs (cityscapesscripts) is missing.
         Run as a script, each is one ``ERROR:`` line and exit status 1.
     """
     cfg = setup(args)
@@ -271,5 +273,5 @@ if __name__ == "__main__":
     # Unusable MODEL.WEIGHTS, a misspelled key or a dataset that cannot be read (e.g. no
     # Cityscapes folder): the message says what is wrong and what to pass instead.
     except (CheckpointError, UnknownConfigKeyError, ConfigValueTypeError,
-            DatasetFormatError) as e:
+            DatasetFormatError, MissingPackageError) as e:
         sys.exit(f"ERROR: {e}")

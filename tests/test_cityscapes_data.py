@@ -26,14 +26,15 @@ from PIL import Image
 
 from queryinst import add_queryinst_config
 from queryinst.data import (
-    CityscapesInstanceEvaluator,
     DatasetFormatError,
+    MissingPackageError,
     check_cityscapes_dataset,
     check_dataset,
     download_package,
     write_cityscapes_sample,
 )
 from queryinst.data import bundled_sources as src
+from queryinst.evaluation import CityscapesAPEvaluator
 from queryinst.video import builtin as video_builtin
 
 # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; not ours to fix.
@@ -275,12 +276,12 @@ def test_evaluator_perfect_predictions_score_100_and_none_0(sample, eval_dataset
 
     monkeypatch.chdir(tmp_path)  # cityscapesscripts wrote "matches.json" into the cwd
     args_before = dict(vars(cs_eval.args))
-    evaluator = CityscapesInstanceEvaluator(eval_dataset)
+    evaluator = CityscapesAPEvaluator(eval_dataset)
     results = {}
     for perfect in (True, False):
         evaluator.reset()
         evaluator.process(*_predictions(sample[0], perfect))
-        results[perfect] = evaluator.evaluate()["segm"]
+        results[perfect] = evaluator.evaluate()["cityscapes"]
     assert results[True] == {"AP": 100.0, "AP50": 100.0}
     assert results[False] == {"AP": 0.0, "AP50": 0.0}
     assert os.listdir(tmp_path) == []
@@ -365,7 +366,7 @@ def test_missing_cityscapesscripts_names_package_and_fix(sample, register_citysc
         monkeypatch.setitem(sys.modules, module, None)
     monkeypatch.setitem(sys.modules, "cityscapesscripts", None)  # as if not installed
     name = register_cityscapes(*_split_dirs(sample[0], "val"))
-    with pytest.raises(ImportError) as info:
+    with pytest.raises(MissingPackageError) as info:
         check_cityscapes_dataset(name)
     message = str(info.value)
     assert info.value.name == "cityscapesscripts"

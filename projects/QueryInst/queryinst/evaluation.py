@@ -8,9 +8,15 @@ AP; every other image dataset gets COCO AP. Video datasets are evaluated by
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
+import os
+import types
 from collections import OrderedDict
 from typing import Callable, Dict
 
+import numpy as np
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import (
     CityscapesInstanceEvaluator,
@@ -26,20 +32,74 @@ __all__ = ["CITYSCAPES_KEY", "CityscapesAPEvaluator", "EVALUATORS_BY_TYPE",
 CITYSCAPES_KEY = "cityscapes"
 
 
+class _NumpyWithIn1d(types.ModuleType):
+    """numpy, plus ``in1d`` where numpy (>= 2.4) has removed it."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def in1d(ar1, ar2, assume_unique=False, invert=False):
+        """``numpy.in1d``: ``isin`` of the flattened ``ar1``, as NumPy defined it."""
+        return np.isin(np.ravel(ar1), ar2, assume_unique=assume_unique, invert=invert)
+
+
+@contextlib.contextmanager
+def _cityscapes_evaluation_numpy2(json_dir: str):
+    """Run cityscapesscripts' instance evaluation (2.3.0) with NumPy 2, then undo every change.
+
+    Two incompatibilities, both in ``evalInstanceLevelSemanticLabeling``, are patched in that
+    module's namespace only: ``np.in1d`` (removed in NumPy 2.4) and ``writeDict2JSON``,
+    which cannot serialise the NumPy integers that ``np.count_nonzero`` returns under NumPy 2.
+    The patched writer puts relative paths (the evaluation's "matches.json", which nothing
+    reads) under ``json_dir`` instead of the working directory. The module-global ``args``
+    that Detectron2 sets are restored on exit as well.
+
+    Without it, with cityscapesscripts 2.3.0 (the latest) and NumPy >= 2.4, Detectron2's
+    evaluator fails in ``evaluate``: ``AttributeError: module 'numpy' has no attribute
+    'in1d'``, then (with ``in1d`` back) ``'numpy.int64' object has no attribute
+    '__dict__'`` while writing "matches.json" into the working directory.
+    """
+    import cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling as cs_eval
+
+    def write_json(data, file_name):
+        path = os.path.join(json_dir, file_name)  # unchanged when file_name is absolute
+        with open(path, "w") as f:
+            json.dump(data, f, sort_keys=True, indent=4, default=lambda o: (
+                o.item() if isinstance(o, np.generic) else o.__dict__))
+
+    saved = cs_eval.np, cs_eval.writeDict2JSON, copy.copy(vars(cs_eval.args))
+    cs_eval.np, cs_eval.writeDict2JSON = _NumpyWithIn1d("numpy"), write_json
+    try:
+        yield
+    finally:
+        cs_eval.np, cs_eval.writeDict2JSON = saved[:2]
+        vars(cs_eval.args).clear()
+        vars(cs_eval.args).update(saved[2])
+
+
 class CityscapesAPEvaluator(CityscapesInstanceEvaluator):
-    """Detectron2's ``CityscapesInstanceEvaluator`` with its results under
-    :data:`CITYSCAPES_KEY` (``{"cityscapes": {"AP": ..., "AP50": ...}}``, percent), so that
-    it can run beside ``COCOEvaluator``, whose mask AP is also called "segm"
-    (``DatasetEvaluators`` refuses two evaluators with the same key).
+    """Detectron2's ``CityscapesInstanceEvaluator`` (cityscapesscripts' own metric; docs/method.md
+    §7.4), runnable with NumPy 2 (:func:`_cityscapes_evaluation_numpy2`), with its results
+    under :data:`CITYSCAPES_KEY` so that it can run beside ``COCOEvaluator``, whose mask AP
+    is also called "segm" (``DatasetEvaluators`` refuses two evaluators with one key).
 
     Inputs as Detectron2's: ``outputs[i]["instances"]`` with ``pred_masks`` bool (H, W) in
     original-image pixels, ``pred_classes`` int64, ``scores`` float32. Needs the dataset's
-    ``gt_dir`` metadata and the ``cityscapesscripts`` package.
+    ``gt_dir`` and ``thing_classes`` metadata and the ``cityscapesscripts`` package.
     """
 
     def evaluate(self) -> Dict[str, Dict[str, float]]:
-        """Run cityscapesscripts' instance-level evaluation (main process; None elsewhere)."""
-        results = super().evaluate()
+        """Run cityscapesscripts' instance-level evaluation on the whole split.
+
+        Returns:
+            ``{"cityscapes": {"AP": ..., "AP50": ...}}`` in percent on the main process (None
+            on the others): AP averaged over the IoUs 0.5:0.95:0.05 and over the classes
+            that have ground truth or predictions in the split (the others are NaN and left
+            out).
+        """
+        with _cityscapes_evaluation_numpy2(self._temp_dir):
+            results = super().evaluate()
         if results is None:  # not the main process
             return None
         return OrderedDict([(CITYSCAPES_KEY, results["segm"])])

@@ -1,5 +1,5 @@
 """Datasets: checked COCO-format loading, config checks, image reading, bundled datasets,
-Cityscapes (a real sample in its layout, a check of its files, its evaluator under NumPy 2).
+Cityscapes (a real sample in its layout, a check of its files).
 
 Importing this package registers the bundled datasets (``nuclei_dsb_train``,
 ``nuclei_dsb_val``, ``voc_mini``) with Detectron2; nothing is read or downloaded until one
@@ -13,11 +13,7 @@ from .builtin import (
     register_bundled_datasets,
 )
 from .checks import check_config_datasets, check_dataset, check_num_classes_keys
-from .cityscapes import (
-    CityscapesInstanceEvaluator,
-    check_cityscapes_dataset,
-    write_cityscapes_sample,
-)
+from .cityscapes import MissingPackageError, check_cityscapes_dataset, write_cityscapes_sample
 from .coco_format import (
     DatasetFormatError,
     load_coco_instances,
@@ -41,9 +37,9 @@ from .package_files import (
 __all__ = [
     "BUNDLED_DATASETS",
     "BundledDataset",
-    "CityscapesInstanceEvaluator",
     "DatasetFormatError",
     "DatasetSpec",
+    "MissingPackageError",
     "PackageFetchError",
     "add_dataset_argument",
     "check_cityscapes_dataset",

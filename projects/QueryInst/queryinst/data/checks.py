@@ -79,7 +79,7 @@ def check_dataset(cfg, name: str, key: str = "DATASETS.TRAIN") -> None:
         DatasetFormatError: ``MODEL.MASK_ON`` and annotations without "segmentation"
             (naming the json file, the count and the two ways out); for a Cityscapes
             dataset, missing folders or gtFine files.
-        ModuleNotFoundError: a Cityscapes dataset and no cityscapesscripts.
+        MissingPackageError: a Cityscapes dataset and no cityscapesscripts.
     """
     if name not in DatasetCatalog.list():
         raise KeyError(

@@ -24,28 +24,23 @@ gtFine_trainvaltest.zip)::
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import importlib
 import io
-import json
 import math
 import os
 import shutil
 import tempfile
-import types
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
-from detectron2 import evaluation as d2_evaluation
 from PIL import Image
 
 from . import bundled_sources as src
 from .builtin import write_converted_folder
 from .coco_format import DatasetFormatError
 
-__all__ = ["CITYSCAPES_SAMPLE_CITY", "CITYSCAPES_SAMPLE_SPLITS", "CityscapesInstanceEvaluator",
-           "LABELME_TO_CITYSCAPES", "check_cityscapes_dataset", "cityscapes_gt_files",
+__all__ = ["CITYSCAPES_SAMPLE_CITY", "CITYSCAPES_SAMPLE_SPLITS", "LABELME_TO_CITYSCAPES",
+           "MissingPackageError", "check_cityscapes_dataset", "cityscapes_gt_files",
            "labelme_to_cityscapes_json", "write_cityscapes_sample"]
 
 CITYSCAPES_SAMPLE_CITY = "labelme"  # no "_": cityscapesscripts splits file names on it
@@ -179,7 +174,7 @@ def write_cityscapes_sample(root: str) -> dict:
 
     Raises:
         PackageFetchError: the labelme sdist could not be downloaded.
-        ModuleNotFoundError: cityscapesscripts is not installed.
+        MissingPackageError: cityscapesscripts is not installed.
         DatasetFormatError: an existing ``root/cityscapes`` lacks files of the sample (the
             message names the first and how to rebuild).
     """
@@ -295,14 +290,19 @@ def _scan(image_dir: str, gt_dir: str, what: str) -> Dict[str, Tuple[str, str, s
     return found
 
 
+class MissingPackageError(ModuleNotFoundError):
+    """A package that a feature needs is not installed; the message names the package, what
+    needs it and the command that installs it. Programs print it as one line."""
+
+
 def _require_cityscapesscripts(purpose: str) -> None:
-    """Raise ModuleNotFoundError naming the package and the fix when it cannot be imported."""
+    """Raise MissingPackageError naming the package and the fix when it cannot be imported."""
     for module in ("cityscapesscripts.helpers.labels",
                    "cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling"):
         try:
             importlib.import_module(module)
         except ImportError as e:
-            raise ModuleNotFoundError(
+            raise MissingPackageError(
                 f"{purpose} needs the package cityscapesscripts (module {module} cannot be "
                 f"imported: {e}); Detectron2's Cityscapes loader and CityscapesInstanceEvaluator "
                 "import it. Install it with 'pip install cityscapesscripts' (or 'make setup', "
@@ -326,7 +326,7 @@ def check_cityscapes_dataset(name: str) -> None:
 
     Raises:
         ValueError: the dataset is not a Cityscapes instance dataset.
-        ModuleNotFoundError: cityscapesscripts is not installed. An ``ImportError`` (not a
+        MissingPackageError: cityscapesscripts is not installed. An ``ImportError`` (not a
             ``DatasetFormatError``): the data may be fine, the environment lacks a package,
             and callers that handle a missing optional package catch ``ImportError``.
         DatasetFormatError: a folder is missing or holds no images, or images lack gtFine
@@ -378,64 +378,3 @@ def check_cityscapes_dataset(name: str) -> None:
 def _missing_gt(found: Dict[str, Tuple[str, str, str]]) -> List[str]:
     """The gtFine files of ``found`` (see :func:`_scan`) that are not on disk, in order."""
     return [gt for files in found.values() for gt in files if not os.path.isfile(gt)]
-
-
-class _NumpyWithIn1d(types.ModuleType):
-    """numpy, plus ``in1d`` where numpy (>= 2.4) has removed it."""
-
-    def __getattr__(self, name):
-        return getattr(np, name)
-
-    @staticmethod
-    def in1d(ar1, ar2, assume_unique=False, invert=False):
-        """``numpy.in1d``: ``isin`` of the flattened ``ar1``, as NumPy defined it."""
-        return np.isin(np.ravel(ar1), ar2, assume_unique=assume_unique, invert=invert)
-
-
-@contextlib.contextmanager
-def _cityscapes_evaluation_numpy2(json_dir: str):
-    """Run cityscapesscripts' instance evaluation (2.3.0) with NumPy 2, then undo every change.
-
-    Two incompatibilities, both in ``evalInstanceLevelSemanticLabeling``, are patched in that
-    module's namespace only: ``np.in1d`` (removed in NumPy 2.4) and ``writeDict2JSON``,
-    which cannot serialise the NumPy integers that ``np.count_nonzero`` returns under NumPy 2.
-    The patched writer puts relative paths (the evaluation's "matches.json", which nothing
-    reads) under ``json_dir`` instead of the working directory. The module-global ``args``
-    that Detectron2 sets are restored on exit as well.
-    """
-    import cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling as cs_eval
-
-    def write_json(data, file_name):
-        path = os.path.join(json_dir, file_name)  # unchanged when file_name is absolute
-        with open(path, "w") as f:
-            json.dump(data, f, sort_keys=True, indent=4, default=lambda o: (
-                o.item() if isinstance(o, np.generic) else o.__dict__))
-
-    saved = cs_eval.np, cs_eval.writeDict2JSON, copy.copy(vars(cs_eval.args))
-    cs_eval.np, cs_eval.writeDict2JSON = _NumpyWithIn1d("numpy"), write_json
-    try:
-        yield
-    finally:
-        cs_eval.np, cs_eval.writeDict2JSON = saved[:2]
-        vars(cs_eval.args).clear()
-        vars(cs_eval.args).update(saved[2])
-
-
-class CityscapesInstanceEvaluator(d2_evaluation.CityscapesInstanceEvaluator):
-    """Detectron2's ``CityscapesInstanceEvaluator``, runnable with NumPy 2.
-
-    With cityscapesscripts 2.3.0 (the latest) and NumPy >= 2.4, Detectron2's evaluator fails
-    in ``evaluate``: ``AttributeError: module 'numpy' has no attribute 'in1d'``, then (with
-    ``in1d`` back) ``'numpy.int64' object has no attribute '__dict__'`` while writing
-    "matches.json" into the working directory. This subclass changes nothing but
-    ``evaluate``, which runs Detectron2's under :func:`_cityscapes_evaluation_numpy2`; the
-    metric is cityscapesscripts' own.
-
-    Returns of ``evaluate``: ``{"segm": {"AP": ..., "AP50": ...}}`` in percent, AP averaged
-    over the overlaps 0.5:0.95:0.05 and over the 8 classes that have ground truth or
-    predictions in the split (classes with neither are NaN and left out).
-    """
-
-    def evaluate(self):
-        with _cityscapes_evaluation_numpy2(self._temp_dir):
-            return super().evaluate()
