@@ -114,9 +114,8 @@ to the nearest integer pixel (halves up) and clipped into the image, as Cityscap
 them (gtFine_polygons.json). gtFine_instanceIds.png and gtFine_labelIds.png were drawn from
 that json by cityscapesscripts ("ids" encoding): json2labelImg, and json2instanceImg's
 createInstanceImage, its 32-bit image saved as 16-bit PNG (as Cityscapes' own; Pillow 13
-no longer writes 32-bit PNGs). Only the
-3 objects are annotated: every other pixel is "unlabeled" (id 0), unlike real Cityscapes,
-which labels every pixel.
+no longer writes 32-bit PNGs). Only the 3 objects are annotated: every other pixel is
+"unlabeled" (id 0), unlike real Cityscapes, which labels every pixel.
 
 Split: train = frames {train}, val = frames {val} (consecutive frames of one clip: the
 splits overlap in content).
