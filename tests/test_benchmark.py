@@ -60,6 +60,7 @@ def test_json_is_printed_written_and_returned(short_run):
     assert report["settings"]["threads"] == 1
     assert report["settings"]["channels_last"] is True
     assert report["settings"]["train_batch_size"] == 2 and report["settings"]["amp"] is False
+    assert report["settings"]["train_instances_per_image"] == 5
     assert [m["name"] for m in report["models"]] == [
         "queryinst", "mask_rcnn_R_50_FPN", "cascade_mask_rcnn_R_50_FPN",
     ]

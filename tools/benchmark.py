@@ -13,9 +13,10 @@ images of a fixed size, taking turns call by call:
   multiply-add counts as one flop);
 - with ``--train``, one training iteration of ``--train-batch-size`` images (default 2;
   forward + backward + optimiser step, each model with its own recipe's optimiser) on random
-  images with synthetic instances: its time, and the peak memory of one more such step, taken
-  in the same way as inference's (``--amp``: on CUDA, the step in fp16 autocast with a
-  gradient scaler, as Detectron2's ``AMPTrainer`` runs it);
+  images with ``--train-instances`` synthetic instances each (default 5): its time, and the
+  peak memory of one more such step, taken in the same way as inference's (``--amp``: on
+  CUDA, the step in fp16 autocast with a gradient scaler, as Detectron2's ``AMPTrainer``
+  runs it);
 - with ``--profile K``, the K PyTorch-profiler entries with the most self time and the wall
   time of each phase (backbone, proposal generator, ROI heads, the rest);
 - with ``--channels-last``, every backbone in channels-last memory format.
@@ -88,7 +89,6 @@ from queryinst import add_queryinst_config  # noqa: E402
 from queryinst.config_loading import merge_config  # noqa: E402
 from queryinst.solver import build_optimizer as build_queryinst_optimizer  # noqa: E402
 
-NUM_SYNTHETIC_INSTANCES = 5  # GT instances per training image
 # Baseline name -> model-zoo config of that architecture; the depth comes from the name.
 BASELINE_ZOO = {
     "mask_rcnn": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
@@ -127,6 +127,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--train-batch-size", type=int, default=2, help="images per training iteration",
     )
     parser.add_argument(
+        "--train-instances", type=int, default=5,
+        help="synthetic ground-truth instances per training image (QueryInst's mask head "
+        "trains on min(queries, instances) of them per stage)",
+    )
+    parser.add_argument(
         "--amp", action="store_true",
         help="train in fp16 autocast with a gradient scaler, as Detectron2's AMPTrainer "
         "(SOLVER.AMP.ENABLED); needs --train and --device cuda",
@@ -147,7 +152,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="QueryInst overrides: KEY VALUE")
     args = parser.parse_args(argv)
     if (args.iters < 1 or args.warmup < 0 or args.batch_size < 1 or args.profile < 0
-            or args.train_batch_size < 1):
+            or args.train_batch_size < 1 or args.train_instances < 1):
         parser.error("--iters and the batch sizes must be >= 1, --warmup and --profile >= 0")
     if args.amp and not (args.train and args.device == "cuda"):
         parser.error("--amp applies to the training step on CUDA: add --train --device cuda")
@@ -247,9 +252,8 @@ def random_image(height: int, width: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(0, 256, (3, height, width), generator=gen, dtype=torch.uint8)
 
 
-def synthetic_instances(height: int, width: int, num_classes: int, gen: torch.Generator):
-    """A few random boxes, each with a filled-rectangle bitmask and a random class."""
-    n = NUM_SYNTHETIC_INSTANCES
+def synthetic_instances(height: int, width: int, num_classes: int, n: int, gen: torch.Generator):
+    """``n`` random boxes, each with a filled-rectangle bitmask and a random class."""
     x0 = torch.rand(n, generator=gen) * width * 0.7
     y0 = torch.rand(n, generator=gen) * height * 0.7
     x1 = x0 + 16 + torch.rand(n, generator=gen) * width * 0.3
@@ -527,7 +531,8 @@ def main(argv=None) -> dict:
     images = [random_image(height, width, gen) for _ in range(args.batch_size)]
     train_batch = [
         {"image": random_image(height, width, gen),
-         "instances": synthetic_instances(height, width, qcfg.MODEL.QUERYINST.NUM_CLASSES, gen)}
+         "instances": synthetic_instances(
+             height, width, qcfg.MODEL.QUERYINST.NUM_CLASSES, args.train_instances, gen)}
         for _ in range(args.train_batch_size)
     ] if args.train else None
 
@@ -546,6 +551,7 @@ def main(argv=None) -> dict:
             "seed": args.seed,
             "channels_last": args.channels_last,
             "train_batch_size": args.train_batch_size if args.train else None,
+            "train_instances_per_image": args.train_instances if args.train else None,
             "amp": args.amp,
             "flops": "fvcore via detectron2.utils.analysis; 1 multiply-add = 1 flop; 1 image",
         },
