@@ -59,6 +59,8 @@ def test_json_is_printed_written_and_returned(short_run):
     assert report["settings"]["input_size"] == [64, 96]
     assert report["settings"]["threads"] == 1
     assert report["settings"]["channels_last"] is True
+    assert report["settings"]["train_batch_size"] == 2 and report["settings"]["amp"] is False
+    assert report["settings"]["train_instances_per_image"] == 5
     assert [m["name"] for m in report["models"]] == [
         "queryinst", "mask_rcnn_R_50_FPN", "cascade_mask_rcnn_R_50_FPN",
     ]
@@ -73,6 +75,8 @@ def test_numbers_are_consistent(short_run):
         assert m["images_per_s"] == pytest.approx(1 / m["infer_median_s"], rel=1e-2)
         assert m["peak_mem_mib"] > 0
         assert m["train_median_s"] > 0 and np.isfinite(m["train_last_loss"])
+        assert m["train_batch"] == 2
+        assert m["train_peak_mem_mib"] >= m["train_mem_mib"] > 0
         assert len(m["profile_top"]) == 3
         assert m["gflops"] >= sum(m["gflops_by_module"].values()) - 0.05
         # The fairness rule: every mask head serves QueryInst's top-k detections.
@@ -109,7 +113,9 @@ def test_table_has_a_row_per_model(short_run):
         cells = row.split()
         assert cells[0] == m["name"]
         assert len(cells) == len(bench.COLUMNS)
-        assert cells[1] == "R50" and cells[-2] == str(TOPK)
+        dets = [h for h, _, _ in bench.COLUMNS].index("dets/img")
+        assert cells[1] == "R50" and cells[dets] == str(TOPK)
+        assert cells[-1] == f"{m['train_peak_mem_mib']:.0f}"
 
 
 class Toy(nn.Module):
@@ -223,6 +229,22 @@ def test_batch_of_two_reports_per_image_numbers():
     assert qi["infer_per_image_s"] == pytest.approx(qi["infer_median_s"] / 2, abs=1e-4)
     assert qi["images_per_s"] == pytest.approx(2 / qi["infer_median_s"], rel=1e-2)
     assert "gflops" not in qi
+
+
+def test_training_memory_grows_with_the_training_batch():
+    small = ["--config-file", BASE_CONFIG, "--baselines", "none", "--input-size", "128", "128",
+             "--iters", "1", "--warmup", "0", "--no-flops", "--train"]
+    opts = ["MODEL.QUERYINST.NUM_STAGES", "1", "MODEL.RESNETS.DEPTH", "18",
+            "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.QUERYINST.TEST_TOPK", "5"]
+    one, four = (bench.main([*small, "--train-batch-size", n, *opts])["models"][0]
+                 for n in ("1", "4"))
+    assert (one["train_batch"], four["train_batch"]) == (1, 4)
+    # Measured: ~150 MiB for one image, ~340 MiB for four (R18, one stage, 128x128).
+    assert four["train_mem_mib"] > one["train_mem_mib"] > 0
+    # Gradients and AdamW's two moment buffers are resident in training, not in inference.
+    assert one["train_peak_mem_mib"] > one["peak_mem_mib"]
+    with pytest.raises(SystemExit):  # fp16 autocast is for the CUDA training step
+        bench.parse_args(["--config-file", BASE_CONFIG, "--train", "--amp"])
 
 
 MNV2_COCO = str(ROOT / "configs" / "queryinst_MNV2_FPN_1x_coco.yaml")

@@ -11,8 +11,12 @@ images of a fixed size, taking turns call by call:
 - parameters, and FLOPs of one image counted by fvcore through Detectron2's
   ``FlopCountAnalysis`` (the counter of Detectron2's ``tools/analyze_model.py``; one fused
   multiply-add counts as one flop);
-- with ``--train``, one training iteration at batch 2 (forward + backward + optimiser step,
-  each model with its own recipe's optimiser) on random images with synthetic instances;
+- with ``--train``, one training iteration of ``--train-batch-size`` images (default 2;
+  forward + backward + optimiser step, each model with its own recipe's optimiser) on random
+  images with ``--train-instances`` synthetic instances each (default 5): its time, and the
+  peak memory of one more such step, taken in the same way as inference's (``--amp``: on
+  CUDA, the step in fp16 autocast with a gradient scaler, as Detectron2's ``AMPTrainer``
+  runs it);
 - with ``--profile K``, the K PyTorch-profiler entries with the most self time and the wall
   time of each phase (backbone, proposal generator, ROI heads, the rest);
 - with ``--channels-last``, every backbone in channels-last memory format.
@@ -31,6 +35,20 @@ Example::
         --input-size 800 1333 --iters 5 --warmup 1 --threads 2 --train
 
 Extra ``KEY VALUE`` pairs override the QueryInst config, as in ``train_net.py``.
+
+Memory keys of each model in the JSON, in MiB (2**20 bytes):
+
+- ``peak_mem_mib``, ``infer_mem_mib``: the peak during one inference, and that peak minus
+  the value when the call started;
+- with ``--train``, ``train_peak_mem_mib`` and ``train_mem_mib``: the same for one training
+  step, measured after the timed steps (so gradients of the step before and the optimiser's
+  state are resident, as in a running training), and ``train_batch`` (images in the step).
+
+On the CPU the values are the process RSS: Python, libraries, every model built in the run
+(``--baselines none`` for one model alone) and freed memory that the allocator keeps. On
+CUDA they are ``torch.cuda.max_memory_allocated``, reset before the call: tensors only,
+without the CUDA context or the allocator's cache; the training step also gets
+``train_peak_reserved_mib``, ``torch.cuda.max_memory_reserved`` (tensors plus the cache).
 """
 from __future__ import annotations
 
@@ -71,8 +89,6 @@ from queryinst import add_queryinst_config  # noqa: E402
 from queryinst.config_loading import merge_config  # noqa: E402
 from queryinst.solver import build_optimizer as build_queryinst_optimizer  # noqa: E402
 
-NUM_SYNTHETIC_INSTANCES = 5  # GT instances per training image
-TRAIN_BATCH = 2  # images per timed training iteration (issue 6)
 # Baseline name -> model-zoo config of that architecture; the depth comes from the name.
 BASELINE_ZOO = {
     "mask_rcnn": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
@@ -103,7 +119,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1, help="images per inference call")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
-    parser.add_argument("--train", action="store_true", help="also time a training iteration")
+    parser.add_argument(
+        "--train", action="store_true",
+        help="also time a training iteration and measure its peak memory",
+    )
+    parser.add_argument(
+        "--train-batch-size", type=int, default=2, help="images per training iteration",
+    )
+    parser.add_argument(
+        "--train-instances", type=int, default=5,
+        help="synthetic ground-truth instances per training image (QueryInst's mask head "
+        "trains on min(queries, instances) of them per stage)",
+    )
+    parser.add_argument(
+        "--amp", action="store_true",
+        help="train in fp16 autocast with a gradient scaler, as Detectron2's AMPTrainer "
+        "(SOLVER.AMP.ENABLED); needs --train and --device cuda",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument(
         "--channels-last", action="store_true",
@@ -119,8 +151,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json-out", default=None, help="also write the JSON to this file")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="QueryInst overrides: KEY VALUE")
     args = parser.parse_args(argv)
-    if args.iters < 1 or args.warmup < 0 or args.batch_size < 1 or args.profile < 0:
-        parser.error("--iters and --batch-size must be >= 1, --warmup and --profile >= 0")
+    if (args.iters < 1 or args.warmup < 0 or args.batch_size < 1 or args.profile < 0
+            or args.train_batch_size < 1 or args.train_instances < 1):
+        parser.error("--iters and the batch sizes must be >= 1, --warmup and --profile >= 0")
+    if args.amp and not (args.train and args.device == "cuda"):
+        parser.error("--amp applies to the training step on CUDA: add --train --device cuda")
     if min(args.input_size) < 32:
         parser.error("--input-size must be at least 32 x 32 pixels")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -217,9 +252,8 @@ def random_image(height: int, width: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(0, 256, (3, height, width), generator=gen, dtype=torch.uint8)
 
 
-def synthetic_instances(height: int, width: int, num_classes: int, gen: torch.Generator):
-    """A few random boxes, each with a filled-rectangle bitmask and a random class."""
-    n = NUM_SYNTHETIC_INSTANCES
+def synthetic_instances(height: int, width: int, num_classes: int, n: int, gen: torch.Generator):
+    """``n`` random boxes, each with a filled-rectangle bitmask and a random class."""
     x0 = torch.rand(n, generator=gen) * width * 0.7
     y0 = torch.rand(n, generator=gen) * height * 0.7
     x1 = x0 + 16 + torch.rand(n, generator=gen) * width * 0.3
@@ -292,18 +326,29 @@ class Bench:
         with torch.no_grad():
             self.outputs = self.model(self.inputs)
 
-    def start_training(self, batch: list[dict]) -> None:
+    def start_training(self, batch: list[dict], amp: bool = False) -> None:
+        """Switch to training on ``batch``; ``amp``: fp16 autocast and a gradient scaler."""
         self.model.train()
         self.batch = batch
         self.optimizer = self.cand.build_optimizer(self.cand.cfg, self.model)
+        self.device = self.cand.cfg.MODEL.DEVICE
+        self.scaler = torch.amp.GradScaler(self.device) if amp else None
         self.result["train_optimizer"] = type(self.optimizer).__name__
 
     def train_step(self) -> None:
-        losses = self.model(self.batch)
-        loss = sum(losses.values())
+        """One iteration in the order of Detectron2's SimpleTrainer / AMPTrainer."""
+        amp = self.scaler is not None
+        with torch.autocast(self.device, dtype=torch.float16, enabled=amp):
+            losses = self.model(self.batch)
+            loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if amp:  # the scaler unscales the gradients before the optimiser clips them
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
         self.result["train_last_loss"] = round(loss.item(), 4)
 
 
@@ -325,6 +370,19 @@ def measure_memory_and_outputs(bench: Bench, device: str) -> None:
             len(torch.unique(o["instances"].query_indices)) for o in bench.outputs
         ]
     bench.outputs = None
+
+
+def measure_train_memory(bench: Bench, device: str) -> None:
+    """One more training step under ``PeakMemory``; records its peak and growth in MiB."""
+    release_freed_memory()
+    with PeakMemory(device) as mem:
+        bench.train_step()
+    bench.result.update(
+        train_peak_mem_mib=round(mem.peak / 2**20, 1),
+        train_mem_mib=round((mem.peak - mem.start) / 2**20, 1),
+    )
+    if device == "cuda":
+        bench.result["train_peak_reserved_mib"] = round(mem.peak_reserved / 2**20, 1)
 
 
 def measure_flops(bench: Bench) -> None:
@@ -384,12 +442,15 @@ def measure_all(candidates: list[Candidate], args, images, train_batch) -> list[
             }
     if args.train:
         for bench in benches:
-            bench.start_training(train_batch)
+            bench.start_training(train_batch, args.amp)
         log(f"timing training: {args.warmup} warm-up + {args.iters} rounds")
         with EventStorage():  # Detectron2's RPN and ROI heads log training statistics into it
             times = interleaved_times(
                 [b.train_step for b in benches], args.iters, args.warmup, args.device
             )
+            for bench in benches:
+                log(f"training memory of {bench.cand.name}")
+                measure_train_memory(bench, args.device)
         for bench, t in zip(benches, times):
             bench.result.update(train_batch=len(train_batch), **summarise(t, "train"))
     results = [b.result for b in benches]
@@ -414,6 +475,8 @@ COLUMNS = [  # (header, key, format)
     ("infer mem (MiB)", "infer_mem_mib", "{:.0f}"),
     ("dets/img", "detections_per_image", lambda v: "/".join(map(str, sorted(set(v))))),
     ("train iter (s)", "train_median_s", "{:.3f}"),
+    ("train mem (MiB)", "train_mem_mib", "{:.0f}"),
+    ("train peak (MiB)", "train_peak_mem_mib", "{:.0f}"),
 ]
 
 
@@ -468,8 +531,9 @@ def main(argv=None) -> dict:
     images = [random_image(height, width, gen) for _ in range(args.batch_size)]
     train_batch = [
         {"image": random_image(height, width, gen),
-         "instances": synthetic_instances(height, width, qcfg.MODEL.QUERYINST.NUM_CLASSES, gen)}
-        for _ in range(TRAIN_BATCH)
+         "instances": synthetic_instances(
+             height, width, qcfg.MODEL.QUERYINST.NUM_CLASSES, args.train_instances, gen)}
+        for _ in range(args.train_batch_size)
     ] if args.train else None
 
     models = measure_all(candidates, args, images, train_batch)
@@ -486,6 +550,9 @@ def main(argv=None) -> dict:
             "warmup": args.warmup,
             "seed": args.seed,
             "channels_last": args.channels_last,
+            "train_batch_size": args.train_batch_size if args.train else None,
+            "train_instances_per_image": args.train_instances if args.train else None,
+            "amp": args.amp,
             "flops": "fvcore via detectron2.utils.analysis; 1 multiply-add = 1 flop; 1 image",
         },
         "models": models,
@@ -496,6 +563,8 @@ def main(argv=None) -> dict:
         f"threads, input {height}x{width}, batch {args.batch_size}, {args.iters} timed + "
         f"{args.warmup} warm-up iterations"
         + (", channels-last" if args.channels_last else "")
+        + (f", training batch {args.train_batch_size}" if args.train else "")
+        + (", AMP" if args.amp else "")
         + f", torch {torch.__version__}, {report['date']}"
     )
     print(format_table(models))

@@ -48,14 +48,16 @@ def current_rss_bytes() -> int:
 class PeakMemory:
     """Context manager: peak memory in bytes while the block runs, and the start value.
 
-    On CUDA, ``torch.cuda.max_memory_allocated`` (reset on entry). On the CPU, the process
-    RSS sampled by a thread every ``interval_s`` (PyTorch ops release the GIL, so sampling
-    continues during them); a peak shorter than the interval can be missed.
+    On CUDA, ``torch.cuda.max_memory_allocated`` (reset on entry), and in ``peak_reserved``
+    ``torch.cuda.max_memory_reserved`` (allocated plus the caching allocator's free blocks).
+    Neither counts the CUDA context. On the CPU, the process RSS sampled by a thread every
+    ``interval_s`` (PyTorch ops release the GIL, so sampling continues during them); a peak
+    shorter than the interval can be missed.
     """
 
     def __init__(self, device: str, interval_s: float = 0.001):
         self.device, self.interval_s = device, interval_s
-        self.start = self.peak = 0
+        self.start = self.peak = self.peak_reserved = 0
         self._stop = threading.Event()
 
     def __enter__(self) -> "PeakMemory":
@@ -77,6 +79,7 @@ class PeakMemory:
         if self.device == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated()
+            self.peak_reserved = torch.cuda.max_memory_reserved()
         else:
             self._stop.set()
             self._thread.join()
@@ -209,8 +212,13 @@ def calibrate_frozen_bn(model: torch.nn.Module, inputs: list[dict]) -> int:
 
 
 def release_freed_memory() -> None:
-    """Hand memory freed by earlier models back to the OS (glibc), so RSS growth is fair."""
+    """Hand memory freed by earlier models back to the OS (glibc) and empty CUDA's cache.
+
+    So that RSS growth, and CUDA's reserved peak, start from live memory only.
+    """
     gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
     try:
         import ctypes
 
