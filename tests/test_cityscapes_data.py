@@ -414,3 +414,26 @@ def test_rounding_rule_is_half_up():
                                       "shapes": [shape]})
     # halves up (not Python's round-half-even: round(0.5) == 0), then clipped into the image
     assert out["objects"][0]["polygon"] == [[1, 1], [3, 0], [999, 562]]
+
+
+def test_evaluator_survives_a_class_whose_predictions_all_lie_on_void(sample, eval_dataset,
+                                                                    tmp_path, monkeypatch):
+    """cityscapesscripts 2.3.0 crashed (IndexError, mcordts/cityscapesScripts #89) when a
+    class has ground truth and predictions but every prediction is set aside for lying on
+    void pixels. Trucks predicted perfectly and one car predicted on the sky (void: the sample
+    labels only its 3 objects) must give truck AP 100 and car AP 0: mean (100 + 0) / 2 = 50."""
+    monkeypatch.chdir(tmp_path)
+    inputs, outputs = _predictions(sample[0], perfect=True)
+    for out in outputs:
+        instances = out["instances"]
+        trucks = instances.pred_classes == THING_CLASSES.index("truck")
+        void = torch.zeros((1, 563, 1000), dtype=torch.bool)
+        void[0, :60, :200] = True  # top-left corner: no object there in either frame
+        assert not (void[0] & instances.pred_masks.any(0)).any()
+        out["instances"] = Instances.cat([instances[trucks], Instances(
+            (563, 1000), pred_masks=void, scores=torch.tensor([0.9]),
+            pred_classes=torch.tensor([THING_CLASSES.index("car")]))])
+    evaluator = CityscapesAPEvaluator(eval_dataset)
+    evaluator.reset()
+    evaluator.process(inputs, outputs)
+    assert evaluator.evaluate()["cityscapes"] == {"AP": 50.0, "AP50": 50.0}

@@ -86,7 +86,8 @@ def test_method_has_the_numbered_sections():
     headings = re.findall(r"^## (\d)\. (.+)$", read("docs/method.md"), flags=re.M)
     assert headings == [("1", "Architecture"), ("2", "Training"), ("3", "Inference"),
                         ("4", "Official checkpoint layout"), ("5", "Reference results"),
-                        ("6", "Video instance segmentation (QueryInstVIS)")]
+                        ("6", "Video instance segmentation (QueryInstVIS)"),
+                        ("7", "CityScapes")]
 
 
 def test_method_citations_name_existing_sections():

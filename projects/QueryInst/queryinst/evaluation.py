@@ -32,8 +32,9 @@ __all__ = ["CITYSCAPES_KEY", "CityscapesAPEvaluator", "EVALUATORS_BY_TYPE",
 CITYSCAPES_KEY = "cityscapes"
 
 
-class _NumpyWithIn1d(types.ModuleType):
-    """numpy, plus ``in1d`` where numpy (>= 2.4) has removed it."""
+class _NumpyForCityscapesEval(types.ModuleType):
+    """numpy as cityscapesscripts' instance evaluation (2.3.0) needs it: with ``in1d``, which
+    NumPy 2.4 removed, and a ``cumsum`` whose last element exists for an empty input."""
 
     def __getattr__(self, name):
         return getattr(np, name)
@@ -43,6 +44,20 @@ class _NumpyWithIn1d(types.ModuleType):
         """``numpy.in1d``: ``isin`` of the flattened ``ar1``, as NumPy defined it."""
         return np.isin(np.ravel(ar1), ar2, assume_unique=assume_unique, invert=invert)
 
+    @staticmethod
+    def cumsum(a, *args, **kwargs):
+        """``numpy.cumsum``, but ``[0]`` for an empty input (the sum of nothing).
+
+        cityscapesscripts reads ``cumsum(y_true)[-1]`` as the number of true positives of a
+        class; when the class has ground truth and predictions but every prediction was set
+        aside (mostly on void or crowd pixels) and none matched, ``y_true`` is empty and the
+        whole evaluation stops with an IndexError (mcordts/cityscapesScripts issue #89). With
+        ``[0]`` the class gets AP 0, as its code gives a class with ground truth and no
+        predictions.
+        """
+        out = np.cumsum(a, *args, **kwargs)
+        return out if out.size else np.zeros(1, dtype=out.dtype)
+
 
 @contextlib.contextmanager
 def _cityscapes_evaluation_numpy2(json_dir: str):
@@ -51,6 +66,8 @@ def _cityscapes_evaluation_numpy2(json_dir: str):
     Two incompatibilities, both in ``evalInstanceLevelSemanticLabeling``, are patched in that
     module's namespace only: ``np.in1d`` (removed in NumPy 2.4) and ``writeDict2JSON``,
     which cannot serialise the NumPy integers that ``np.count_nonzero`` returns under NumPy 2.
+    One bug is patched there too: its crash on a class whose predictions were all set aside
+    (:meth:`_NumpyForCityscapesEval.cumsum`).
     The patched writer puts relative paths (the evaluation's "matches.json", which nothing
     reads) under ``json_dir`` instead of the working directory. The module-global ``args``
     that Detectron2 sets are restored on exit as well.
@@ -69,7 +86,7 @@ def _cityscapes_evaluation_numpy2(json_dir: str):
                 o.item() if isinstance(o, np.generic) else o.__dict__))
 
     saved = cs_eval.np, cs_eval.writeDict2JSON, copy.copy(vars(cs_eval.args))
-    cs_eval.np, cs_eval.writeDict2JSON = _NumpyWithIn1d("numpy"), write_json
+    cs_eval.np, cs_eval.writeDict2JSON = _NumpyForCityscapesEval("numpy"), write_json
     try:
         yield
     finally:
