@@ -352,14 +352,20 @@ class Bench:
         self.result["train_last_loss"] = round(loss.item(), 4)
 
 
-def measure_memory_and_outputs(bench: Bench, device: str) -> None:
-    """One inference under ``PeakMemory``; records memory, detections and proposals."""
+def _under_peak_memory(device: str, step: Callable[[], None]):
+    """Run ``step`` alone under ``PeakMemory``: (the sampler, peak MiB, growth MiB)."""
     release_freed_memory()
     with PeakMemory(device) as mem:
-        bench.infer()
+        step()
+    return mem, round(mem.peak / 2**20, 1), round((mem.peak - mem.start) / 2**20, 1)
+
+
+def measure_memory_and_outputs(bench: Bench, device: str) -> None:
+    """One inference under ``PeakMemory``; records memory, detections and proposals."""
+    _, peak, grown = _under_peak_memory(device, bench.infer)
     bench.result.update(
-        peak_mem_mib=round(mem.peak / 2**20, 1),
-        infer_mem_mib=round((mem.peak - mem.start) / 2**20, 1),
+        peak_mem_mib=peak,
+        infer_mem_mib=grown,
         detections_per_image=[len(o["instances"]) for o in bench.outputs],
         proposals_per_image=bench.proposals,
     )
@@ -374,13 +380,8 @@ def measure_memory_and_outputs(bench: Bench, device: str) -> None:
 
 def measure_train_memory(bench: Bench, device: str) -> None:
     """One more training step under ``PeakMemory``; records its peak and growth in MiB."""
-    release_freed_memory()
-    with PeakMemory(device) as mem:
-        bench.train_step()
-    bench.result.update(
-        train_peak_mem_mib=round(mem.peak / 2**20, 1),
-        train_mem_mib=round((mem.peak - mem.start) / 2**20, 1),
-    )
+    mem, peak, grown = _under_peak_memory(device, bench.train_step)
+    bench.result.update(train_peak_mem_mib=peak, train_mem_mib=grown)
     if device == "cuda":
         bench.result["train_peak_reserved_mib"] = round(mem.peak_reserved / 2**20, 1)
 
