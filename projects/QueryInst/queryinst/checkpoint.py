@@ -25,9 +25,10 @@ import logging
 import os
 import pickle
 import re
+import tempfile
 import zipfile
 from collections import OrderedDict
-from typing import Any, Callable, Mapping, Optional
+from typing import IO, Any, Callable, Mapping, Optional
 from urllib.parse import urlparse
 
 import torch
@@ -75,6 +76,7 @@ __all__ = [
     "format_config_summary",
     "is_official_state_dict",
     "load_checkpoint_file",
+    "write_atomically",
     "load_official_state_dict",
     "official_config_opts",
     "unreadable_checkpoint_error",
@@ -109,6 +111,48 @@ def official_config_opts(path: str, fine_tuning: bool = False) -> list:
     if fine_tuning:
         config.pop("MODEL.QUERYINST.NUM_CLASSES", None)
     return config_as_opts(config)
+
+
+def write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a local file so that ``path`` holds either its old content or all of the new.
+
+    ``write(f)`` fills a temporary file in the same folder (named ``.<name>.<random>.tmp``,
+    so neither Detectron2's ``*.pth`` listing nor ``last_checkpoint`` can pick it up), which
+    is flushed, ``fsync``-ed and then renamed onto ``path`` with ``os.replace`` (atomic on
+    POSIX and Windows within one file system); the folder is ``fsync``-ed too where the OS
+    allows, so the rename survives a power cut. A process killed at any moment (SIGKILL)
+    leaves ``path`` untouched or complete, and at worst a stray ``.tmp`` file.
+
+    Args:
+        path (str): destination on a local file system.
+        write: called once with the open binary temporary file.
+
+    Raises:
+        Whatever ``write`` or the file system raises (``OSError``: e.g. disk full); the
+        temporary file is removed then and ``path`` keeps its old content.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable (not possible on Windows)
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
 
 
 def _first_line(text: str, limit: int = 160) -> str:
@@ -327,6 +371,33 @@ class QueryInstCheckpointer(DetectionCheckpointer):
         self.strict = strict
         self.class_init = class_init
         self._source = ""  # the path as given (a URL stays a URL), for messages
+
+    # fvcore's Checkpointer.save and tag_last_checkpoint write straight into the final
+    # files: a process killed mid-write left a truncated model_*.pth, or a last_checkpoint
+    # naming it (or empty), and --resume then failed on it. Same files, written atomically.
+    def save(self, name: str, **kwargs: Any) -> None:
+        """Write ``save_dir/<name>.pth`` (model, checkpointables, ``kwargs``) atomically,
+        then point ``save_dir/last_checkpoint`` at it, atomically too (:func:`write_atomically`).
+
+        Same content and file names as fvcore's ``Checkpointer.save``; nothing is written
+        without a ``save_dir`` or off the main process (``save_to_disk`` False).
+        """
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", save_file)
+        write_atomically(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """Write ``save_dir/last_checkpoint`` (the newest checkpoint's file name) atomically."""
+        write_atomically(os.path.join(self.save_dir, "last_checkpoint"),
+                         lambda f: f.write(last_filename_basename.encode("utf-8")))
 
     # fvcore logs "No checkpoint found. Initializing model from scratch" for any empty path,
     # also when there was nothing to look for; these two methods say what actually happens.
