@@ -69,7 +69,13 @@ from queryinst.data import (  # noqa: E402
     check_config_datasets,
     register_dataset_specs,
 )
-from queryinst.solver import build_optimizer  # noqa: E402
+from queryinst.solver import build_optimizer, check_losses_finite  # noqa: E402
+from queryinst.train_loader import (  # noqa: E402
+    build_resumable_train_loader,
+    rng_state,
+    set_rng_state,
+    train_stream_seed,
+)
 from queryinst.video import (  # noqa: E402
     YTVISEvaluator,
     build_vis_test_loader,
@@ -97,14 +103,47 @@ class Trainer(DefaultTrainer):
         self.checkpointer = QueryInstCheckpointer(
             self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), class_init=class_init
         )
+        self._resumed_rng = None  # RNG states of a loaded checkpoint, set after the loader
+        # Detectron2 0.6 checks the loss after backward() and before optimizer.step(), in
+        # _write_metrics, on the main process only and without naming the term: check first.
+        inner = self._trainer
+        write_metrics = inner._write_metrics
+
+        def _checked_write_metrics(loss_dict, data_time, prefix=""):
+            check_losses_finite(loss_dict, inner.iter)
+            write_metrics(loss_dict, data_time, prefix)
+
+        inner._write_metrics = _checked_write_metrics
 
     @classmethod
-    def build_train_loader(cls, cfg):
-        """Detectron2's training loader with ``QueryInstDatasetMapper`` (docs/method.md §2),
-        or, for ``QueryInstVIS``, over videos as (key, reference) frame pairs (§6.1)."""
+    def build_train_loader(cls, cfg, start_iter=0):
+        """The training loader with ``QueryInstDatasetMapper`` (docs/method.md §2), or, for
+        ``QueryInstVIS``, Detectron2's over videos as (key, reference) frame pairs (§6.1).
+
+        Images: ``queryinst.train_loader.build_resumable_train_loader``, Detectron2's
+        ``TrainingSampler`` stream (seed ``SEED``) from iteration ``start_iter``, each sample
+        augmented under its own seed, so a resumed run sees what an uninterrupted one would
+        (README "Fault tolerance"). Another ``DATALOADER.SAMPLER_TRAIN`` gets Detectron2's
+        loader, which restarts its stream on resume."""
         if cfg.MODEL.META_ARCHITECTURE == "QueryInstVIS":
             return build_vis_train_loader(cfg)
-        return build_detection_train_loader(cfg, mapper=QueryInstDatasetMapper(cfg, True))
+        mapper = QueryInstDatasetMapper(cfg, True)
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            return build_detection_train_loader(cfg, mapper=mapper)
+        return build_resumable_train_loader(cfg, mapper, train_stream_seed(cfg), start_iter)
+
+    def resume_or_load(self, resume=True):
+        """Detectron2's, then, when a run resumes at iteration k > 0, a training loader that
+        starts at iteration k's samples, and the RNG states of the checkpoint."""
+        super().resume_or_load(resume=resume)
+        if self.start_iter > 0 and self.cfg.MODEL.META_ARCHITECTURE != "QueryInstVIS":
+            # SimpleTrainer took iter() of the first loader in __init__; replace both.
+            loader = self.build_train_loader(self.cfg, start_iter=self.start_iter)
+            self._trainer.data_loader = loader
+            self._trainer._data_loader_iter = iter(loader)
+        # Last: iter() of a DataLoader draws its base seed from torch's RNG.
+        set_rng_state(self._resumed_rng)
+        self._resumed_rng = None
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -158,16 +197,20 @@ class Trainer(DefaultTrainer):
     # first iteration at the iteration-0 warmup lr. Later Detectron2 versions save the inner
     # trainer's state under "_trainer", as here.
     def state_dict(self):
-        """Iteration, hook states, and the optimizer (and AMP grad scaler) state."""
+        """Iteration, hook states, the optimizer (and AMP grad scaler) state, and the RNG
+        states (Python, NumPy, torch; CUDA where used) for a resume that continues them."""
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()
+        ret["rng"] = rng_state()
         return ret
 
     def load_state_dict(self, state_dict):
-        """Inverse of :meth:`state_dict`; checkpoints without "_trainer" keep a new optimizer."""
+        """Inverse of :meth:`state_dict`; checkpoints without "_trainer" keep a new optimizer.
+        The RNG states are applied by :meth:`resume_or_load`, after the new loader."""
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
+        self._resumed_rng = state_dict.get("rng")
 
 
 def setup(args):
