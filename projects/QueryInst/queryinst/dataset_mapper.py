@@ -30,7 +30,7 @@ from fvcore.transforms.transform import Transform
 
 from .data.image_io import read_image
 
-__all__ = ["QueryInstDatasetMapper", "RandomSelect", "boxes_from_masks_in_training",
+__all__ = ["ImageReadError", "QueryInstDatasetMapper", "RandomSelect", "boxes_from_masks_in_training",
            "build_train_augmentation"]
 
 _AugLike = Union[T.Augmentation, Transform, Sequence[Union[T.Augmentation, Transform]]]
@@ -145,6 +145,26 @@ def boxes_from_masks_in_training(cfg) -> bool:
     return bool(cfg.MODEL.MASK_ON and cropping)
 
 
+class ImageReadError(OSError):
+    """A dataset image cannot be read; the message names the file and the reader's error."""
+
+
+def _read_named(file_name: str, image_format: str) -> np.ndarray:
+    """:func:`queryinst.data.image_io.read_image`, whose errors name the file.
+
+    PIL's errors often do not (a truncated PNG: "image file is truncated (8 bytes not
+    processed)"; a broken one: ``SyntaxError`` "broken PNG file").
+
+    Raises:
+        ImageReadError: from the reader's ``OSError`` (missing file, truncated data,
+            unidentified format), ``SyntaxError`` or ``ValueError``.
+    """
+    try:
+        return read_image(file_name, format=image_format)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"cannot read image {file_name}: {type(e).__name__}: {e}") from e
+
+
 class QueryInstDatasetMapper(DatasetMapper):
     """Detectron2's ``DatasetMapper`` with QueryInst's training augmentations.
 
@@ -192,9 +212,15 @@ class QueryInstDatasetMapper(DatasetMapper):
     # Detectron2's DatasetMapper.__call__ with its image reading replaced ("USER: Write your
     # own image loading" there): it calls detection_utils.read_image directly, no hook.
     def __call__(self, dataset_dict: dict) -> dict:
-        """Map one Detectron2 dataset dict (see the class docstring for the output)."""
+        """Map one Detectron2 dataset dict (see the class docstring for the output).
+
+        Raises:
+            ImageReadError: the image cannot be read (missing, truncated, not an image);
+                the message names the file. In a DataLoader worker, PyTorch re-raises it in
+                the main process with the worker's traceback, which holds that message.
+        """
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = read_image(dataset_dict["file_name"], format=self.image_format)
+        image = _read_named(dataset_dict["file_name"], self.image_format)
         utils.check_image_size(dataset_dict, image)
         if "sem_seg_file_name" in dataset_dict:
             sem_seg_gt = utils.read_image(dataset_dict.pop("sem_seg_file_name"), "L").squeeze(2)
