@@ -11,6 +11,8 @@ Examples::
     python train_net.py --config-file configs/bundled/queryinst_R50_FPN_nuclei.yaml
     # continue from OUTPUT_DIR/last_checkpoint
     python train_net.py --config-file ... --resume
+    # two processes: one per GPU (NCCL), or without CUDA two CPU processes (gloo)
+    python train_net.py --config-file ... --num-gpus 2
     # evaluate a checkpoint
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
     # your own COCO-format data (README "Custom datasets")
@@ -32,7 +34,6 @@ import weakref  # noqa: E402
 import queryinst  # noqa: E402,F401
 
 import detectron2.utils.comm as comm  # noqa: E402
-import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import (  # noqa: E402
     build_detection_test_loader,
@@ -43,7 +44,6 @@ from detectron2.engine import (  # noqa: E402
     default_argument_parser,
     default_setup,
     hooks,
-    launch,
 )
 from detectron2.evaluation import verify_results  # noqa: E402
 
@@ -69,6 +69,7 @@ from queryinst.data import (  # noqa: E402
     check_config_datasets,
     register_dataset_specs,
 )
+from queryinst.launch import ddp_on_any_device, launch, worker_note  # noqa: E402
 from queryinst.solver import build_optimizer, check_losses_finite  # noqa: E402
 from queryinst.train_loader import (  # noqa: E402
     build_resumable_train_loader,
@@ -93,13 +94,15 @@ class Trainer(DefaultTrainer):
     annotations dropped by ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``). Checkpoints load through
     ``QueryInstCheckpointer``, so ``MODEL.WEIGHTS`` may also be an official ``.pth``; with
     ``MODEL.QUERYINST.CLASS_INIT_FROM`` a checkpoint of other classes initialises the
-    class rows it names (COCO -> Cityscapes, docs/method.md §7).
+    class rows it names (COCO -> Cityscapes, docs/method.md §7). With several processes the
+    model is wrapped in DistributedDataParallel, on the CPU too (``queryinst.launch``).
     """
 
     def __init__(self, cfg):
         # A bad MODEL.QUERYINST.CLASS_INIT_FROM fails here, before the model is built.
         class_init = class_init_from_config(cfg)
-        super().__init__(cfg)
+        with ddp_on_any_device():  # Detectron2 0.6 gives DDP device_ids, refused on the CPU
+            super().__init__(cfg)
         self.checkpointer = QueryInstCheckpointer(
             self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), class_init=class_init
         )
@@ -239,7 +242,9 @@ def setup(args):
                                               fine_tuning=not getattr(args, "eval_only", False)))
     cfg.freeze()
     default_setup(cfg, args)
-    logging.getLogger("detectron2").info(device_note(cfg.MODEL.DEVICE))
+    logger = logging.getLogger("detectron2")
+    logger.info(device_note(cfg.MODEL.DEVICE))
+    logger.info(worker_note())  # each process's log (log.txt, log.txt.rank1, ...)
     return cfg
 
 
@@ -290,15 +295,10 @@ def main(args):
 def parse_args(argv=None):
     """``default_argument_parser()``'s arguments plus ``--dataset``.
 
-    ``--num-gpus`` > 1 without CUDA is a usage error (exit 2): Detectron2's ``launch`` runs
-    one NCCL process per GPU, and its workers would each fail with "cuda is not available".
-    One process trains on the CPU."""
-    parser = add_dataset_argument(default_argument_parser())
-    args = parser.parse_args(argv)
-    if args.num_gpus > 1 and not torch.cuda.is_available():
-        parser.error(f"--num-gpus {args.num_gpus} needs CUDA, which is not available here; "
-                     "leave --num-gpus at 1 to run on the CPU")
-    return args
+    ``--num-gpus N``: N processes per machine (``--num-machines``, ``--machine-rank``,
+    ``--dist-url`` as in Detectron2), one per GPU with NCCL where CUDA is available, else N
+    CPU processes over gloo, each with 1/N of the CPU threads (``queryinst.launch``)."""
+    return add_dataset_argument(default_argument_parser()).parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from detectron2.layers import NaiveSyncBatchNorm
 from torch import nn
 
 from queryinst.box_head import DIIHead
@@ -317,6 +318,10 @@ def test_mask_head_norm_options():
     plain = DynamicMaskHead(**SMALL_MASK, norm="")
     assert all(block[0].bias is not None and len(block) == 2 for block in plain.mask_convs)
     sync = DynamicMaskHead(**SMALL_MASK, norm="SyncBN")
-    assert isinstance(sync.mask_convs[0][1], nn.SyncBatchNorm)
+    # Detectron2's all_reduce BatchNorm (gloo and NCCL), weighted by each process's RoIs;
+    # its behaviour across processes: tests/test_distributed.py.
+    assert isinstance(sync.mask_convs[0][1], NaiveSyncBatchNorm)
+    assert sync.mask_convs[0][1]._stats_mode == "N"
+    assert sync.state_dict().keys() == DynamicMaskHead(**SMALL_MASK, norm="BN").state_dict().keys()
     with pytest.raises(ValueError):
         DynamicMaskHead(**SMALL_MASK, norm="GN")

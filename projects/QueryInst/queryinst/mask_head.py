@@ -5,18 +5,26 @@ query). RoIAlign of the stage's boxes is done by the caller.
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch.nn.functional as F
+from detectron2.layers import NaiveSyncBatchNorm
 from torch import Tensor, nn
 
 from .dynamic_conv import DynamicConv
 
 __all__ = ["DynamicMaskHead"]
 
-# Norm name -> layer class; None means no norm (and the convs keep their bias).
-_NORMS: dict[str, type[nn.Module] | None] = {
+# Norm name -> layer constructor (channels -> module); None means no norm (and the convs
+# keep their bias). "SyncBN" is Detectron2's all_reduce-based BatchNorm, not
+# nn.SyncBatchNorm, which refuses CPU tensors under a process group (gloo). stats_mode "N"
+# weights each process by its RoI count: a process's M differs from its neighbours' and may
+# be 0, and the RoIs are all S x S, so the statistics are those of all RoIs of all processes.
+_NORMS: dict[str, Callable[[int], nn.Module] | None] = {
     "": None,
     "BN": nn.BatchNorm2d,
-    "SyncBN": nn.SyncBatchNorm,
+    "SyncBN": functools.partial(NaiveSyncBatchNorm, stats_mode="N"),
 }
 
 
@@ -36,7 +44,16 @@ class DynamicMaskHead(nn.Module):
         pooler_resolution: S, side of the RoI features (output side is 2*S).
         num_convs: number of 3x3 conv blocks.
         conv_dim: channels of the conv blocks and the transposed conv.
-        norm: "BN" (nn.BatchNorm2d), "SyncBN" (nn.SyncBatchNorm) or "" (none).
+        norm: "BN" (nn.BatchNorm2d, statistics of this process's RoIs), "SyncBN"
+            (Detectron2's ``NaiveSyncBatchNorm(stats_mode="N")``: in training under a
+            process group of several processes, the mean and variance of the RoIs of all
+            processes, by all_reduce, on CUDA (NCCL) or CPU (gloo); otherwise nn.BatchNorm2d)
+            or "" (none). Both norms have nn.BatchNorm2d's parameter and buffer names
+            (official checkpoints load into either). Differences from nn.SyncBatchNorm,
+            under several processes only: the running variance is updated with the biased
+            variance of the batch, smaller by (n - 1) / n than the unbiased one for n
+            values per channel (n = all processes' RoIs x S x S), and
+            ``num_batches_tracked`` stays as loaded (it is only used with momentum None).
 
     Raises:
         ValueError: for an unknown ``norm``.

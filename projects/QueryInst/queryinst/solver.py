@@ -15,7 +15,8 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
-__all__ = ["build_optimizer", "check_losses_finite", "split_backbone_param_groups", "with_full_model_gradient_clipping"]
+__all__ = ["build_optimizer", "check_losses_finite", "split_backbone_param_groups",
+           "with_full_model_gradient_clipping"]
 
 _OPTIMIZERS = ("ADAMW", "SGD")
 
