@@ -108,6 +108,23 @@ def test_matrix_pooler_float32_and_half_maps():
     assert half.dtype == torch.bfloat16
 
 
+def test_matrix_pooler_non_finite_boxes_pool_to_zero():
+    """A NaN box (no level takes it in ROIPooler: zeros) and an infinite one pool to zeros;
+    the finite boxes beside them are unaffected. (torchvision's CPU RoIAlign crashed on the
+    infinite box here: the reference gets a finite box in its place.)"""
+    maps = _maps(batch=1, channels=3, height=64, width=64, seed=11)
+    boxes = _boxes(4, 64, 64, 12).tensor.clone()
+    boxes[1] = float("nan")
+    finite = boxes.clone()
+    boxes[2, 2:] = float("inf")
+    got = MatrixROIPooler(7, SCALES, 2)(maps, [Boxes(boxes)])
+    expected = ROIPooler(7, SCALES, 2, "ROIAlignV2")(maps, [Boxes(finite)])
+    assert torch.equal(got[1], torch.zeros_like(got[1])) and torch.equal(got[1], expected[1])
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
+    for i in (0, 3):
+        assert torch.allclose(got[i], expected[i], rtol=0, atol=1e-12)
+
+
 def test_matrix_pooler_rejects_adaptive_sampling_and_other_types():
     with pytest.raises(ValueError, match="fixed sampling ratio"):
         MatrixROIPooler(7, SCALES, 0)

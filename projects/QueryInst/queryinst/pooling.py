@@ -81,8 +81,8 @@ def _axis(coord: Tensor, length: Tensor):
         [-1, length] (it then contributes zero); low/high are the neighbouring indices
         (both ``length - 1`` at the far border) and w_low/w_high their weights.
     """
-    valid = (coord >= -1.0) & (coord <= length)
-    coord = coord.clamp(min=0)
+    valid = (coord >= -1.0) & (coord <= length)  # False for NaN too
+    coord = torch.where(valid, coord, 0).clamp(min=0)  # indices stay in range; weight is 0
     low = coord.long()  # coord >= 0: truncation is floor
     at_end = low >= length - 1
     low = torch.where(at_end, length - 1, low)
@@ -112,7 +112,9 @@ def roi_align_weights(
 
     Args:
         rois: float (R, 5), (batch index, x0, y0, x1, y1) in input-image pixels.
-        levels: int64 (R,), index into ``scales`` / ``maps.sizes`` of each RoI's level.
+        levels: int64 (R,), index into ``scales`` / ``maps.sizes`` of each RoI's level. A RoI
+            with a level outside them (a NaN box) or a non-finite coordinate gets weight 0:
+            a zero output, as Detectron2's ``ROIPooler`` gives a box that no level takes.
         maps: the flattened maps the columns refer to.
         scales: per level, 1 / stride.
         output_size: S.
@@ -129,6 +131,9 @@ def roi_align_weights(
     dtype = maps.data.dtype
     # Boxes are constants of RoIAlign, as in torchvision (no gradient flows into them).
     rois = rois.detach().to(dtype)
+    usable = (levels >= 0) & (levels < len(scales)) & torch.isfinite(rois).all(1)
+    levels = torch.where(usable, levels, 0)
+    rois = torch.where(usable[:, None], rois, 0)
     scale = torch.tensor(scales, dtype=dtype, device=device)[levels]
     height = torch.tensor([h for h, _ in maps.sizes], device=device)[levels]
     width = torch.tensor([w for _, w in maps.sizes], device=device)[levels]
@@ -178,7 +183,7 @@ def roi_align_weights(
         ),
         dim=-1,
     )
-    valid = (along_y(valid_y) & along_x(valid_x))[..., None]
+    valid = (along_y(valid_y) & along_x(valid_x) & usable[:, None, None, None, None])[..., None]
     weights = torch.where(valid, weights, 0.0) / (sampling_ratio * sampling_ratio)
     per_bin = 4 * sampling_ratio * sampling_ratio
     return cols.reshape(-1, per_bin), weights.reshape(-1, per_bin)

@@ -326,9 +326,11 @@ class QueryInstROIHeads(nn.Module):
     def pooled_features(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         """The maps the poolers read (``in_features``), NCHW-contiguous.
 
-        RoIAlign reads NCHW-contiguous maps and would copy channels-last ones
+        Detectron2's ``ROIPooler`` (torchvision's RoIAlign; :class:`MatrixROIPooler` on CUDA)
+        reads NCHW-contiguous maps and would copy channels-last ones
         (``MODEL.QUERYINST.CHANNELS_LAST``) in each of its 7+ calls; they are converted once
-        here (a no-op for contiguous maps).
+        here (a no-op for contiguous maps). On the CPU, ``MatrixROIPooler.prepare`` then
+        flattens them channels-last once per forward pass.
         """
         return {name: features[name].contiguous() for name in self.in_features}
 
