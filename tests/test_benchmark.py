@@ -78,6 +78,7 @@ def test_numbers_are_consistent(short_run):
         assert m["train_batch"] == 2
         assert m["train_peak_mem_mib"] >= m["train_mem_mib"] > 0
         assert len(m["profile_top"]) == 3
+        assert len(m["train_profile_top"]) == 3
         assert m["gflops"] >= sum(m["gflops_by_module"].values()) - 0.05
         # The fairness rule: every mask head serves QueryInst's top-k detections.
         assert m["detections_per_image"] == [TOPK]
@@ -245,6 +246,23 @@ def test_training_memory_grows_with_the_training_batch():
     assert one["train_peak_mem_mib"] > one["peak_mem_mib"]
     with pytest.raises(SystemExit):  # fp16 autocast is for the CUDA training step
         bench.parse_args(["--config-file", BASE_CONFIG, "--train", "--amp"])
+
+
+def test_bf16_training_step_beside_fp32():
+    """--bf16: the same model's step in bf16 autocast, timed in the same rounds, finite loss."""
+    args = ["--config-file", BASE_CONFIG, "--baselines", "none", "--input-size", "64", "96",
+            "--iters", "2", "--warmup", "0", "--no-flops", "--train", "--bf16",
+            "MODEL.QUERYINST.NUM_STAGES", "1", "MODEL.RESNETS.DEPTH", "18",
+            "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.QUERYINST.TEST_TOPK", "5"]
+    report = bench.main(args)
+    (qi,) = report["models"]
+    assert report["settings"]["bf16"] is True
+    assert len(qi["train_bf16_times_s"]) == len(qi["train_times_s"]) == 2
+    assert qi["train_bf16_median_s"] > 0 and qi["train_bf16_vs_fp32"] > 0
+    assert np.isfinite(qi["train_bf16_last_loss"]) and np.isfinite(qi["train_last_loss"])
+    for wrong in (["--bf16"], ["--train", "--bf16", "--amp"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--config-file", BASE_CONFIG, *wrong])
 
 
 MNV2_COCO = str(ROOT / "configs" / "queryinst_MNV2_FPN_1x_coco.yaml")

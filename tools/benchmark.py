@@ -16,9 +16,11 @@ images of a fixed size, taking turns call by call:
   images with ``--train-instances`` synthetic instances each (default 5): its time, and the
   peak memory of one more such step, taken in the same way as inference's (``--amp``: on
   CUDA, the step in fp16 autocast with a gradient scaler, as Detectron2's ``AMPTrainer``
-  runs it);
+  runs it); with ``--bf16`` also the same step in bf16 autocast (no gradient scaler), timed
+  in the same rounds as the fp32 one, taking turns;
 - with ``--profile K``, the K PyTorch-profiler entries with the most self time and the wall
-  time of each phase (backbone, proposal generator, ROI heads, the rest);
+  time of each phase (backbone, proposal generator, ROI heads, the rest); with ``--train``
+  also the K entries of one training step's forward and backward (fp32, no optimiser step);
 - with ``--channels-last``, every backbone in channels-last memory format.
 
 Fair comparison (README, "Benchmark"): the baselines get QueryInst's ResNet depth, stride
@@ -54,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import re
 import statistics
@@ -136,6 +139,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="train in fp16 autocast with a gradient scaler, as Detectron2's AMPTrainer "
         "(SOLVER.AMP.ENABLED); needs --train and --device cuda",
     )
+    parser.add_argument(
+        "--bf16", action="store_true",
+        help="also time the training step in bf16 autocast (torch.autocast, no gradient "
+        "scaler), taking turns with the fp32 step of the same model; needs --train",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument(
         "--channels-last", action="store_true",
@@ -145,7 +153,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     parser.add_argument(
         "--profile", type=int, default=0, metavar="K",
-        help="also profile one inference and report the K ops with the most self time",
+        help="also profile one inference (and with --train one training step) and report "
+        "the K ops with the most self time",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
     parser.add_argument("--json-out", default=None, help="also write the JSON to this file")
@@ -156,6 +165,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--iters and the batch sizes must be >= 1, --warmup and --profile >= 0")
     if args.amp and not (args.train and args.device == "cuda"):
         parser.error("--amp applies to the training step on CUDA: add --train --device cuda")
+    if args.bf16 and (args.amp or not args.train):
+        parser.error("--bf16 times a bf16 step beside the fp32 one: add --train, without --amp")
     if min(args.input_size) < 32:
         parser.error("--input-size must be at least 32 x 32 pixels")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -335,10 +346,17 @@ class Bench:
         self.scaler = torch.amp.GradScaler(self.device) if amp else None
         self.result["train_optimizer"] = type(self.optimizer).__name__
 
-    def train_step(self) -> None:
-        """One iteration in the order of Detectron2's SimpleTrainer / AMPTrainer."""
+    def train_step(self, autocast_dtype: torch.dtype | None = None) -> None:
+        """One iteration in the order of Detectron2's SimpleTrainer / AMPTrainer.
+
+        Args:
+            autocast_dtype: run forward and loss under ``torch.autocast`` in this dtype
+                (e.g. torch.bfloat16), without a gradient scaler; ignored with ``--amp``,
+                whose fp16 autocast and scaler apply.
+        """
         amp = self.scaler is not None
-        with torch.autocast(self.device, dtype=torch.float16, enabled=amp):
+        dtype = torch.float16 if amp else autocast_dtype
+        with torch.autocast(self.device, dtype=dtype or torch.float32, enabled=dtype is not None):
             losses = self.model(self.batch)
             loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
@@ -349,7 +367,15 @@ class Bench:
         else:
             loss.backward()
             self.optimizer.step()
-        self.result["train_last_loss"] = round(loss.item(), 4)
+        key = "train_bf16_last_loss" if dtype == torch.bfloat16 and not amp else "train_last_loss"
+        self.result[key] = round(loss.item(), 4)
+
+    def forward_backward(self) -> None:
+        """Forward and backward of one training step, without the optimiser step (what the
+        training profile measures; the weights stay as they are)."""
+        losses = self.model(self.batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
 
 
 def _under_peak_memory(device: str, step: Callable[[], None]):
@@ -445,13 +471,29 @@ def measure_all(candidates: list[Candidate], args, images, train_batch) -> list[
         for bench in benches:
             bench.start_training(train_batch, args.amp)
         log(f"timing training: {args.warmup} warm-up + {args.iters} rounds")
+        steps = [b.train_step for b in benches]
+        if args.bf16:  # each model's fp32 step, then its bf16 step, in every round
+            steps = [s for b in benches
+                     for s in (b.train_step, functools.partial(b.train_step, torch.bfloat16))]
         with EventStorage():  # Detectron2's RPN and ROI heads log training statistics into it
-            times = interleaved_times(
-                [b.train_step for b in benches], args.iters, args.warmup, args.device
-            )
+            if args.profile:  # before any optimiser step: random baselines diverge after a few
+                for bench in benches:
+                    log(f"profiling forward + backward of a training step of {bench.cand.name}")
+                    bench.forward_backward()  # warm-up (the first backward allocates)
+                    bench.result["train_profile_top"] = profile_top(
+                        bench.forward_backward, args.profile, args.device
+                    )
+            times = interleaved_times(steps, args.iters, args.warmup, args.device)
             for bench in benches:
                 log(f"training memory of {bench.cand.name}")
                 measure_train_memory(bench, args.device)
+        if args.bf16:
+            for bench, fp32, bf16 in zip(benches, times[::2], times[1::2]):
+                bench.result.update(summarise(bf16, "train_bf16"))
+                bench.result["train_bf16_vs_fp32"] = round(
+                    statistics.median(b / f for b, f in zip(bf16, fp32)), 3
+                )
+            times = times[::2]
         for bench, t in zip(benches, times):
             bench.result.update(train_batch=len(train_batch), **summarise(t, "train"))
     results = [b.result for b in benches]
@@ -476,6 +518,7 @@ COLUMNS = [  # (header, key, format)
     ("infer mem (MiB)", "infer_mem_mib", "{:.0f}"),
     ("dets/img", "detections_per_image", lambda v: "/".join(map(str, sorted(set(v))))),
     ("train iter (s)", "train_median_s", "{:.3f}"),
+    ("train bf16 (s)", "train_bf16_median_s", "{:.3f}"),
     ("train mem (MiB)", "train_mem_mib", "{:.0f}"),
     ("train peak (MiB)", "train_peak_mem_mib", "{:.0f}"),
 ]
@@ -554,6 +597,7 @@ def main(argv=None) -> dict:
             "train_batch_size": args.train_batch_size if args.train else None,
             "train_instances_per_image": args.train_instances if args.train else None,
             "amp": args.amp,
+            "bf16": args.bf16,
             "flops": "fvcore via detectron2.utils.analysis; 1 multiply-add = 1 flop; 1 image",
         },
         "models": models,
@@ -566,6 +610,7 @@ def main(argv=None) -> dict:
         + (", channels-last" if args.channels_last else "")
         + (f", training batch {args.train_batch_size}" if args.train else "")
         + (", AMP" if args.amp else "")
+        + (", bf16 training step beside fp32" if args.bf16 else "")
         + f", torch {torch.__version__}, {report['date']}"
     )
     print(format_table(models))
@@ -573,9 +618,10 @@ def main(argv=None) -> dict:
         if "phase_s" in m:
             print(f"  {m['name']:<28} phases (s): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in m["phase_s"].items()))
-        for row in m.get("profile_top", []):
-            ms = row.get("self_device_ms", row["self_cpu_ms"])
-            print(f"  {m['name']:<28} {row['op']:<44} {ms:>10.1f} ms x{row['calls']}")
+        for key, label in (("profile_top", ""), ("train_profile_top", " [train]")):
+            for row in m.get(key, []):
+                ms = row.get("self_device_ms", row["self_cpu_ms"])
+                print(f"  {m['name'] + label:<28} {row['op']:<44} {ms:>10.1f} ms x{row['calls']}")
     line = json.dumps(report)
     if args.json_out:
         Path(args.json_out).write_text(line + "\n")

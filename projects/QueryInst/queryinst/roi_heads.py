@@ -22,8 +22,15 @@ from .box_head import DIIHead
 from .losses import QueryInstCriterion, num_matched_across_processes
 from .mask_head import DynamicMaskHead
 from .matcher import HungarianMatcher
+from .pooling import MatrixROIPooler
 
-__all__ = ["StageOutput", "QueryInstROIHeads", "clamp_size_deltas", "mask_targets_in_boxes"]
+__all__ = [
+    "StageOutput",
+    "QueryInstROIHeads",
+    "clamp_size_deltas",
+    "mask_targets_in_boxes",
+    "pool_stage_boxes",
+]
 
 
 @dataclass
@@ -84,6 +91,34 @@ def mask_targets_in_boxes(gt_masks, boxes: Tensor, image_size: tuple[int, int], 
     return gt_masks.crop_and_resize(clipped.tensor, mask_size).to(boxes.dtype)
 
 
+def pool_stage_boxes(pooler: nn.Module, x, boxes: list[list[Tensor]]) -> list[Tensor]:
+    """RoI features of several stages' boxes with one pooler call (one RoIAlign per level).
+
+    Per image, the boxes of all stages are concatenated stage by stage and pooled together;
+    the result is split back. RoIAlign pools each box on its own, so this equals one call
+    per stage.
+
+    Args:
+        pooler: a ``MatrixROIPooler`` or ``ROIPooler``.
+        x: what ``pooler`` reads: the FPN maps, or ``pooler.prepare(maps)``.
+        boxes: per stage, per image, float (M_ti, 4) absolute xyxy boxes.
+
+    Returns:
+        list[Tensor]: per stage t, (sum_i M_ti, C, S, S), image by image.
+    """
+    num_images = len(boxes[0])
+    per_image = [torch.cat([stage[i] for stage in boxes]) for i in range(num_images)]
+    pooled = pooler(x, [Boxes(b) for b in per_image])
+    # Rows come image by image, then stage by stage: regroup them stage by stage.
+    counts = [len(stage[i]) for i in range(num_images) for stage in boxes]
+    blocks = pooled.split(counts)
+    num_stages = len(boxes)
+    return [
+        torch.cat([blocks[i * num_stages + t] for i in range(num_images)])
+        for t in range(num_stages)
+    ]
+
+
 def _detections_per_image(test_topk: int, detections_per_image: int) -> int:
     """k of the top-k: ``TEST_TOPK`` capped by Detectron2's ``TEST.DETECTIONS_PER_IMAGE``
     (a negative cap means none, as in Detectron2's ``fast_rcnn_inference``)."""
@@ -115,7 +150,8 @@ class QueryInstROIHeads(nn.Module):
         """
         Args:
             in_features: names of the feature maps pooled by RoIAlign ("p2".."p5").
-            box_pooler: RoIAlign for the box stages (7x7).
+            box_pooler: RoIAlign for the box stages (7x7): a :class:`MatrixROIPooler` or
+                Detectron2's ``ROIPooler`` (same values; called as ``pooler(maps, box_lists)``).
             box_heads: one ``DIIHead`` per stage.
             box2box_transform: decodes (dx, dy, dw, dh) deltas against the stage's input boxes.
             criterion: matcher and per-stage losses.
@@ -163,6 +199,10 @@ class QueryInstROIHeads(nn.Module):
         scales = tuple(1.0 / input_shape[name].stride for name in q.IN_FEATURES)
 
         def pooler(resolution):
+            if q.POOLER_TYPE in ("ROIAlignV2", "ROIAlign") and q.POOLER_SAMPLING_RATIO > 0:
+                return MatrixROIPooler(
+                    resolution, scales, q.POOLER_SAMPLING_RATIO, q.POOLER_TYPE
+                )
             return ROIPooler(
                 output_size=resolution,
                 scales=scales,
@@ -241,7 +281,7 @@ class QueryInstROIHeads(nn.Module):
         Returns:
             list[StageOutput]: one per stage. Stage t+1 pools at stage t's boxes, detached.
         """
-        x = [features[name] for name in self.in_features]
+        x = self._pooler_input(self.box_pooler, features)
         boxes = [p.proposal_boxes.tensor for p in proposals]
         query = torch.stack([p.proposal_features for p in proposals])
         B, N = query.shape[:2]
@@ -272,16 +312,25 @@ class QueryInstROIHeads(nn.Module):
         Returns:
             Tensor: float (sum M_i, C, 28, 28) class-specific mask logits.
         """
-        x = [features[name] for name in self.in_features]
+        x = self._pooler_input(self.mask_pooler, features)
         roi_features = self.mask_pooler(x, [Boxes(b) for b in boxes])
         return self.mask_heads[stage](roi_features, attn_feats)
+
+    def _pooler_input(self, pooler: nn.Module, features: dict[str, Tensor]):
+        """The maps ``in_features`` in the form ``pooler`` reads, shared by its calls on them:
+        :meth:`MatrixROIPooler.prepare`'s (flattened once), or the list of maps."""
+        x = [features[name] for name in self.in_features]
+        prepare = getattr(pooler, "prepare", None)
+        return prepare(x) if prepare is not None else x
 
     def pooled_features(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         """The maps the poolers read (``in_features``), NCHW-contiguous.
 
-        RoIAlign reads NCHW-contiguous maps and would copy channels-last ones
+        Detectron2's ``ROIPooler`` (torchvision's RoIAlign; :class:`MatrixROIPooler` on CUDA)
+        reads NCHW-contiguous maps and would copy channels-last ones
         (``MODEL.QUERYINST.CHANNELS_LAST``) in each of its 7+ calls; they are converted once
-        here (a no-op for contiguous maps).
+        here (a no-op for contiguous maps). On the CPU, ``MatrixROIPooler.prepare`` then
+        flattens them channels-last once per forward pass.
         """
         return {name: features[name].contiguous() for name in self.in_features}
 
@@ -339,18 +388,17 @@ class QueryInstROIHeads(nn.Module):
         match_targets = self.match_targets(targets, device)
         if matches is None:
             matches = self.match(stages, targets)
+        # min(N, G_b) per image: the same at every stage
+        num_matched = num_matched_across_processes(matches[0], device)
+        if self.mask_on:
+            mask_losses = self._mask_losses(stages, features, targets, matches, num_matched)
         losses = {}
-        num_matched = None
         for t, (stage, indices) in enumerate(zip(stages, matches)):
-            if num_matched is None:  # min(N, G_b) per image: the same at every stage
-                num_matched = num_matched_across_processes(indices, device)
             stage_losses = self.criterion.box_losses(
                 stage.cls_logits, stage.pred_boxes, match_targets, indices, num_matched
             )
             if self.mask_on:
-                stage_losses.update(
-                    self._mask_loss(t, stage, features, targets, indices, num_matched)
-                )
+                stage_losses.update(mask_losses[t])
             losses.update({f"s{t}_{name}": value for name, value in stage_losses.items()})
         return losses
 
@@ -369,22 +417,37 @@ class QueryInstROIHeads(nn.Module):
             for t in targets
         ]
 
-    def _mask_loss(self, t, stage, features, targets, indices, num_matched):
-        """Mask head t on the matched queries only, with their detached stage-t boxes."""
-        boxes = [b[q] for b, (q, _) in zip(stage.pred_boxes.detach(), indices)]
-        attn_feats = torch.cat([a[q] for a, (q, _) in zip(stage.attn_feats, indices)])
-        logits = self.mask_logits(t, features, boxes, attn_feats)
-        mask_size = logits.shape[-1]
-        gt_classes = torch.cat([tg.gt_classes[g] for tg, (_, g) in zip(targets, indices)])
-        mask_targets = torch.cat(
-            [
-                mask_targets_in_boxes(tg.gt_masks[g], b, tg.image_size, mask_size)
-                if len(g)
-                else logits.new_zeros((0, mask_size, mask_size))
-                for tg, b, (_, g) in zip(targets, boxes, indices)
-            ]
-        )
-        return self.criterion.mask_loss(logits, gt_classes, mask_targets, num_matched)
+    def _mask_losses(self, stages, features, targets, matches, num_matched) -> list[dict]:
+        """Mask head t on stage t's matched queries only, with their detached stage-t boxes,
+        for every t; one RoI pooling serves all stages (:func:`pool_stage_boxes`).
+
+        Returns:
+            list[dict[str, Tensor]]: per stage, the criterion's ``{"loss_mask": ...}``.
+        """
+        boxes = [
+            [b[q] for b, (q, _) in zip(stage.pred_boxes.detach(), indices)]
+            for stage, indices in zip(stages, matches)
+        ]
+        x = self._pooler_input(self.mask_pooler, features)
+        roi_features = pool_stage_boxes(self.mask_pooler, x, boxes)
+        losses = []
+        for t, (stage, indices) in enumerate(zip(stages, matches)):
+            attn_feats = torch.cat([a[q] for a, (q, _) in zip(stage.attn_feats, indices)])
+            logits = self.mask_heads[t](roi_features[t], attn_feats)
+            mask_size = logits.shape[-1]
+            gt_classes = torch.cat([tg.gt_classes[g] for tg, (_, g) in zip(targets, indices)])
+            mask_targets = torch.cat(
+                [
+                    mask_targets_in_boxes(tg.gt_masks[g], b, tg.image_size, mask_size)
+                    if len(g)
+                    else logits.new_zeros((0, mask_size, mask_size))
+                    for tg, b, (_, g) in zip(targets, boxes[t], indices)
+                ]
+            )
+            losses.append(
+                self.criterion.mask_loss(logits, gt_classes, mask_targets, num_matched)
+            )
+        return losses
 
     @torch.no_grad()
     def inference(
