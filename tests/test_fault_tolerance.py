@@ -26,34 +26,20 @@ from queryinst.train_loader import ResumableTrainingSampler, SeededMapDataset
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import train_net  # noqa: E402
+from test_train_net import TINY as TRAIN_NET_TINY  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
+# One intra-op thread for the tiny model (conftest's one_torch_thread).
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 CONFIG = os.path.join(REPO, "configs", "bundled", "queryinst_R50_FPN_nuclei.yaml")
 MAX_ITER = 6
-# test_train_net.py's reduced QueryInst, batch 2, multi-scale: the augmentations vary.
-TINY = [
-    "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-    "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.QUERYINST.HIDDEN_DIM", "64",
-    "MODEL.QUERYINST.DIM_FEEDFORWARD", "128", "MODEL.QUERYINST.MASK_CONV_DIM", "32",
-    "MODEL.QUERYINST.NUM_MASK_CONVS", "1", "MODEL.QUERYINST.NUM_STAGES", "2",
-    "MODEL.QUERYINST.NUM_PROPOSALS", "20", "MODEL.QUERYINST.TEST_TOPK", "20",
-    "INPUT.MIN_SIZE_TRAIN", "(96, 112, 128)", "INPUT.MIN_SIZE_TEST", "128",
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.0001",
-    "SOLVER.WARMUP_ITERS", "10", "SOLVER.STEPS", "()",
-    "SOLVER.MAX_ITER", str(MAX_ITER), "SOLVER.CHECKPOINT_PERIOD", "3",
-    "SOLVER.CHECKPOINTS_TO_KEEP", "0", "DATASETS.TEST", "()", "TEST.EVAL_PERIOD", "0",
-    "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu", "SEED", "7",
-    "MODEL.WEIGHTS", "",  # random init: no download
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# test_train_net.py's reduced QueryInst, here with batch 2 and multi-scale input (so that the
+# augmentations vary), a fixed seed and no evaluation; later pairs override earlier ones.
+TINY = [*TRAIN_NET_TINY, "INPUT.MIN_SIZE_TRAIN", "(96, 112, 128)", "SOLVER.IMS_PER_BATCH", "2",
+        "DATASETS.TEST", "()", "SEED", "7",
+        "MODEL.WEIGHTS", "",  # random init: no download
+        ]
 
 
 def _args(*flags, opts=()):
