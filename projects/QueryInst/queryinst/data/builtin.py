@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Dict, NamedTuple, Optional, Tuple
 
+from ..file_io import write_atomically
 from . import bundled_sources as src
 from .coco_format import DatasetFormatError, load_coco_instances
 
@@ -79,17 +79,8 @@ def _paths(spec: BundledDataset, root: str) -> Tuple[str, str]:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_atomically(path, lambda f: f.write(data))
 
 
 _CONVERSION = {
