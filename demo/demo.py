@@ -70,20 +70,18 @@ import queryinst  # noqa: E402,F401  isort: skip
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from predictor import DEFAULT_CONFIDENCE_THRESHOLD, VisualizationDemo  # noqa: E402
 
-from queryinst import add_queryinst_config  # noqa: E402
-from queryinst.checkpoint import CheckpointError, official_config_opts  # noqa: E402
+from queryinst.checkpoint import CheckpointError  # noqa: E402
 from queryinst.config_loading import (  # noqa: E402
     ConfigValueTypeError,
     UnknownConfigKeyError,
     device_note,
-    merge_config,
+    inference_config,
 )
 from queryinst.data import read_image  # noqa: E402  (16-bit and float images too)
 from queryinst.video import tracks_to_json  # noqa: E402
@@ -176,13 +174,7 @@ def setup_cfg(args):
     ``MODEL.DEVICE`` defaults to "cuda" where CUDA is available, else "cpu"
     (``queryinst.config_loading.merge_config``); a misspelled key raises with a hint.
     """
-    cfg = get_cfg()
-    add_queryinst_config(cfg)
-    merge_config(cfg, args.config_file, args.opts)
-    # An official checkpoint implies its own queries / classes / stages / depth.
-    cfg.merge_from_list(official_config_opts(cfg.MODEL.WEIGHTS))
-    cfg.freeze()
-    return cfg
+    return inference_config(args.config_file, args.opts)
 
 
 def expand_inputs(patterns: List[str]) -> Tuple[List[str], List[str]]:

@@ -198,3 +198,30 @@ def test_demo_runs_exported_model(exported, tmp_path, capsys):
         demo.parse_args(["--exported", exported["onnx"], "--input", PHOTO,
                          "--opts", "MODEL.DEVICE", "cpu"])
     assert "--exported takes no --opts" in capsys.readouterr().err
+
+
+def test_detection_only_with_score_threshold(weights, tmp_path):
+    """MODEL.MASK_ON False (three outputs) and a positive SCORE_THRESH_TEST (applied inside
+    the graph, so k depends on the image), at a size other than the traced one."""
+    from queryinst.export import export_model
+
+    cfg = _cfg(weights, "MODEL.MASK_ON", "False")
+    model = build_model(cfg).eval()
+    QueryInstCheckpointer(model).load(weights)  # without the mask heads' tensors
+    image = torch.rand(3, *SIZES[1], generator=torch.Generator().manual_seed(2)) * 255
+    with torch.no_grad():
+        top20 = ExportableQueryInst(model)(image)[1]
+    # a threshold between the 10th and 11th score: 10 detections pass
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = float(top20[9] + top20[10]) / 2
+    model.roi_heads.test_score_thresh = cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
+    path = export_model(model, cfg, "torchscript", str(tmp_path), torch.rand(3, 256, 256) * 255)
+    predictor = ExportedPredictor(path)
+    assert predictor.output_names == ["pred_boxes", "scores", "pred_classes"]
+    with torch.no_grad():
+        truth = dict(zip(predictor.output_names, ExportableQueryInst(model)(image)))
+    ours = predictor.run_graph(image.numpy())
+    assert len(truth["scores"]) == len(ours["scores"]) == 10
+    torch.testing.assert_close(ours["scores"], truth["scores"], rtol=SCORE_RTOL, atol=0)
+    assert torch.equal(ours["pred_classes"], truth["pred_classes"])
+    box_err = (ours["pred_boxes"] - truth["pred_boxes"]).abs().max().item()
+    assert box_err <= BOX_TOL * max(SIZES[1])

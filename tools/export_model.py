@@ -34,22 +34,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "QueryInst"))
 import queryinst  # noqa: E402,F401  isort: skip  (before Detectron2: no torch.jit warning)
 import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from queryinst import add_queryinst_config  # noqa: E402
-from queryinst.checkpoint import (  # noqa: E402
-    CheckpointError,
-    QueryInstCheckpointer,
-    official_config_opts,
-)
+from queryinst.checkpoint import CheckpointError, QueryInstCheckpointer  # noqa: E402
 from queryinst.config_loading import (  # noqa: E402
     ConfigValueTypeError,
     UnknownConfigKeyError,
-    merge_config,
+    inference_config,
 )
 from queryinst.data import read_image  # noqa: E402
 from queryinst.export import (  # noqa: E402
@@ -80,17 +74,6 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def setup_cfg(args):
-    """The frozen config: QueryInst keys, ``--config-file``, the overrides (and the queries,
-    classes and depth an official checkpoint implies)."""
-    cfg = get_cfg()
-    add_queryinst_config(cfg)
-    merge_config(cfg, args.config_file, args.opts)
-    cfg.merge_from_list(official_config_opts(cfg.MODEL.WEIGHTS))
-    cfg.freeze()
-    return cfg
-
-
 def sample_input(cfg, image_path: str | None) -> torch.Tensor:
     """float32 (3, H, W): the image resized by the test transform, or a random square."""
     if image_path is None:
@@ -109,7 +92,7 @@ def main(argv=None) -> int:
     setup_logger(name="queryinst")
     setup_logger()
     try:
-        cfg = setup_cfg(args)
+        cfg = inference_config(args.config_file, args.opts)
         check_exportable(cfg, args.format, args.opset)
     except (UnknownConfigKeyError, ConfigValueTypeError, ExportError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
