@@ -31,6 +31,11 @@ their size.
 Config overrides go after ``--opts`` (``KEY VALUE`` pairs after the inputs are refused with
 that hint). Inputs are checked before the model is loaded.
 
+Exported models (``tools/export_model.py``): ``--exported DIR/model.onnx`` (onnxruntime) or
+``DIR/model.ts`` (TorchScript) replaces ``--config-file`` and ``--opts``; the settings and
+class names come from ``DIR/model.json``; video frames are drawn without tracking
+(``--no-tracking`` is required for videos and the webcam).
+
 Class names come from the metadata of ``DATASETS.TEST[0]``. ``MODEL.DEVICE`` defaults to
 "cuda" where CUDA is available and "cpu" otherwise; the config file and ``--opts`` override
 it.
@@ -65,20 +70,18 @@ import queryinst  # noqa: E402,F401  isort: skip
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from predictor import DEFAULT_CONFIDENCE_THRESHOLD, VisualizationDemo  # noqa: E402
 
-from queryinst import add_queryinst_config  # noqa: E402
-from queryinst.checkpoint import CheckpointError, official_config_opts  # noqa: E402
+from queryinst.checkpoint import CheckpointError  # noqa: E402
 from queryinst.config_loading import (  # noqa: E402
     ConfigValueTypeError,
     UnknownConfigKeyError,
     device_note,
-    merge_config,
+    inference_config,
 )
 from queryinst.data import read_image  # noqa: E402  (16-bit and float images too)
 from queryinst.video import tracks_to_json  # noqa: E402
@@ -105,7 +108,11 @@ def _unit_interval(text: str) -> float:
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="QueryInst demo (Detectron2 Visualizer)")
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="a yaml config")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--config-file", metavar="FILE", help="a yaml config")
+    model.add_argument("--exported", metavar="FILE",
+                       help="instead of --config-file: a model.onnx or model.ts written by "
+                            "tools/export_model.py (its model.json beside it)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", metavar="PATH",
                         help="image files, directories or quoted glob patterns")
@@ -149,6 +156,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                          f"overrides after --opts, e.g. --opts {pair}")
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.exported and args.opts:
+        parser.error("--exported takes no --opts: the exported model's settings were fixed "
+                     "at export (model.json); export again with the overrides")
+    if args.exported and not (args.input or args.no_tracking):
+        parser.error("--exported: an exported model cannot track video frames (its graph "
+                     "does not return the queries); add --no-tracking, or use --config-file")
     if args.save_json and (args.input or args.no_tracking):
         parser.error("--save-json writes the tracks of a video: it needs --video-input or "
                      "--webcam, without --no-tracking")
@@ -161,13 +174,7 @@ def setup_cfg(args):
     ``MODEL.DEVICE`` defaults to "cuda" where CUDA is available, else "cpu"
     (``queryinst.config_loading.merge_config``); a misspelled key raises with a hint.
     """
-    cfg = get_cfg()
-    add_queryinst_config(cfg)
-    merge_config(cfg, args.config_file, args.opts)
-    # An official checkpoint implies its own queries / classes / stages / depth.
-    cfg.merge_from_list(official_config_opts(cfg.MODEL.WEIGHTS))
-    cfg.freeze()
-    return cfg
+    return inference_config(args.config_file, args.opts)
 
 
 def expand_inputs(patterns: List[str]) -> Tuple[List[str], List[str]]:
@@ -363,6 +370,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logger(name="fvcore")
     setup_logger(name="queryinst")  # e.g. the "UNTRAINED MODEL" warning, with its level
     d2_logger = setup_logger()
+    if args.exported:
+        try:
+            demo = VisualizationDemo(None, confidence_threshold=args.confidence_threshold,
+                                     exported=args.exported)
+        except (FileNotFoundError, ValueError) as exc:
+            _error(str(exc))
+            return 1
+        d2_logger.info(f"running the exported model {args.exported} on the CPU")
+        return _run_inputs(demo, args, files, errors, capture)
     try:
         cfg = setup_cfg(args)
     except (UnknownConfigKeyError, ConfigValueTypeError) as exc:  # a command-line error
@@ -377,7 +393,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CheckpointError as exc:  # unusable MODEL.WEIGHTS: the message says what to pass
         _error(str(exc))
         return 1
+    return _run_inputs(demo, args, files, errors, capture)
 
+
+def _run_inputs(demo: VisualizationDemo, args: argparse.Namespace, files: List[str],
+                errors: List[str], capture: Optional[cv2.VideoCapture]) -> int:
+    """Draw the images, the video or the webcam of ``args``; returns the exit status."""
     if args.input:
         return 1 if run_images(demo, files, args.output, len(errors)) else 0
     if capture is None:

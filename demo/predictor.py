@@ -2,7 +2,8 @@
 
 The model runs through Detectron2's ``DefaultPredictor`` (weights from ``MODEL.WEIGHTS``,
 which may also be an official MMDetection/QueryInst ``.pth``, converted on load; test-time
-resize ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, input format ``INPUT.FORMAT``); drawing
+resize ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, input format ``INPUT.FORMAT``); or, given an exported ``model.onnx`` / ``model.ts``, through
+``queryinst.exported_predictor.ExportedPredictor`` (same input and output); drawing
 is Detectron2's ``Visualizer`` (masks, boxes, class names and scores), enlarged for small
 images (:func:`draw_scale`).
 
@@ -25,6 +26,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from queryinst.checkpoint import QueryInstCheckpointer
+from queryinst.exported_predictor import ExportedPredictor
 from queryinst.video import draw_tracked_frame, use_query_tracker
 
 __all__ = ["DEFAULT_CONFIDENCE_THRESHOLD", "DRAW_SHORT_SIDE", "QueryInstPredictor",
@@ -119,18 +121,33 @@ class VisualizationDemo:
         keep_track_masks: with ``tracking``, keep every frame's masks for :meth:`tracks`;
             False frees them after drawing (long streams), and the tracks have no masks.
 
+        exported: instead of ``cfg``'s PyTorch model, an exported ``model.onnx`` /
+            ``model.ts`` (``tools/export_model.py``), run by
+            ``queryinst.exported_predictor.ExportedPredictor``; ``cfg`` is then unused (None)
+            and the class names come from the export's ``model.json``. No tracking (the
+            tracker needs the model's queries, which the graph does not return).
+
     Raises:
         queryinst.checkpoint.CheckpointError: ``MODEL.WEIGHTS`` cannot be used (strict load,
             see :class:`QueryInstPredictor`).
+        ValueError: ``tracking`` with ``exported``.
+        FileNotFoundError: ``exported`` or its ``model.json`` is missing.
     """
 
     def __init__(self, cfg, confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
                  instance_mode: ColorMode = ColorMode.IMAGE, tracking: bool = False,
-                 keep_track_masks: bool = True):
-        self.metadata = demo_metadata(cfg)
+                 keep_track_masks: bool = True, exported: Optional[str] = None):
         self.confidence_threshold = confidence_threshold
         self.instance_mode = instance_mode
         self.tracking = tracking
+        if exported is not None:
+            if tracking:
+                raise ValueError("an exported model cannot track (its graph does not return "
+                                 "the queries): draw frames on their own (--no-tracking)")
+            self.predictor = ExportedPredictor(exported)
+            self.metadata = self.predictor.metadata
+            return
+        self.metadata = demo_metadata(cfg)
         self.predictor = QueryInstPredictor(use_query_tracker(cfg) if tracking else cfg)
         if tracking:
             self.predictor.model.tracker.keep_masks = keep_track_masks

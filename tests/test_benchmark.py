@@ -287,3 +287,24 @@ def test_also_config_measures_mobilenet_beside_r50_without_resnet_baselines():
         "queryinst"]
     with pytest.raises(SystemExit, match="use --baselines none"):
         bench.main(["--config-file", MNV2_COCO, "--baselines", "mask_rcnn_R_50_FPN", *small])
+
+
+def test_exported_model_is_timed_beside_pytorch():
+    """--exported: the ONNX graph of the same model, timed in the same rounds, and its
+    detections compared with the PyTorch model's."""
+    config = str(ROOT / "configs" / "bundled" / "queryinst_MNV2_FPN_nuclei.yaml")
+    with contextlib.redirect_stdout(io.StringIO()):
+        report = bench.main([
+            "--config-file", config, "--baselines", "none", "--input-size", "64", "96",
+            "--iters", "2", "--warmup", "0", "--threads", "1", "--no-flops",
+            "--exported", "onnx", "MODEL.QUERYINST.NUM_PROPOSALS", "10",
+            "MODEL.QUERYINST.TEST_TOPK", "10",
+        ])
+    assert report["settings"]["exported"] == ["onnx"]
+    pytorch, onnx = report["models"]
+    assert onnx["name"] == "exported onnx" and onnx["params"] == pytorch["params"]
+    assert len(onnx["infer_times_s"]) == len(pytorch["infer_times_s"]) == 2
+    assert min(onnx["infer_times_s"]) > 0
+    assert onnx["latency_vs_queryinst"] == round(
+        onnx["infer_median_s"] / pytorch["infer_median_s"], 3)
+    assert onnx["labels_equal"] and onnx["max_score_diff"] < 1e-4

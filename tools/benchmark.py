@@ -22,6 +22,11 @@ images of a fixed size, taking turns call by call:
   time of each phase (backbone, proposal generator, ROI heads, the rest); with ``--train``
   also the K entries of one training step's forward and backward (fp32, no optimiser step);
 - with ``--channels-last``, every backbone in channels-last memory format.
+- with ``--exported onnx`` / ``torchscript`` (repeatable), the first QueryInst model exported
+  in this process (``queryinst.export``, to a temporary directory) and its graph timed by
+  onnxruntime / torch.jit on the same input tensors with the same thread count, taking turns
+  with the PyTorch models; its row (``exported onnx``) also records the largest score and
+  box differences from the PyTorch model's detections of the first image.
 
 Fair comparison (README, "Benchmark"): the baselines get QueryInst's ResNet depth, stride
 placement and class count; their score threshold is 0 and ``TEST.DETECTIONS_PER_IMAGE`` is
@@ -59,8 +64,10 @@ import datetime
 import functools
 import json
 import re
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +157,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="run every model's backbone with channels-last conv weights (what "
         "MODEL.QUERYINST.CHANNELS_LAST does); faster on CPUs",
     )
+    parser.add_argument(
+        "--exported", action="append", default=[], choices=("onnx", "torchscript"),
+        help="also time QueryInst exported to this format (queryinst.export) in the same "
+        "rounds, with as many onnxruntime / torch threads; repeatable",
+    )
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     parser.add_argument(
         "--profile", type=int, default=0, metavar="K",
@@ -169,6 +181,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--bf16 times a bf16 step beside the fp32 one: add --train, without --amp")
     if min(args.input_size) < 32:
         parser.error("--input-size must be at least 32 x 32 pixels")
+    if args.exported and args.device != "cpu":
+        parser.error("--exported times the exported graph on the CPU: use --device cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: PyTorch sees no CUDA device on this machine")
     if args.baselines is not None:  # None: chosen in main() from QueryInst's depth
@@ -378,6 +392,48 @@ class Bench:
         sum(losses.values()).backward()
 
 
+class ExportedBench:
+    """QueryInst exported (``queryinst.export``) from a built :class:`Bench`, run by
+    ``ExportedPredictor``'s graph runner on the same images (one call per image).
+
+    Args:
+        source: the built, calibrated QueryInst whose model is exported.
+        fmt: "onnx" or "torchscript".
+        out_dir: where the export is written.
+        threads: onnxruntime's intra-op threads (torch's for TorchScript are the process's).
+    """
+
+    def __init__(self, source: Bench, fmt: str, out_dir: str, threads: int):
+        from queryinst.export import export_model
+        from queryinst.exported_predictor import ExportedPredictor
+
+        images = [x["image"] for x in source.inputs]
+        start = time.perf_counter()
+        path = export_model(source.model, source.cand.cfg, fmt, out_dir, images[0])
+        self.export_s = time.perf_counter() - start
+        self.predictor = ExportedPredictor(path, num_threads=threads)
+        self.images = [im.numpy() for im in images]
+        self.cand = source.cand
+        self.result = {"name": f"exported {fmt}", "backbone": source.result["backbone"],
+                       "params": source.result["params"], "export_s": round(self.export_s, 1)}
+        self.result.update(self._differences(source))
+
+    def _differences(self, source: Bench) -> dict:
+        """Largest differences from the PyTorch model on the first image (before pasting)."""
+        with torch.no_grad():
+            truth = source.model.inference(source.inputs[:1], do_postprocess=False)[0]
+        ours = self.predictor.run_graph(self.images[0])
+        return {
+            "max_score_diff": float((ours["scores"] - truth.scores).abs().max()),
+            "max_box_diff_px": float((ours["pred_boxes"] - truth.pred_boxes.tensor).abs().max()),
+            "labels_equal": bool(torch.equal(ours["pred_classes"], truth.pred_classes)),
+        }
+
+    def infer(self) -> None:
+        for image in self.images:
+            self.predictor.run_graph(image)
+
+
 def _under_peak_memory(device: str, step: Callable[[], None]):
     """Run ``step`` alone under ``PeakMemory``: (the sampler, peak MiB, growth MiB)."""
     release_freed_memory()
@@ -451,8 +507,21 @@ def measure_all(candidates: list[Candidate], args, images, train_batch) -> list[
         measure_memory_and_outputs(bench, args.device)
         if not args.no_flops:
             measure_flops(bench)
+    exported = []
+    for fmt in args.exported:
+        log(f"exporting {benches[0].cand.name} to {fmt}")
+        out_dir = tempfile.mkdtemp(prefix="queryinst_export_")
+        try:  # the runtimes hold the whole graph in memory once loaded
+            exported.append(ExportedBench(benches[0], fmt, out_dir, torch.get_num_threads()))
+        finally:
+            shutil.rmtree(out_dir)
     log(f"timing inference: {args.warmup} warm-up + {args.iters} rounds")
-    times = interleaved_times([b.infer for b in benches], args.iters, args.warmup, args.device)
+    times = interleaved_times([b.infer for b in benches + exported], args.iters, args.warmup,
+                              args.device)
+    for bench, t in zip(exported, times[len(benches):]):
+        median = statistics.median(t)
+        bench.result.update(summarise(t, "infer"), infer_per_image_s=round(median / len(images), 4),
+                            images_per_s=round(len(images) / median, 3))
     for bench, t in zip(benches, times):
         median = statistics.median(t)
         bench.result.update(
@@ -496,7 +565,7 @@ def measure_all(candidates: list[Candidate], args, images, train_batch) -> list[
             times = times[::2]
         for bench, t in zip(benches, times):
             bench.result.update(train_batch=len(train_batch), **summarise(t, "train"))
-    results = [b.result for b in benches]
+    results = [b.result for b in benches + exported]
     for r in results:
         r["latency_vs_queryinst"] = round(r["infer_median_s"] / results[0]["infer_median_s"], 3)
     return results
@@ -594,6 +663,7 @@ def main(argv=None) -> dict:
             "warmup": args.warmup,
             "seed": args.seed,
             "channels_last": args.channels_last,
+            "exported": args.exported,
             "train_batch_size": args.train_batch_size if args.train else None,
             "train_instances_per_image": args.train_instances if args.train else None,
             "amp": args.amp,

@@ -13,7 +13,7 @@ import torch
 from detectron2.config import CfgNode
 
 __all__ = ["ConfigValueTypeError", "UnknownConfigKeyError", "default_device", "device_note",
-           "merge_config"]
+           "inference_config", "merge_config"]
 
 # yacs's messages: merge_from_file raises KeyError("Non-existent config key: A.B"),
 # merge_from_list AssertionError("Non-existent key: A.B").
@@ -142,6 +142,29 @@ def merge_config(cfg: CfgNode, config_file: Optional[str] = None,
             if match is None:
                 raise
             raise ConfigValueTypeError(_type_message(match, source)) from None
+    return cfg
+
+
+def inference_config(config_file: Optional[str], opts: Iterable[str] = ()) -> CfgNode:
+    """The frozen config of an inference tool (``demo/demo.py``, ``tools/export_model.py``):
+    QueryInst's keys, :func:`merge_config` of ``config_file`` and ``opts``, then the queries,
+    classes, stages and depth that an official ``MODEL.WEIGHTS`` file implies
+    (``queryinst.checkpoint.official_config_opts``).
+
+    Raises:
+        UnknownConfigKeyError, ConfigValueTypeError: as :func:`merge_config`.
+    """
+    # Imported here: the config and checkpoint modules import Detectron2's model code.
+    from detectron2.config import get_cfg
+
+    from .checkpoint import official_config_opts
+    from .config import add_queryinst_config
+
+    cfg = get_cfg()
+    add_queryinst_config(cfg)
+    merge_config(cfg, config_file, opts)
+    cfg.merge_from_list(official_config_opts(cfg.MODEL.WEIGHTS))
+    cfg.freeze()
     return cfg
 
 

@@ -15,7 +15,8 @@ scatters value by value into a zero-filled full-size gradient per level and call
 x 12 calls in a QueryInst training step). Here each weight is computed once and applied to
 all channels at once, and one call serves all levels.
 
-On other devices (CUDA) the pooler runs Detectron2's ``ROIPooler`` instead.
+On other devices (CUDA), and in traced graphs (export), the pooler runs Detectron2's
+``ROIPooler`` instead.
 """
 from __future__ import annotations
 
@@ -237,8 +238,16 @@ class MatrixROIPooler(nn.Module):
         )
 
     def prepare(self, x: list[Tensor]) -> FlatMaps | list[Tensor]:
-        """What the calls on maps ``x`` share: the flattened maps on the CPU, else ``x``."""
-        return FlatMaps.from_maps(x) if x[0].device.type == "cpu" else x
+        """What the calls on maps ``x`` share: the flattened maps on the CPU, else ``x``.
+
+        While tracing (``torch.jit.trace``, ONNX export: ``queryinst/export.py``) it is ``x``
+        too, so the graph holds torchvision's RoIAlign (ONNX ``RoiAlign``): ``FlatMaps``
+        keeps the map sizes as Python ints, which a trace would freeze to the traced
+        input's size.
+        """
+        if x[0].device.type == "cpu" and not torch.jit.is_tracing():
+            return FlatMaps.from_maps(x)
+        return x
 
     def forward(self, x: list[Tensor] | FlatMaps, box_lists: list[Boxes]) -> Tensor:
         """

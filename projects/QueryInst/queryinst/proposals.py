@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from detectron2.config import configurable
+from detectron2.layers.wrappers import shapes_to_tensor
 from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
@@ -67,7 +68,10 @@ class LearnableProposals(nn.Module):
         proposals = []
         for h, w in images.image_sizes:
             inst = Instances((h, w))
-            inst.proposal_boxes = Boxes(boxes * boxes.new_tensor([w, h, w, h]))
+            # shapes_to_tensor: h, w are ints, or scalar tensors in a traced graph
+            # (queryinst/export.py), where this keeps the scale a function of the input.
+            scale = shapes_to_tensor([w, h, w, h], device=boxes.device).to(boxes.dtype)
+            inst.proposal_boxes = Boxes(boxes * scale)
             inst.proposal_features = self.init_proposal_features.weight
             proposals.append(inst)
         return proposals, {}

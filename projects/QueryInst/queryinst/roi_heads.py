@@ -510,9 +510,17 @@ class QueryInstROIHeads(nn.Module):
         """
         B, N = last.attn_feats.shape[:2]
         rows = (queries + N * torch.arange(B, device=queries.device)[:, None]).flatten()
-        distinct, inverse = torch.unique(rows, sorted=True, return_inverse=True)
-        # Sorted rows are grouped image by image, the order the pooler expects.
-        per_image = torch.bincount(distinct // N, minlength=B).tolist()
+        if torch.jit.is_tracing():
+            # A traced graph (queryinst/export.py) cannot hold the data-dependent count of
+            # distinct queries (it would be frozen as a constant): one RoI per detection,
+            # as the reference runs it, gives the same values.
+            distinct = rows
+            inverse = torch.arange(rows.shape[0], device=rows.device)
+            per_image = [queries.shape[1]] * B
+        else:
+            distinct, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+            # Sorted rows are grouped image by image, the order the pooler expects.
+            per_image = torch.bincount(distinct // N, minlength=B).tolist()
         boxes = last.pred_boxes.flatten(0, 1)[distinct].split(per_image)
         logits = self.mask_logits(
             -1, features, list(boxes), last.attn_feats.flatten(0, 1)[distinct]

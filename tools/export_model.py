@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Export a QueryInst model to ONNX (onnxruntime) or TorchScript, for deployment.
+
+    python tools/export_model.py --config-file configs/queryinst_R50_FPN_1x_coco.yaml \\
+        --format onnx --output exported/ MODEL.WEIGHTS model_final.pth
+    python demo/demo.py --exported exported/model.onnx --input photo.jpg --output out/
+
+Writes ``--output``/``model.onnx`` (or ``model.ts``), ``model.json`` beside it (input format,
+test sizes, score threshold, class names of ``DATASETS.TEST[0]``, output names, opset: all
+that ``queryinst.exported_predictor.ExportedPredictor`` and ``demo/demo.py --exported`` need)
+and ``config.yaml`` (the full config, for the record). The graph takes one image
+(float32 (3, H, W) in ``INPUT.FORMAT``, 0-255, resized by the test transform, H and W
+dynamic) and returns ``pred_boxes``, ``scores``, ``pred_classes`` and ``pred_masks``; see
+``queryinst/export.py`` and README "Export (ONNX / TorchScript)".
+
+The model is traced on one sample input: ``--sample-image`` resized as at test time, or by
+default a random image of ``INPUT.MIN_SIZE_TEST`` x ``INPUT.MIN_SIZE_TEST`` pixels (the
+graph does not depend on the sample's content or size). Extra ``KEY VALUE`` pairs override
+the config, as in ``train_net.py``. ``MODEL.WEIGHTS`` loads strictly (an official ``.pth``
+is converted on load); an empty one exports the untrained model with a warning.
+
+Exit status 0 on success; 1 with one ``ERROR:`` line for unusable weights or a sample image
+that cannot be read; 2 for command-line errors, including a setting the export does not
+support (the line names the key or flag and the fix, e.g. ``--opset 11``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "QueryInst"))
+import queryinst  # noqa: E402,F401  isort: skip  (before Detectron2: no torch.jit warning)
+import torch  # noqa: E402
+from detectron2.data import MetadataCatalog  # noqa: E402
+from detectron2.data import transforms as T  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+
+from queryinst.checkpoint import CheckpointError, QueryInstCheckpointer  # noqa: E402
+from queryinst.config_loading import (  # noqa: E402
+    ConfigValueTypeError,
+    UnknownConfigKeyError,
+    inference_config,
+)
+from queryinst.data import read_image  # noqa: E402
+from queryinst.export import (  # noqa: E402
+    EXPORT_FORMATS,
+    MIN_ONNX_OPSET,
+    ExportError,
+    check_exportable,
+    export_model,
+)
+
+logger = logging.getLogger("queryinst.export")
+DEFAULT_OPSET = 17
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True, metavar="FILE", help="a yaml config")
+    p.add_argument("--format", required=True, choices=sorted(EXPORT_FORMATS),
+                   help="onnx (model.onnx, run with onnxruntime) or torchscript (model.ts)")
+    p.add_argument("--output", required=True, metavar="DIR", help="directory to write to")
+    p.add_argument("--sample-image", metavar="IMG",
+                   help="image to trace with (default: a random MIN_SIZE_TEST square)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset, >= {MIN_ONNX_OPSET} (default {DEFAULT_OPSET})")
+    p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                   help="config overrides, e.g. MODEL.WEIGHTS model_final.pth")
+    return p
+
+
+def sample_input(cfg, image_path: str | None) -> torch.Tensor:
+    """float32 (3, H, W): the image resized by the test transform, or a random square."""
+    if image_path is None:
+        size = cfg.INPUT.MIN_SIZE_TEST
+        generator = torch.Generator().manual_seed(0)
+        return torch.rand(3, size, size, generator=generator) * 255
+    image = read_image(image_path, format=cfg.INPUT.FORMAT)
+    size = cfg.INPUT.MIN_SIZE_TEST
+    resize = T.ResizeShortestEdge([size, size], cfg.INPUT.MAX_SIZE_TEST)
+    image = resize.get_transform(image).apply_image(image)
+    return torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    setup_logger(name="queryinst")
+    setup_logger()
+    try:
+        cfg = inference_config(args.config_file, args.opts)
+        check_exportable(cfg, args.format, args.opset)
+    except (UnknownConfigKeyError, ConfigValueTypeError, ExportError) as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 2
+    try:
+        sample = sample_input(cfg, args.sample_image)
+    except (OSError, ValueError, SyntaxError) as exc:
+        print(f"ERROR: --sample-image {args.sample_image}: cannot read the image ({exc})",
+              file=sys.stderr)
+        return 1
+    model = build_model(cfg).eval()
+    if cfg.MODEL.WEIGHTS:
+        try:
+            QueryInstCheckpointer(model, strict=True).load(cfg.MODEL.WEIGHTS)
+        except CheckpointError as exc:
+            print(f"ERROR: {exc}", file=sys.stderr)
+            return 1
+    else:
+        logger.warning("UNTRAINED MODEL: MODEL.WEIGHTS is empty, exporting random weights")
+    classes = None
+    if len(cfg.DATASETS.TEST):
+        classes = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes")
+    path = export_model(model, cfg, args.format, args.output, sample, opset=args.opset,
+                        thing_classes=classes)
+    with open(os.path.join(args.output, "config.yaml"), "w") as f:
+        f.write(cfg.dump())
+    logger.info(f"wrote {path} and its model.json (traced at {tuple(sample.shape[1:])})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
