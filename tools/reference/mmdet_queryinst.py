@@ -162,7 +162,8 @@ def calibrate_backbone_bn(backbone: torch.nn.Module, image: torch.Tensor) -> int
     was_training = backbone.training
     try:
         backbone.eval()
-        backbone(image)
+        with torch.no_grad():
+            backbone(image)
     finally:
         for h in handles:
             h.remove()
