@@ -102,6 +102,8 @@ FAKE_SERVER = textwrap.dedent("""\
     print("log lines go to stderr", file=sys.stderr)
     if "{mode}" == "die":
         sys.exit(4)
+    if "{mode}" == "chatty":
+        print("Loads checkpoint by local backend", flush=True)
     print(json.dumps({{"ready": True, "images": 1, "threads": 1}}), flush=True)
     for n, line in enumerate(sys.stdin):
         if line.strip() == "quit":
@@ -129,6 +131,8 @@ def test_server_protocol(tmp_path, monkeypatch):
 def test_server_that_dies_or_misanswers_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(check.ReferenceError, match="exit code 4"):
         fake_reference(tmp_path, monkeypatch, "die")
+    with pytest.raises(check.ReferenceError, match="protocol expects a JSON line"):
+        fake_reference(tmp_path, monkeypatch, "chatty")
     with fake_reference(tmp_path, monkeypatch, "bad") as server:
         with pytest.raises(check.ReferenceError, match="answered"):
             server.infer()

@@ -18,7 +18,7 @@ Exits 0 only if every variant passes; 1 if one fails; 2 on a usage or set-up err
 
     python tools/reference_check.py [--image photo.jpg] [--variant 100 300] [--out-dir DIR]
 
-The files (a 660 MiB checkpoint and ~150 MiB of arrays per variant) go to a temporary
+The files (a 660 MiB checkpoint and 240-390 MiB of arrays per variant) go to a temporary
 directory removed at the end, unless ``--out-dir`` keeps them.
 """
 from __future__ import annotations
@@ -163,10 +163,13 @@ class ReferenceServer:
                                 serve=images_npy)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, bufsize=1)
-        self.ready = self._reply()
-        if not self.ready.get("ready"):
+        try:
+            self.ready = self._reply()
+            if not self.ready.get("ready"):
+                raise ReferenceError(f"the reference did not start: {self.ready}")
+        except BaseException:
             self.close()
-            raise ReferenceError(f"the reference did not start: {self.ready}")
+            raise
 
     def _reply(self) -> dict:
         line = self.proc.stdout.readline()
@@ -174,7 +177,11 @@ class ReferenceServer:
             code = self.proc.wait()
             raise ReferenceError(f"the reference process ended (exit code {code}); its log "
                                  "is above")
-        return json.loads(line)
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            raise ReferenceError(f"the reference wrote {line.strip()[:200]!r} where its "
+                                 "protocol expects a JSON line") from None
 
     def infer(self) -> float:
         """One inference of the batch; returns the seconds the reference measured itself."""

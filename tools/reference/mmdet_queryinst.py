@@ -57,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True, help="official-layout .pth to write")
     p.add_argument("--image", default=None, help="image file for --dump and --time")
     p.add_argument("--dump", default=None, metavar="OUT.npz", help="write the outputs (needs --image)")
-    p.add_argument("--no-aux", action="store_true", help="skip OUT_aux.npz (feature maps, ~100 MiB)")
+    p.add_argument("--no-aux", action="store_true",
+                   help="skip OUT_aux.npz (feature maps, 200-300 MiB)")
     p.add_argument("--time", type=int, default=0, metavar="N",
                    help="time N inferences of --image after one warm-up")
     p.add_argument("--serve", default=None, metavar="IMAGES.npy",
@@ -439,11 +440,18 @@ def infer_seconds(model, batch: dict) -> float:
     return time.perf_counter() - start
 
 
-def serve(model, images_path: str) -> None:
-    """The benchmark's protocol on stdin / stdout (see the module docstring)."""
+def protocol_stdout():
+    """A text stream on the original stdout; from now on the process's stdout (Python's
+    and file descriptor 1, so C code's too) goes to stderr."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # anything else printed, by Python or C, goes to stderr
+    sys.stdout.flush()
+    os.dup2(2, 1)
     sys.stdout = sys.stderr
+    return proto
+
+
+def serve(model, images_path: str, proto) -> None:
+    """The benchmark's protocol on stdin / ``proto`` (see the module docstring)."""
     batch = array_batch(np.load(images_path))
     proto.write(json.dumps({"ready": True, "images": len(batch["inputs"]),
                             "threads": torch.get_num_threads()}) + "\n")
@@ -462,6 +470,7 @@ def serve(model, images_path: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    proto = protocol_stdout() if args.serve else None  # MMEngine's logger prints to stdout
     torch.set_num_threads(args.threads)
     ops = mmcv_ext_standin.install()
 
@@ -498,7 +507,7 @@ def main(argv=None) -> int:
                           "median_s": round(statistics.median(times), 4),
                           "times_s": [round(t, 4) for t in times]}), flush=True)
     if args.serve:
-        serve(model, args.serve)
+        serve(model, args.serve, proto)
     return 0
 
 
