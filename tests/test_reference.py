@@ -212,7 +212,8 @@ def test_exercise_weights_leaves_no_constant_or_identity_tensor():
 
 def test_calibration_normalises_each_bn_input():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4),
+                        nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
     x = torch.randn(1, 3, 20, 20) * 5 + 2
     assert ref_script.calibrate_backbone_bn(net, x) == 2
     assert net.training  # restored

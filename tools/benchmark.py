@@ -443,7 +443,8 @@ def reference_variant(cfg: CfgNode) -> str:
     """
     q = cfg.MODEL.QUERYINST
     if not is_resnet(cfg) or cfg.MODEL.RESNETS.DEPTH != 50:
-        raise ValueError(f"--reference: the reference is ResNet-50, the config {backbone_label(cfg)}")
+        raise ValueError(
+            f"--reference: the reference is ResNet-50, the config {backbone_label(cfg)}")
     if q.NUM_CLASSES != 80:
         raise ValueError(f"--reference: the reference has 80 classes, the config {q.NUM_CLASSES}")
     if q.NUM_PROPOSALS not in (100, 300):
@@ -534,9 +535,12 @@ def measure_all(candidates: list[Candidate], args, images, train_batch,
                               args.warmup, args.device)
     for other, t in zip(others, times[len(benches):]):
         median = statistics.median(t)
-        other.result.update(summarise(t, "infer"), infer_per_image_s=round(median / len(images), 4),
-                            images_per_s=round(len(images) / median, 3),
-                            reference_self_times_s=[round(x, 4) for x in other.self_times[-len(t):]])
+        other.result.update(
+            summarise(t, "infer"),
+            infer_per_image_s=round(median / len(images), 4),
+            images_per_s=round(len(images) / median, 3),
+            reference_self_times_s=[round(x, 4) for x in other.self_times[-len(t):]],
+        )
     for bench, t in zip(benches, times):
         median = statistics.median(t)
         bench.result.update(

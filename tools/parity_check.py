@@ -31,7 +31,8 @@ With ``--image`` it also runs the whole path from the image file through our own
 preprocessing (ResizeShortestEdge(800, 1333), RGB, normalisation) and reports how close
 that gets (resize interpolation differs between the frameworks: reported, not required).
 
-    python tools/parity_check.py --reference-npz reference_100.npz --ckpt reference_100.pth --variant 100
+    python tools/parity_check.py --reference-npz reference_100.npz --ckpt reference_100.pth \
+        --variant 100
 """
 from __future__ import annotations
 
@@ -258,7 +259,8 @@ def run_on_reference_input(model, ref, aux, table: Table):
     if aux is not None:
         table.compare("final_mask_roi_feats", d["mask_feats"][1], aux["final_mask_roi_feats"])
     table.compare("final_mask_logits", final_logits, ref["final_mask_logits"])
-    # Diagnostic of the reference: mask head s on stage s's boxes and attn_feats (the training pairing).
+    # Diagnostic of the reference: mask head s on stage s's boxes and attn_feats (the training
+    # pairing).
     for s, st in enumerate(stages):
         logits = heads.mask_logits(s, features, [st.pred_boxes[0]], st.attn_feats[0])
         cls = torch.from_numpy(ref[f"stage{s}_cls_logits"]).argmax(-1)
@@ -333,7 +335,8 @@ def run_full_path(model, cfg, image_path: str, ref, table: Table):
     bgr = read_image(image_path, format="BGR")
     ori_h, ori_w = bgr.shape[:2]
     if (ori_h, ori_w) != tuple(int(x) for x in ref["ori_shape"][:2]):
-        raise ValueError(f"{image_path} is {ori_h}x{ori_w}, the reference ran on {ref['ori_shape']}")
+        raise ValueError(
+            f"{image_path} is {ori_h}x{ori_w}, the reference ran on {ref['ori_shape']}")
     aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
     resized = aug.get_transform(bgr).apply_image(bgr)
     ours_hw, ref_hw = tuple(resized.shape[:2]), tuple(int(x) for x in ref["img_shape"][:2])

@@ -239,14 +239,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--image {args.image}: no such file")
     if args.threads < 1:
         p.error("--threads must be >= 1")
-    if args.out_dir is not None and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+    if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         p.error(f"--out-dir {args.out_dir} exists and is not a directory")
     return args
 
 
 def check_variant(python: str, variant: str, args, out_dir: str) -> bool:
     """Run the reference for ``variant`` and the parity check on its outputs."""
-    sys.path.insert(0, TOOLS)
+    if TOOLS not in sys.path:
+        sys.path.insert(0, TOOLS)
     import parity_check
 
     ckpt = os.path.join(out_dir, f"reference_{variant}.pth")

@@ -56,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--checkpoint", required=True, help="official-layout .pth to write")
     p.add_argument("--image", default=None, help="image file for --dump and --time")
-    p.add_argument("--dump", default=None, metavar="OUT.npz", help="write the outputs (needs --image)")
+    p.add_argument("--dump", default=None, metavar="OUT.npz",
+                   help="write the outputs (needs --image)")
     p.add_argument("--no-aux", action="store_true",
                    help="skip OUT_aux.npz (feature maps, 200-300 MiB)")
     p.add_argument("--time", type=int, default=0, metavar="N",
@@ -371,7 +372,8 @@ def dump(model, image: str, path: str, aux: bool, ops: str) -> None:
             logits = rh._mask_forward(s, fpn, bbox2roi([d[f"boxes{s}"]]),
                                       d[f"attn_feats{s}"][None])["mask_preds"]
             cls = d[f"cls{s}"].argmax(-1)
-            out[f"stage{s}_mask_logits_diag_argmaxcls"] = logits[torch.arange(len(cls)), cls].numpy()
+            picked = logits[torch.arange(len(cls)), cls]
+            out[f"stage{s}_mask_logits_diag_argmaxcls"] = picked.numpy()
     topk = d["topk_inds"]
     out["final_mask_logits"] = d["mask_logits"].numpy()
     out["topk_inds"] = topk.numpy()
