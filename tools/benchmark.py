@@ -21,7 +21,12 @@ images of a fixed size, taking turns call by call:
 - with ``--profile K``, the K PyTorch-profiler entries with the most self time and the wall
   time of each phase (backbone, proposal generator, ROI heads, the rest); with ``--train``
   also the K entries of one training step's forward and backward (fp32, no optimiser step);
-- with ``--channels-last``, every backbone in channels-last memory format.
+- with ``--channels-last``, every backbone in channels-last memory format;
+- with ``--reference``, MMDetection 3.3.0's QueryInst (the reference, ``tools/reference/``)
+  in its own process, timed in the same rounds as ours, call by call: both run the
+  reference's random checkpoint (ours loads it through the converter, without FrozenBN
+  calibration), on the same images (no resize) with the same threads. The JSON's
+  ``reference`` holds the median of the per-round latency ratios, ours / reference.
 - with ``--exported onnx`` / ``torchscript`` (repeatable), the first QueryInst model exported
   in this process (``queryinst.export``, to a temporary directory) and its graph timed by
   onnxruntime / torch.jit on the same input tensors with the same thread count, taking turns
@@ -60,6 +65,7 @@ without the CUDA context or the allocator's cache; the training step also gets
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -85,6 +91,8 @@ from detectron2.solver import build_optimizer as build_detectron2_optimizer  # n
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
+from reference_check import ReferenceServer, setup_reference  # noqa: E402
+
 from benchmark_measure import (  # noqa: E402
     PeakMemory,
     calibrate_frozen_bn,
@@ -96,6 +104,12 @@ from benchmark_measure import (  # noqa: E402
     release_freed_memory,
 )
 from queryinst import add_queryinst_config  # noqa: E402
+from queryinst.checkpoint import (  # noqa: E402
+    QueryInstCheckpointer,
+    config_as_opts,
+    detect_official_config,
+    load_official_state_dict,
+)
 from queryinst.config_loading import merge_config  # noqa: E402
 from queryinst.solver import build_optimizer as build_queryinst_optimizer  # noqa: E402
 
@@ -164,6 +178,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     parser.add_argument(
+        "--reference", action="store_true",
+        help="also time MMDetection 3.3.0's QueryInst (set up by tools/reference/setup.sh in "
+        "its own venv) in the same rounds, both with its random checkpoint; CPU, a ResNet-50 "
+        "config with 100 or 300 queries and 80 classes",
+    )
+    parser.add_argument(
         "--profile", type=int, default=0, metavar="K",
         help="also profile one inference (and with --train one training step) and report "
         "the K ops with the most self time",
@@ -183,6 +203,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--input-size must be at least 32 x 32 pixels")
     if args.exported and args.device != "cpu":
         parser.error("--exported times the exported graph on the CPU: use --device cpu")
+    if args.reference and args.device != "cpu":
+        parser.error("--reference runs MMDetection's QueryInst on the CPU: use --device cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: PyTorch sees no CUDA device on this machine")
     if args.baselines is not None:  # None: chosen in main() from QueryInst's depth
@@ -200,13 +222,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- configs
 
 
-def queryinst_cfg(config_file: str, opts: list[str], device: str) -> CfgNode:
-    """The QueryInst config of ``config_file`` with ``opts``, random weights, on ``device``."""
+def queryinst_cfg(config_file: str, opts: list[str], device: str, weights: str = "") -> CfgNode:
+    """The QueryInst config of ``config_file`` with ``opts`` on ``device``; random weights
+    unless ``weights`` names a checkpoint (``Bench`` then loads it)."""
     cfg = get_cfg()
     add_queryinst_config(cfg)
     merge_config(cfg, config_file, opts)  # a misspelled key gets a hint
     cfg.MODEL.DEVICE = device
-    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.WEIGHTS = weights
     cfg.freeze()
     return cfg
 
@@ -316,7 +339,10 @@ class Candidate:
 
 
 class Bench:
-    """A built, calibrated model with its inputs; ``result`` collects its numbers.
+    """A built model with its inputs; ``result`` collects its numbers.
+
+    Random weights with calibrated FrozenBN statistics, or the checkpoint of
+    ``cand.cfg.MODEL.WEIGHTS`` (loaded through ``QueryInstCheckpointer``, not calibrated).
 
     Args:
         cand: what to build.
@@ -329,6 +355,9 @@ class Bench:
         torch.manual_seed(seed)
         self.cand, self.inputs = cand, inputs
         self.model = build_model(cand.cfg).eval()
+        weights = cand.cfg.MODEL.WEIGHTS
+        if weights:
+            QueryInstCheckpointer(self.model).load(weights)
         if channels_last:  # what MODEL.QUERYINST.CHANNELS_LAST does, for every model alike
             self.model.backbone.to(memory_format=torch.channels_last)
         self.outputs = None
@@ -341,7 +370,7 @@ class Bench:
             "backbone": backbone_label(cand.cfg),
             "params": sum(p.numel() for p in self.model.parameters()),
             **cand.extra,
-            "frozen_bn_calibrated": calibrate_frozen_bn(self.model, inputs),
+            "frozen_bn_calibrated": 0 if weights else calibrate_frozen_bn(self.model, inputs),
         }
 
     def _count_proposals(self, module, args, out) -> None:
@@ -434,6 +463,51 @@ class ExportedBench:
             self.predictor.run_graph(image)
 
 
+class ReferenceBench:
+    """MMDetection 3.3.0's QueryInst in its own process, timed like a ``Bench``.
+
+    Only inference latency is measured (memory, FLOPs and training are the other process's).
+    ``result["reference_self_times_s"]`` keeps the reference's own clock of each call, which
+    leaves out the pipe round trip.
+
+    Args:
+        server: a started ``reference_check.ReferenceServer``.
+        variant: its number of queries, "100" or "300".
+    """
+
+    def __init__(self, server: ReferenceServer, variant: str):
+        self.server = server
+        self.self_times: list[float] = []
+        self.result = {
+            "name": "mmdet 3.3.0 reference",
+            "meta_architecture": "mmdet QueryInst (tools/reference/mmdet_queryinst.py)",
+            "backbone": "R50",
+            "num_queries": int(variant),
+        }
+
+    def infer(self) -> None:
+        self.self_times.append(self.server.infer())
+
+
+def reference_variant(cfg: CfgNode) -> str:
+    """The reference variant ("100" / "300") matching QueryInst's config.
+
+    Raises:
+        ValueError: if the config is not one the reference has (ResNet-50, 80 classes,
+            100 or 300 queries), saying which value differs.
+    """
+    q = cfg.MODEL.QUERYINST
+    if not is_resnet(cfg) or cfg.MODEL.RESNETS.DEPTH != 50:
+        raise ValueError(
+            f"--reference: the reference is ResNet-50, the config {backbone_label(cfg)}")
+    if q.NUM_CLASSES != 80:
+        raise ValueError(f"--reference: the reference has 80 classes, the config {q.NUM_CLASSES}")
+    if q.NUM_PROPOSALS not in (100, 300):
+        raise ValueError(
+            f"--reference: the reference has 100 or 300 queries, the config {q.NUM_PROPOSALS}")
+    return str(q.NUM_PROPOSALS)
+
+
 def _under_peak_memory(device: str, step: Callable[[], None]):
     """Run ``step`` alone under ``PeakMemory``: (the sampler, peak MiB, growth MiB)."""
     release_freed_memory()
@@ -494,8 +568,13 @@ def summarise(times: list[float], prefix: str) -> dict:
     }
 
 
-def measure_all(candidates: list[Candidate], args, images, train_batch) -> list[dict]:
-    """Build every model, then measure them; timed calls alternate between the models."""
+def measure_all(candidates: list[Candidate], args, images, train_batch,
+                others: tuple = ()) -> list[dict]:
+    """Build every model, then measure them; timed calls alternate between the models.
+
+    ``others`` (e.g. a ``ReferenceBench``) and the ``--exported`` graphs take part in the
+    inference rounds only.
+    """
     height, width = args.input_size
     inputs = [{"image": im, "height": height, "width": width} for im in images]
     benches = []
@@ -516,12 +595,17 @@ def measure_all(candidates: list[Candidate], args, images, train_batch) -> list[
         finally:
             shutil.rmtree(out_dir)
     log(f"timing inference: {args.warmup} warm-up + {args.iters} rounds")
-    times = interleaved_times([b.infer for b in benches + exported], args.iters, args.warmup,
+    extras = exported + list(others)  # inference rounds only
+    times = interleaved_times([b.infer for b in benches + extras], args.iters, args.warmup,
                               args.device)
-    for bench, t in zip(exported, times[len(benches):]):
+    for extra, t in zip(extras, times[len(benches):]):
         median = statistics.median(t)
-        bench.result.update(summarise(t, "infer"), infer_per_image_s=round(median / len(images), 4),
+        extra.result.update(summarise(t, "infer"),
+                            infer_per_image_s=round(median / len(images), 4),
                             images_per_s=round(len(images) / median, 3))
+        if isinstance(extra, ReferenceBench):  # its own clock, without the pipe round trip
+            extra.result["reference_self_times_s"] = [
+                round(x, 4) for x in extra.self_times[-len(t):]]
     for bench, t in zip(benches, times):
         median = statistics.median(t)
         bench.result.update(
@@ -565,7 +649,7 @@ def measure_all(candidates: list[Candidate], args, images, train_batch) -> list[
             times = times[::2]
         for bench, t in zip(benches, times):
             bench.result.update(train_batch=len(train_batch), **summarise(t, "train"))
-    results = [b.result for b in benches + exported]
+    results = [b.result for b in benches + extras]
     for r in results:
         r["latency_vs_queryinst"] = round(r["infer_median_s"] / results[0]["infer_median_s"], 3)
     return results
@@ -609,17 +693,79 @@ def format_table(models: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def start_reference(args, qcfg: CfgNode, images: list[torch.Tensor], workdir: str):
+    """Set up and start the reference on ``images``; QueryInst's config on its checkpoint.
+
+    The reference gets the images in BGR (MMDetection's input order), so both models see the
+    same picture whatever ``INPUT.FORMAT`` is.
+
+    Returns:
+        (ReferenceBench, CfgNode): the running reference, and ``qcfg``'s config file and
+        options plus the checkpoint's shape options, with ``MODEL.WEIGHTS`` the checkpoint.
+
+    Raises:
+        SystemExit: if the config does not match a reference variant, or the reference cannot
+            be set up or started (the message says why).
+    """
+    from reference_check import ReferenceError
+
+    try:
+        variant = reference_variant(qcfg)
+        log("setting up the reference (tools/reference/setup.sh; quick once done)")
+        python = setup_reference(quiet=True)
+        batch = np.stack([im.numpy() for im in images])
+        if qcfg.INPUT.FORMAT == "RGB":
+            batch = batch[:, ::-1]
+        np.save(Path(workdir) / "images.npy", np.ascontiguousarray(batch))
+        ckpt = str(Path(workdir) / f"reference_{variant}.pth")
+        log(f"starting the reference ({variant} queries): builds and saves its checkpoint")
+        server = ReferenceServer(python, variant, ckpt, str(Path(workdir) / "images.npy"),
+                                 seed=args.seed, threads=torch.get_num_threads())
+    except (ValueError, ReferenceError) as e:
+        raise SystemExit(f"benchmark.py: error: {e}") from None
+    shape_opts = config_as_opts(detect_official_config(load_official_state_dict(ckpt)))
+    cfg = queryinst_cfg(args.config_file, args.opts + shape_opts, args.device, weights=ckpt)
+    return ReferenceBench(server, variant), cfg
+
+
+def reference_summary(models: list[dict]) -> dict:
+    """Ours against the reference (the first and the last model): the median of the
+    per-round latency ratios, ours / reference, and the ratio of the medians."""
+    ours, ref = models[0], models[-1]
+    per_round = [o / r for o, r in zip(ours["infer_times_s"], ref["infer_times_s"])]
+    return {
+        "ours_over_reference_per_round_median": round(statistics.median(per_round), 3),
+        "ours_over_reference_of_medians": round(ours["infer_median_s"] / ref["infer_median_s"], 3),
+        "per_round": [round(x, 3) for x in per_round],
+    }
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    with contextlib.ExitStack() as stack:
+        return _run(args, stack)
+
+
+def _run(args, stack: contextlib.ExitStack) -> dict:
     height, width = args.input_size
+    gen = torch.Generator().manual_seed(args.seed)
+    images = [random_image(height, width, gen) for _ in range(args.batch_size)]
     qcfg = queryinst_cfg(args.config_file, args.opts, args.device)
+    others = ()
+    if args.reference:
+        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="queryinst_reference_"))
+        reference, qcfg = start_reference(args, qcfg, images, workdir)
+        stack.callback(reference.server.close)
+        others = (reference,)
     candidates = [
         Candidate(
             "queryinst", qcfg, build_queryinst_optimizer,
             {"config": args.config_file, "opts": args.opts,
-             "num_queries": qcfg.MODEL.QUERYINST.NUM_PROPOSALS},
+             "num_queries": qcfg.MODEL.QUERYINST.NUM_PROPOSALS,
+             "weights": ("the reference's random checkpoint" if args.reference
+                         else "random, FrozenBN calibrated")},
         )
     ]
     for config_file in args.also_config:
@@ -640,8 +786,6 @@ def main(argv=None) -> dict:
         zoo = {"config": BASELINE_ZOO[_BASELINE_NAME.match(name)["arch"]]}
         candidates.append(Candidate(name, cfg, build_detectron2_optimizer, zoo))
 
-    gen = torch.Generator().manual_seed(args.seed)
-    images = [random_image(height, width, gen) for _ in range(args.batch_size)]
     train_batch = [
         {"image": random_image(height, width, gen),
          "instances": synthetic_instances(
@@ -649,7 +793,7 @@ def main(argv=None) -> dict:
         for _ in range(args.train_batch_size)
     ] if args.train else None
 
-    models = measure_all(candidates, args, images, train_batch)
+    models = measure_all(candidates, args, images, train_batch, others)
 
     report = {
         "date": datetime.date.today().isoformat(),
@@ -672,6 +816,8 @@ def main(argv=None) -> dict:
         },
         "models": models,
     }
+    if args.reference:
+        report["reference"] = reference_summary(models)
     machine = report["machine"]
     print(
         f"{args.device} ({machine.get('gpu', machine['cpu'])}), {report['settings']['threads']} "
@@ -684,6 +830,11 @@ def main(argv=None) -> dict:
         + f", torch {torch.__version__}, {report['date']}"
     )
     print(format_table(models))
+    if args.reference:
+        r = report["reference"]
+        print(f"  ours / MMDetection 3.3.0 reference latency: "
+              f"{r['ours_over_reference_per_round_median']:.3f} (median of the per-round ratios), "
+              f"{r['ours_over_reference_of_medians']:.3f} (ratio of the medians)")
     for m in models:
         if "phase_s" in m:
             print(f"  {m['name']:<28} phases (s): "
