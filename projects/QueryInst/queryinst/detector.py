@@ -118,7 +118,7 @@ class QueryInst(GeneralizedRCNN):
         self.fuse_bn_inference = fuse_bn_inference
         self.inference_dtype = inference_dtype
         self._bn_folder = ConvBNFolder(self)
-        self._autocast_dtypes: dict = {}  # device type -> resolved autocast dtype (or None)
+        self._autocast_dtypes: dict = {}  # (name, device type) -> autocast dtype or None
 
     @classmethod
     def from_config(cls, cfg):
@@ -154,13 +154,13 @@ class QueryInst(GeneralizedRCNN):
         if torch.jit.is_tracing():
             yield
             return
-        if device.type not in self._autocast_dtypes:  # warns once about a bf16 fallback
-            self._autocast_dtypes[device.type] = resolve_inference_dtype(
-                self.inference_dtype, device.type)
-        dtype = self._autocast_dtypes[device.type]
+        key = (self.inference_dtype, device.type)
+        if key not in self._autocast_dtypes:  # warns once about a bf16 fallback
+            self._autocast_dtypes[key] = resolve_inference_dtype(*key)
+        dtype = self._autocast_dtypes[key]
         with contextlib.ExitStack() as stack:
             if self.fuse_bn_inference:
-                stack.enter_context(self._bn_folder.folded(dtype or torch.float32))
+                stack.enter_context(self._bn_folder.folded(dtype))
             if dtype is not None:
                 stack.enter_context(torch.autocast(device.type, dtype=dtype))
             yield

@@ -209,7 +209,8 @@ class ConvBNFolder:
         self._cache = {}
 
     @torch.no_grad()
-    def _fold(self, conv: nn.Conv2d, norm: nn.Module, dtype: torch.dtype) -> _Folded:
+    def _fold(self, conv: nn.Conv2d, norm: nn.Module, dtype: torch.dtype | None) -> _Folded:
+        dtype = dtype or conv.weight.dtype
         sources = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean,
                    norm.running_var)
         hit = self._cache.get(id(conv))
@@ -227,7 +228,7 @@ class ConvBNFolder:
         self._cache[id(conv)] = folded
         return folded
 
-    def _swap_in(self, dtype: torch.dtype) -> None:
+    def _swap_in(self, dtype: torch.dtype | None) -> None:
         pairs = conv_bn_pairs(self._root)
         cache = {}
         restore = []
@@ -252,9 +253,9 @@ class ConvBNFolder:
         self._restore = []
 
     @contextlib.contextmanager
-    def folded(self, dtype: torch.dtype = torch.float32):
-        """Run the block with the pairs folded; ``dtype``: the folded weights' dtype
-        (float32, or the autocast dtype)."""
+    def folded(self, dtype: torch.dtype | None = None):
+        """Run the block with the pairs folded; ``dtype``: the folded weights' dtype (the
+        autocast dtype), None for each conv weight's own."""
         with self._lock:
             if self._active == 0:
                 self._swap_in(dtype)
