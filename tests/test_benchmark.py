@@ -308,3 +308,29 @@ def test_exported_model_is_timed_beside_pytorch():
     assert onnx["latency_vs_queryinst"] == round(
         onnx["infer_median_s"] / pytorch["infer_median_s"], 3)
     assert onnx["labels_equal"] and onnx["max_score_diff"] < 1e-4
+
+
+def test_inference_variants_are_timed_in_the_same_rounds():
+    """--inference-dtype / --unfolded: the first config again with one inference key changed,
+    the same weights, timed in the same rounds; per-round ratios to the first model."""
+    config = str(ROOT / "configs" / "bundled" / "queryinst_MNV2_FPN_nuclei.yaml")
+    with contextlib.redirect_stdout(io.StringIO()):
+        report = bench.main([
+            "--config-file", config, "--baselines", "none", "--input-size", "64", "96",
+            "--iters", "3", "--warmup", "0", "--threads", "1", "--no-flops",
+            "--inference-dtype", "bfloat16", "--unfolded",
+            "MODEL.QUERYINST.NUM_PROPOSALS", "10", "MODEL.QUERYINST.TEST_TOPK", "10",
+        ])
+    first, bf16, unfolded = report["models"]
+    assert [m["name"] for m in report["models"]] == [
+        "queryinst", "queryinst bfloat16", "queryinst unfolded"]
+    assert bf16["opts"][-2:] == ["MODEL.QUERYINST.INFERENCE_DTYPE", "bfloat16"]
+    assert unfolded["opts"][-2:] == ["MODEL.QUERYINST.FUSE_BN_INFERENCE", "False"]
+    assert first["params"] == bf16["params"] == unfolded["params"]
+    for m in report["models"]:
+        assert len(m["infer_times_s"]) == 3
+        ratios = [a / b for a, b in zip(m["infer_times_s"], first["infer_times_s"])]
+        assert m["round_ratio_vs_queryinst"] == pytest.approx(float(np.median(ratios)), abs=2e-3)
+    assert first["round_ratio_vs_queryinst"] == 1.0
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--config-file", config, "--inference-dtype", "half"])

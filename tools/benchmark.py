@@ -27,6 +27,11 @@ images of a fixed size, taking turns call by call:
   reference's random checkpoint (ours loads it through the converter, without FrozenBN
   calibration), on the same images (no resize) with the same threads. The JSON's
   ``reference`` holds the median of the per-round latency ratios, ours / reference.
+- with ``--inference-dtype DTYPE`` (repeatable) and ``--unfolded``, the first QueryInst
+  config again with ``MODEL.QUERYINST.INFERENCE_DTYPE DTYPE`` / with
+  ``MODEL.QUERYINST.FUSE_BN_INFERENCE False`` (rows ``queryinst DTYPE``, ``queryinst
+  unfolded``), same weights, in the same rounds; ``round_ratio_vs_queryinst`` is the median
+  of the per-round latency ratios to the first model.
 - with ``--exported onnx`` / ``torchscript`` (repeatable), the first QueryInst model exported
   in this process (``queryinst.export``, to a temporary directory) and its graph timed by
   onnxruntime / torch.jit on the same input tensors with the same thread count, taking turns
@@ -170,6 +175,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--channels-last", action="store_true",
         help="run every model's backbone with channels-last conv weights (what "
         "MODEL.QUERYINST.CHANNELS_LAST does); faster on CPUs",
+    )
+    parser.add_argument(
+        "--inference-dtype", action="append", default=[],
+        choices=("float32", "bfloat16", "float16"),
+        help="also time the first QueryInst config with MODEL.QUERYINST.INFERENCE_DTYPE set "
+        "to this (repeatable), in the same rounds",
+    )
+    parser.add_argument(
+        "--unfolded", action="store_true",
+        help="also time the first QueryInst config with MODEL.QUERYINST.FUSE_BN_INFERENCE "
+        "False (BatchNorm not folded), in the same rounds",
     )
     parser.add_argument(
         "--exported", action="append", default=[], choices=("onnx", "torchscript"),
@@ -652,6 +668,8 @@ def measure_all(candidates: list[Candidate], args, images, train_batch,
     results = [b.result for b in benches + extras]
     for r in results:
         r["latency_vs_queryinst"] = round(r["infer_median_s"] / results[0]["infer_median_s"], 3)
+        r["round_ratio_vs_queryinst"] = round(statistics.median(
+            a / b for a, b in zip(r["infer_times_s"], results[0]["infer_times_s"])), 3)
     return results
 
 
@@ -668,6 +686,7 @@ COLUMNS = [  # (header, key, format)
     ("per image (s)", "infer_per_image_s", "{:.3f}"),
     ("img/s", "images_per_s", "{:.2f}"),
     ("vs QueryInst", "latency_vs_queryinst", "{:.2f}x"),
+    ("per round", "round_ratio_vs_queryinst", "{:.2f}x"),
     ("infer mem (MiB)", "infer_mem_mib", "{:.0f}"),
     ("dets/img", "detections_per_image", lambda v: "/".join(map(str, sorted(set(v))))),
     ("train iter (s)", "train_median_s", "{:.3f}"),
@@ -768,6 +787,14 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
                          else "random, FrozenBN calibrated")},
         )
     ]
+    variants = [(f"queryinst {d}", ["MODEL.QUERYINST.INFERENCE_DTYPE", d])
+                for d in args.inference_dtype]
+    if args.unfolded:
+        variants.append(("queryinst unfolded", ["MODEL.QUERYINST.FUSE_BN_INFERENCE", "False"]))
+    for name, extra in variants:  # the same config and weights, one inference setting changed
+        cfg = queryinst_cfg(args.config_file, args.opts + extra, args.device)
+        candidates.append(Candidate(name, cfg, build_queryinst_optimizer,
+                                    {**candidates[0].extra, "opts": args.opts + extra}))
     for config_file in args.also_config:
         cfg = queryinst_cfg(config_file, args.opts, args.device)
         name = "queryinst " + Path(config_file).stem.replace("queryinst_", "")
@@ -808,6 +835,8 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
             "seed": args.seed,
             "channels_last": args.channels_last,
             "exported": args.exported,
+            "inference_dtype_variants": args.inference_dtype,
+            "unfolded_variant": args.unfolded,
             "train_batch_size": args.train_batch_size if args.train else None,
             "train_instances_per_image": args.train_instances if args.train else None,
             "amp": args.amp,

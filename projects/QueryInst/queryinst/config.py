@@ -83,6 +83,16 @@ def add_queryinst_config(cfg: CN) -> None:
     # outputs up to float rounding; on CPUs, oneDNN runs the ResNet-FPN ~25% faster this way
     # (docs/benchmark.md). Off by default, as in Detectron2.
     _C.CHANNELS_LAST = False
+    # Inference speed-ups (queryinst/fast_inference.py; README "Fast inference"; measured in
+    # docs/benchmark.md). Neither applies in training, and neither changes state_dict().
+    # Fold each BatchNorm with fixed statistics (FrozenBN, and BN in eval mode) into the conv
+    # before it for the duration of an inference call (backbone and mask head): the same
+    # outputs up to float rounding, one conv instead of conv + norm.
+    _C.FUSE_BN_INFERENCE = True
+    # Autocast dtype of inference: "float32", "bfloat16" (CPUs with AVX512-BF16 or AMX, where
+    # it is ~2x faster; elsewhere a warning and float32) or "float16" (CUDA only). RoIAlign,
+    # box decoding, score sigmoid / top-k and mask pasting stay float32.
+    _C.INFERENCE_DTYPE = "float32"
 
     # MobileNetV2 bottom-up network (queryinst/mobilenet.py), used with MODEL.BACKBONE.NAME
     # "build_mobilenetv2_fpn_p2_p5_backbone" and MODEL.FPN.IN_FEATURES = OUT_FEATURES.

@@ -8,11 +8,15 @@ section 3); the ROI heads honour ``MODEL.ROI_HEADS.SCORE_THRESH_TEST`` (default 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from detectron2.config import configurable
 from detectron2.layers import paste_masks_in_image
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes, Instances
+
+from .fast_inference import ConvBNFolder, check_inference_dtype, resolve_inference_dtype
 
 __all__ = ["QueryInst", "queryinst_postprocess"]
 
@@ -78,29 +82,88 @@ class QueryInst(GeneralizedRCNN):
     Training returns a dict of per-stage losses; inference returns ``list[dict]`` with
     "instances" holding ``pred_boxes``, ``scores``, ``pred_classes``, ``query_indices`` and
     ``pred_masks`` (bool (R, height, width)) when masks are on.
+
+    Inference speed-ups (``queryinst.fast_inference``; README, "Fast inference"): BatchNorm
+    folded into the convolutions for the call (``fuse_bn_inference``) and autocast to
+    ``inference_dtype``; training never uses either.
     """
 
     @configurable
-    def __init__(self, *, channels_last: bool = False, **kwargs):
+    def __init__(self, *, channels_last: bool = False, fuse_bn_inference: bool = True,
+                 inference_dtype: str = "float32", **kwargs):
         """
         Args:
             channels_last: store the backbone's conv weights channels-last
                 (``MODEL.QUERYINST.CHANNELS_LAST``), so its convolutions run and return
                 channels-last maps: faster on CPUs. The heads stay NCHW (their small
                 RoI convolutions gain nothing, and RoIAlign reads NCHW).
+            fuse_bn_inference: fold every conv + fixed-statistics BatchNorm pair into one
+                convolution during inference (``MODEL.QUERYINST.FUSE_BN_INFERENCE``;
+                :class:`~queryinst.fast_inference.ConvBNFolder`): the same outputs up to
+                float rounding; parameters and ``state_dict()`` are unchanged.
+            inference_dtype: "float32", "bfloat16" or "float16" (CUDA only), the autocast
+                dtype of inference (``MODEL.QUERYINST.INFERENCE_DTYPE``); RoIAlign, box
+                decoding, scores, top-k and mask pasting stay fp32.
             kwargs: ``GeneralizedRCNN``'s arguments (backbone, proposal_generator,
                 roi_heads, pixel_mean, pixel_std, ...).
+
+        Raises:
+            ValueError: ``inference_dtype`` is not one of the three names.
         """
         super().__init__(**kwargs)
         if channels_last:
             # Module.to keeps this layout through later .to(device) and load_state_dict.
             self.backbone.to(memory_format=torch.channels_last)
+        check_inference_dtype(inference_dtype)
+        self.fuse_bn_inference = fuse_bn_inference
+        self.inference_dtype = inference_dtype
+        self._bn_folder = ConvBNFolder(self)
+        self._autocast_dtypes: dict = {}  # (name, device type) -> autocast dtype or None
 
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
-        ret["channels_last"] = cfg.MODEL.QUERYINST.CHANNELS_LAST
+        q = cfg.MODEL.QUERYINST
+        ret["channels_last"] = q.CHANNELS_LAST
+        ret["fuse_bn_inference"] = q.FUSE_BN_INFERENCE
+        # Refused before the model is built: an unknown name, float16 with MODEL.DEVICE cpu.
+        check_inference_dtype(q.INFERENCE_DTYPE, torch.device(cfg.MODEL.DEVICE).type)
+        ret["inference_dtype"] = q.INFERENCE_DTYPE
         return ret
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train``; also forgets the folded BatchNorm weights (recomputed at the
+        next inference from the current parameters)."""
+        self._bn_folder.clear()
+        return super().train(mode)
+
+    @contextlib.contextmanager
+    def fast_inference(self, device: torch.device):
+        """The inference speed-ups around a block: folded BatchNorms and autocast.
+
+        Used by :meth:`inference` around backbone, proposals and ROI heads (preprocessing
+        and pasting stay outside, in fp32). Nothing applies while tracing for export
+        (``queryinst.export`` traces the plain fp32 model).
+
+        Args:
+            device: where the block runs (its type picks the autocast device).
+
+        Raises:
+            ValueError: ``inference_dtype`` "float16" on the CPU.
+        """
+        if torch.jit.is_tracing():
+            yield
+            return
+        key = (self.inference_dtype, device.type)
+        if key not in self._autocast_dtypes:  # warns once about a bf16 fallback
+            self._autocast_dtypes[key] = resolve_inference_dtype(*key)
+        dtype = self._autocast_dtypes[key]
+        with contextlib.ExitStack() as stack:
+            if self.fuse_bn_inference:
+                stack.enter_context(self._bn_folder.folded(dtype))
+            if dtype is not None:
+                stack.enter_context(torch.autocast(device.type, dtype=dtype))
+            yield
 
     def inference(self, batched_inputs, detected_instances=None, do_postprocess: bool = True):
         """Detect in a batch; see the class docstring for the format.
@@ -112,9 +175,10 @@ class QueryInst(GeneralizedRCNN):
         if detected_instances is not None:
             raise NotImplementedError("QueryInst does not take given boxes")
         images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
-        proposals, _ = self.proposal_generator(images, features, None)
-        results, _ = self.roi_heads(images, features, proposals, None)
+        with self.fast_inference(images.tensor.device):
+            features = self.backbone(images.tensor)
+            proposals, _ = self.proposal_generator(images, features, None)
+            results, _ = self.roi_heads(images, features, proposals, None)
         if not do_postprocess:
             return results
         return [

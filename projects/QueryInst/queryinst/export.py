@@ -84,7 +84,8 @@ def check_exportable(cfg, fmt: str, opset: int = MIN_ONNX_OPSET) -> None:
         ExportError: naming the key or flag and the fix: an unknown format; an opset below
             16; a meta-architecture other than ``QueryInst`` (``QueryInstVIS`` tracks across
             frames with Python state); a pooler other than RoIAlign / RoIAlignV2; an
-            ``INPUT.FORMAT`` other than RGB or BGR.
+            ``INPUT.FORMAT`` other than RGB or BGR; ``MODEL.QUERYINST.INFERENCE_DTYPE``
+            other than float32.
     """
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"--format {fmt!r} is not supported: use one of {sorted(EXPORT_FORMATS)}")
@@ -108,6 +109,12 @@ def check_exportable(cfg, fmt: str, opset: int = MIN_ONNX_OPSET) -> None:
         raise ExportError(
             f"MODEL.QUERYINST.POOLER_TYPE {pooler} cannot be exported: set it to ROIAlignV2 "
             f"(the paper's) or ROIAlign"
+        )
+    dtype = cfg.MODEL.QUERYINST.INFERENCE_DTYPE
+    if dtype != "float32":
+        raise ExportError(
+            f"MODEL.QUERYINST.INFERENCE_DTYPE {dtype} cannot be exported: the graph is the "
+            f"float32 model; export with MODEL.QUERYINST.INFERENCE_DTYPE float32"
         )
     if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
         raise ExportError(f"INPUT.FORMAT {cfg.INPUT.FORMAT} cannot be exported: use RGB or BGR")

@@ -289,8 +289,9 @@ class QueryInstROIHeads(nn.Module):
         for head in self.box_heads:
             roi_features = self.box_pooler(x, [Boxes(b) for b in boxes])
             cls_logits, deltas, query, attn_feats = head(roi_features, query)
+            # Decoded in fp32 (also under autocast, whose linear layers give bf16 deltas).
             pred_boxes = self.box2box_transform.apply_deltas(
-                clamp_size_deltas(deltas.reshape(B * N, 4), self.box2box_transform),
+                clamp_size_deltas(deltas.reshape(B * N, 4).float(), self.box2box_transform),
                 torch.cat(boxes),
             ).view(B, N, 4)
             stages.append(StageOutput(cls_logits, pred_boxes, query, attn_feats))
@@ -467,11 +468,14 @@ class QueryInstROIHeads(nn.Module):
             list[Instances]: per image, up to k detections sorted by score with ``pred_boxes``
             (absolute xyxy in the resized image, unclipped), ``scores``, ``pred_classes``,
             ``query_indices`` (int64, which query), and with masks ``pred_masks``
-            (float (k, 1, 28, 28) probabilities).
+            (float (k, 1, 28, 28) probabilities); boxes, scores and masks are float32 also
+            when the stages ran under autocast.
         """
         last = stages[-1]
         B, N, C = last.cls_logits.shape
-        scores, flat_idx = last.cls_logits.sigmoid().flatten(1).topk(min(self.test_topk, N * C))
+        # Scores and top-k in fp32, also under autocast (INFERENCE_DTYPE).
+        scores, flat_idx = last.cls_logits.float().sigmoid().flatten(1).topk(
+            min(self.test_topk, N * C))
         labels, queries = flat_idx % C, flat_idx // C
         boxes = torch.gather(last.pred_boxes, 1, queries.unsqueeze(-1).expand(-1, -1, 4))
         if self.mask_on:
@@ -525,5 +529,5 @@ class QueryInstROIHeads(nn.Module):
         logits = self.mask_logits(
             -1, features, list(boxes), last.attn_feats.flatten(0, 1)[distinct]
         )
-        masks = logits[inverse, labels.flatten()].sigmoid()
+        masks = logits[inverse, labels.flatten()].float().sigmoid()
         return masks.view(B, -1, 1, *masks.shape[-2:])
