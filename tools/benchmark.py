@@ -792,7 +792,10 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
     if args.unfolded:
         variants.append(("queryinst unfolded", ["MODEL.QUERYINST.FUSE_BN_INFERENCE", "False"]))
     for name, extra in variants:  # the same config and weights, one inference setting changed
-        cfg = queryinst_cfg(args.config_file, args.opts + extra, args.device)
+        cfg = qcfg.clone()  # with --reference, its checkpoint too
+        cfg.defrost()
+        cfg.merge_from_list(extra)
+        cfg.freeze()
         candidates.append(Candidate(name, cfg, build_queryinst_optimizer,
                                     {**candidates[0].extra, "opts": args.opts + extra}))
     for config_file in args.also_config:
