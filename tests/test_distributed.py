@@ -37,18 +37,18 @@ import sys
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils import comm
 
-from queryinst import DynamicMaskHead, add_queryinst_config
+from queryinst import DynamicMaskHead
 from queryinst.launch import create_ddp_model, launch, threads_per_worker, worker_note
 from queryinst.losses import num_matched_across_processes
 from queryinst.solver import build_optimizer
 
+import test_model  # its small_cfg (tests/ is on sys.path, as for conftest)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE_CONFIG = os.path.join(REPO, "configs", "Base-QueryInst.yaml")
 H, W = 64, 96
 # GT per image: boxes (x0, y0, x1, y1) in pixels and classes; 3 and 1 instances.
 GT = [
@@ -61,18 +61,10 @@ DTYPE = torch.float64
 
 
 def small_cfg():
-    """Base config, narrow ResNet-50-FPN, small heads, mask norm "SyncBN", SGD lr 0.1."""
-    cfg = get_cfg()
-    add_queryinst_config(cfg)
-    cfg.merge_from_file(BASE_CONFIG)
+    """test_model's narrow ResNet-50-FPN with small heads (3 classes, 6 queries, 2 stages),
+    2 mask convs with mask norm "SyncBN", SGD lr 0.1."""
+    cfg = test_model.small_cfg(num_classes=3, num_proposals=6, num_stages=2)
     cfg.merge_from_list([
-        "MODEL.DEVICE", "cpu",
-        "MODEL.RESNETS.STEM_OUT_CHANNELS", 16, "MODEL.RESNETS.RES2_OUT_CHANNELS", 32,
-        "MODEL.RESNETS.WIDTH_PER_GROUP", 8, "MODEL.FPN.OUT_CHANNELS", 32,
-        "MODEL.QUERYINST.NUM_CLASSES", 3, "MODEL.QUERYINST.NUM_PROPOSALS", 6,
-        "MODEL.QUERYINST.NUM_STAGES", 2, "MODEL.QUERYINST.HIDDEN_DIM", 32,
-        "MODEL.QUERYINST.DIM_FEEDFORWARD", 64, "MODEL.QUERYINST.NUM_HEADS", 4,
-        "MODEL.QUERYINST.DYNAMIC_DIM", 8, "MODEL.QUERYINST.MASK_CONV_DIM", 16,
         "MODEL.QUERYINST.NUM_MASK_CONVS", 2, "MODEL.QUERYINST.MASK_NORM", "SyncBN",
         # clipped to gradient norm 1: a step of norm 0.1
         "SOLVER.OPTIMIZER", "SGD", "SOLVER.BASE_LR", 0.1,

@@ -11,21 +11,17 @@ losses to 1e-5 (why not the gradients: see the test's docstring).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from queryinst import add_queryinst_config
 from queryinst.pooling import MatrixROIPooler
 from queryinst.roi_heads import clamp_size_deltas, mask_targets_in_boxes, pool_stage_boxes
+from test_model import small_cfg
 
-BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "Base-QueryInst.yaml"
 SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -151,18 +147,9 @@ def test_pool_stage_boxes_equals_one_call_per_stage():
 
 
 def _small_model(dtype: torch.dtype):
-    """The base config with a narrow ResNet-50 and small heads, 3 stages, float ``dtype``."""
-    cfg = get_cfg()
-    add_queryinst_config(cfg)
-    cfg.merge_from_file(str(BASE_CONFIG))
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 16
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 32
-    cfg.MODEL.RESNETS.WIDTH_PER_GROUP = 8
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    q = cfg.MODEL.QUERYINST
-    q.NUM_CLASSES, q.NUM_PROPOSALS, q.NUM_STAGES = 4, 12, 3
-    q.HIDDEN_DIM, q.DIM_FEEDFORWARD, q.NUM_HEADS, q.DYNAMIC_DIM, q.MASK_CONV_DIM = 32, 64, 4, 8, 16
+    """test_model's narrow ResNet-50 with small heads: 4 classes, 12 queries, 3 stages, float
+    ``dtype``."""
+    cfg = small_cfg(num_classes=4, num_proposals=12, num_stages=3)
     torch.manual_seed(0)
     model = build_model(cfg).to(dtype).train()
     assert isinstance(model.roi_heads.box_pooler, MatrixROIPooler)
