@@ -12,7 +12,7 @@ preprocessed input (``input_tensor`` (1, 3, Hp, Wp) normalised RGB padded to /32
 ``stage{s}_attn_feats``, ``stage{s}_mask_logits_diag_argmaxcls``, ``final_mask_logits``
 (N, C, 28, 28)), its detections (``det_scores``, ``det_bboxes`` in original-image pixels,
 ``det_labels``, ``det_masks``, ``det_mask_logits``, ``det_sort_order``, ``topk_inds``) and
-``versions_json``; ``REQUIRED_ARRAYS`` lists them and a dump without one is refused. This
+``versions_json``; :func:`required_arrays` lists them and a dump without one is refused. This
 script builds our model from ``configs/Base-QueryInst.yaml`` plus the config the checkpoint
 implies, loads the checkpoint through ``QueryInstCheckpointer`` (the converter), feeds the
 reference's own input tensor (bypassing our preprocessing, with the reference's unpadded

@@ -47,8 +47,9 @@ def default_venv() -> str:
     defaulting to ``~/.cache/queryinst``): where tools/reference/setup.sh puts the venv."""
     if os.environ.get("QUERYINST_REFERENCE_VENV"):
         return os.environ["QUERYINST_REFERENCE_VENV"]
-    cache = os.environ.get("QUERYINST_CACHE", os.path.expanduser("~/.cache/queryinst"))
-    return os.path.join(cache, "mmdet_reference")
+    from queryinst.data.package_files import cache_root  # the project's one cache root
+
+    return os.path.join(cache_root(), "mmdet_reference")
 
 
 def reference_python(venv: str) -> str:
