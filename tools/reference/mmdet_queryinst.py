@@ -76,6 +76,7 @@ def parse_args(argv=None):
 
 
 def log(msg: str) -> None:
+    """One progress line on stderr, prefixed ``[reference]`` (stdout carries the protocol)."""
     print(f"[reference] {msg}", file=sys.stderr, flush=True)
 
 
@@ -222,6 +223,8 @@ def checkpoint_meta(cfg, seed: int, variant: str) -> dict:
 
 
 def versions(ops: str) -> dict:
+    """The reference's library versions for the dump's ``versions_json``; ``ops`` says where
+    mmcv's compiled ops come from ("stand-in": tools/reference/mmcv_ext_standin.py)."""
     import mmcv
     import mmengine
     import torchvision
