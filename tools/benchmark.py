@@ -458,7 +458,6 @@ class ExportedBench:
         self.export_s = time.perf_counter() - start
         self.predictor = ExportedPredictor(path, num_threads=threads)
         self.images = [im.numpy() for im in images]
-        self.cand = source.cand
         self.result = {"name": f"exported {fmt}", "backbone": source.result["backbone"],
                        "params": source.result["params"], "export_s": round(self.export_s, 1)}
         self.result.update(self._differences(source))
