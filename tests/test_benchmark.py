@@ -311,22 +311,28 @@ def test_exported_model_is_timed_beside_pytorch():
 
 
 def test_inference_variants_are_timed_in_the_same_rounds():
-    """--inference-dtype / --unfolded: the first config again with one inference key changed,
-    the same weights, timed in the same rounds; per-round ratios to the first model."""
+    """--inference-dtype / --unfolded / --also-opts: the first config again with inference
+    keys changed, the same weights, timed in the same rounds; per-round ratios to the first
+    model."""
     config = str(ROOT / "configs" / "bundled" / "queryinst_MNV2_FPN_nuclei.yaml")
     with contextlib.redirect_stdout(io.StringIO()):
         report = bench.main([
             "--config-file", config, "--baselines", "none", "--input-size", "64", "96",
             "--iters", "3", "--warmup", "0", "--threads", "1", "--no-flops",
-            "--inference-dtype", "bfloat16", "--unfolded",
+            "--inference-dtype", "bfloat16", "--unfolded", "--also-opts",
+            "MODEL.QUERYINST.INFERENCE_MEMORY_FORMAT contiguous MODEL.QUERYINST.TEST_TOPK 5",
             "MODEL.QUERYINST.NUM_PROPOSALS", "10", "MODEL.QUERYINST.TEST_TOPK", "10",
         ])
-    first, bf16, unfolded = report["models"]
+    first, bf16, unfolded, plain = report["models"]
     assert [m["name"] for m in report["models"]] == [
-        "queryinst", "queryinst bfloat16", "queryinst unfolded"]
+        "queryinst", "queryinst bfloat16", "queryinst unfolded",
+        "queryinst INFERENCE_MEMORY_FORMAT=contiguous TEST_TOPK=5"]
     assert bf16["opts"][-2:] == ["MODEL.QUERYINST.INFERENCE_DTYPE", "bfloat16"]
     assert unfolded["opts"][-2:] == ["MODEL.QUERYINST.FUSE_BN_INFERENCE", "False"]
-    assert first["params"] == bf16["params"] == unfolded["params"]
+    assert plain["opts"][-4:] == ["MODEL.QUERYINST.INFERENCE_MEMORY_FORMAT", "contiguous",
+                                  "MODEL.QUERYINST.TEST_TOPK", "5"]
+    assert plain["detections_per_image"] == [5] and first["detections_per_image"] == [10]
+    assert first["params"] == bf16["params"] == unfolded["params"] == plain["params"]
     for m in report["models"]:
         assert len(m["infer_times_s"]) == 3
         ratios = [a / b for a, b in zip(m["infer_times_s"], first["infer_times_s"])]
@@ -334,3 +340,6 @@ def test_inference_variants_are_timed_in_the_same_rounds():
     assert first["round_ratio_vs_queryinst"] == 1.0
     with pytest.raises(SystemExit):
         bench.parse_args(["--config-file", config, "--inference-dtype", "half"])
+    with pytest.raises(SystemExit, match="--also-opts 'MODEL.QUERYINST.TEST_TOPK': expected"):
+        bench.main(["--config-file", config, "--baselines", "none", "--also-opts",
+                    "MODEL.QUERYINST.TEST_TOPK"])

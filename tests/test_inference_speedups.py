@@ -1,9 +1,11 @@
-"""Inference speed-ups (queryinst/fast_inference.py): folded BatchNorm and INFERENCE_DTYPE.
+"""Inference speed-ups (queryinst/fast_inference.py): folded BatchNorm, channels-last
+convolution weights (INFERENCE_MEMORY_FORMAT) and INFERENCE_DTYPE.
 
 Truth comes from outside the code under test:
 
-- folding: the same weights run unfolded (``MODEL.QUERYINST.FUSE_BN_INFERENCE False``, the
-  plain Detectron2 / torchvision modules), and one folded layer recomputed by hand in
+- folding and channels-last: the same weights run by the plain model
+  (``MODEL.QUERYINST.FUSE_BN_INFERENCE False`` and ``INFERENCE_MEMORY_FORMAT contiguous``:
+  the plain Detectron2 / torchvision modules), and one folded layer recomputed by hand in
   float64 from the definition of BatchNorm (y = (x - mean) / sqrt(var + eps) * g + b);
 - state: ``state_dict()`` and losses of a model that never ran the folded inference;
 - bf16: the fp32 model (``INFERENCE_DTYPE float32``) with the same weights.
@@ -30,7 +32,12 @@ from torch import nn
 from queryinst import add_queryinst_config
 from queryinst import fast_inference
 from queryinst.export import ExportError, check_exportable
-from queryinst.fast_inference import ConvBNFolder, bf16_supported, conv_bn_pairs
+from queryinst.fast_inference import (
+    InferenceConvWeights,
+    bf16_supported,
+    conv_bn_pairs,
+    resolve_memory_format,
+)
 from queryinst.pooling import FlatMaps
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -38,6 +45,9 @@ MNV2 = os.path.join(ROOT, "configs", "bundled", "queryinst_MNV2_FPN_nuclei.yaml"
 BASE = os.path.join(ROOT, "configs", "Base-QueryInst.yaml")
 SCORE_RTOL, BOX_TOL, MASK_IOU = 1e-4, 1e-4, 0.999
 SIZE = (192, 256)  # (H, W) of the test image
+# The plain model: no folding, each conv weight in its own (NCHW) layout.
+PLAIN = ("MODEL.QUERYINST.FUSE_BN_INFERENCE", "False",
+         "MODEL.QUERYINST.INFERENCE_MEMORY_FORMAT", "contiguous")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -128,8 +138,9 @@ def assert_parity(got, want):
 
 @pytest.fixture(scope="module", params=["mnv2", "r50"])
 def models(request):
-    """(folded model, unfolded model) with the same random weights; ``.kind`` on the folded."""
-    unfolded = build(request.param, "MODEL.QUERYINST.FUSE_BN_INFERENCE", "False")
+    """(default model: folded, channels-last on the CPU; plain model) with the same random
+    weights; ``.kind`` on the default one."""
+    unfolded = build(request.param, *PLAIN)
     folded = build(request.param, state=unfolded.state_dict())
     folded.kind = request.param
     return folded, unfolded
@@ -162,7 +173,7 @@ def test_folded_weights_equal_hand_computation(models):
     want_w = w * scale[:, None, None, None]
     want_b = (b - norm.running_mean.double()) * scale + norm.bias.double()
     original = (conv.weight, conv.bias, getattr(owner, attr))
-    with folded._bn_folder.folded():
+    with folded._inference_weights.applied():
         torch.testing.assert_close(conv.weight.double(), want_w, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(conv.bias.double(), want_b, rtol=1e-6, atol=1e-7)
         assert getattr(owner, attr) is None or isinstance(getattr(owner, attr), nn.Identity)
@@ -187,7 +198,7 @@ def test_weights_loaded_after_folding_are_used(models):
     folded weights: the next inference equals a fresh model with those weights."""
     folded, unfolded = models
     detect(folded)  # folded weights cached
-    other = build(folded.kind, "MODEL.QUERYINST.FUSE_BN_INFERENCE", "False", seed=5)
+    other = build(folded.kind, *PLAIN, seed=5)
     folded.load_state_dict(other.state_dict())
     assert_parity(detect(folded), detect(other))
     with torch.no_grad():  # in place, as tools/benchmark_measure.calibrate_frozen_bn does
@@ -207,7 +218,7 @@ def test_training_after_inference_gives_the_same_losses():
     from detectron2.structures import BitMasks, Boxes, Instances
     from detectron2.utils.events import EventStorage
 
-    never = build("r50", "MODEL.QUERYINST.FUSE_BN_INFERENCE", "False")
+    never = build("r50", *PLAIN)
     used = build("r50", state=never.state_dict())
     detect(used)
     inst = Instances(SIZE)
@@ -230,8 +241,58 @@ def test_deepcopy_of_a_model_folds_its_own_weights(models):
     folded, _ = models
     detect(folded)
     twin = copy.deepcopy(folded)
-    assert twin._bn_folder._root is twin
+    assert twin._inference_weights._root is twin
     assert_parity(detect(twin), detect(folded))
+
+
+# ---------------------------------------------------------------- INFERENCE_MEMORY_FORMAT
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """Channels-last strides, not merely dense ones (1x1 kernels are dense in both); with
+    one channel (depthwise kernels) both layouts are the same."""
+    channels_last = t.is_contiguous(memory_format=torch.channels_last)
+    return t.shape[1] == 1 or (t.stride(1) == 1 and channels_last)
+
+
+def test_memory_format_names_resolve_per_device():
+    assert resolve_memory_format("auto", "cpu") is torch.channels_last
+    assert resolve_memory_format("auto", "cuda") is None  # each weight's own layout
+    assert resolve_memory_format("channels_last", "cuda") is torch.channels_last
+    assert resolve_memory_format("contiguous", "cpu") is torch.contiguous_format
+    with pytest.raises(ValueError, match=r"INFERENCE_MEMORY_FORMAT 'nhwc'.*auto.*contiguous"):
+        build_model(make_cfg("mnv2", "MODEL.QUERYINST.INFERENCE_MEMORY_FORMAT", "nhwc"))
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_channels_last_inference_equals_the_plain_model(models, fold):
+    """Every conv (backbone, FPN, mask head convs, deconv, predictor) runs with a
+    channels-last weight during the call and returns channels-last maps; the detections
+    equal the plain model's; afterwards the original NCHW parameters are back."""
+    _, plain = models
+    model = copy.deepcopy(plain)
+    model.fuse_bn_inference = fold
+    model.inference_memory_format = "channels_last"
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    weights = [c.weight for c in convs]
+    seen = {}  # conv index -> (weight channels-last, output channels-last)
+
+    def keep(i):
+        def hook(module, args, out):
+            seen[i] = (_is_channels_last(module.weight), _is_channels_last(out))
+        return hook
+
+    hooks = [c.register_forward_hook(keep(i)) for i, c in enumerate(convs)]
+    for seed in (0, 1):
+        assert_parity(detect(model, seed), detect(plain, seed))
+    for h in hooks:
+        h.remove()
+    # All convs but those of the unused mask heads (stages before the last) ran.
+    ran_mask_convs = [i for i in seen if "mask_heads" in _name(model, convs[i])]
+    assert ran_mask_convs and len(seen) > len(ran_mask_convs) > 0
+    assert all(w and o for w, o in seen.values()), seen
+    assert all(c.weight is w for c, w in zip(convs, weights))
+    assert all(w.is_contiguous() for w in weights if w.shape[-1] > 1)
 
 
 # ---------------------------------------------------------------- INFERENCE_DTYPE
@@ -338,6 +399,6 @@ def test_bf16_runs_the_layers_in_bf16_and_keeps_the_fp32_islands(models, monkeyp
 
 def test_folder_is_not_part_of_the_module_tree(models):
     folded, _ = models
-    assert isinstance(folded._bn_folder, ConvBNFolder)
-    assert all(not isinstance(m, ConvBNFolder) for m in folded.modules())
+    assert isinstance(folded._inference_weights, InferenceConvWeights)
+    assert all(not isinstance(m, InferenceConvWeights) for m in folded.modules())
     assert not any("folder" in k for k in folded.state_dict())

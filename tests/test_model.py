@@ -239,6 +239,9 @@ def test_inference_follows_topk_rule():
     """docs/method.md §3 by brute force: sort all (query, class) scores of the last stage,
     keep k."""
     model = build_small(seed=1, num_classes=4, num_proposals=6, test_topk=10).eval()
+    # The plain modules, as run_stages runs them (the fast-inference keys are tested in
+    # test_inference_speedups.py): the same stages to the last bit.
+    model.fuse_bn_inference, model.inference_memory_format = False, "contiguous"
     N, C, k = 6, 4, 10
     inputs = [{"image": random_image(96, 128, seed=5)}, {"image": random_image(80, 120, seed=6)}]
 
@@ -330,6 +333,7 @@ def test_inference_runs_mask_head_once_per_distinct_query():
 def test_channels_last_option_gives_the_same_detections():
     """MODEL.QUERYINST.CHANNELS_LAST changes the backbone's memory layout only, not the results."""
     reference = build_small(seed=3, num_proposals=6, test_topk=10).eval()
+    reference.inference_memory_format = "contiguous"  # NCHW throughout, also at inference
     cfg = small_cfg(num_proposals=6, test_topk=10)
     cfg.defrost()
     cfg.MODEL.QUERYINST.CHANNELS_LAST = True

@@ -18,7 +18,7 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from queryinst.pooling import MatrixROIPooler
+from queryinst.pooling import FlatMaps, MatrixROIPooler
 from queryinst.roi_heads import clamp_size_deltas, mask_targets_in_boxes, pool_stage_boxes
 from test_model import small_cfg
 
@@ -87,6 +87,45 @@ def test_matrix_pooler_prepared_maps_single_level_and_no_boxes():
     assert torch.allclose(single(maps[1:2], box_lists), expected, rtol=0, atol=1e-12)
     empty = [Boxes(torch.zeros(0, 4, dtype=torch.float64))] * 2
     assert pooler(maps, empty).shape == (0, 4, 7, 7)
+
+
+def test_matrix_pooler_reads_channels_last_maps():
+    """Channels-last maps (the CPU's inference layout) pool to ROIPooler's values on the same
+    maps NCHW-contiguous."""
+    maps = _maps(batch=2, channels=6, height=96, width=128, seed=13)
+    box_lists = [_boxes(20, 96, 128, 14), _boxes(9, 96, 128, 15)]
+    expected = ROIPooler(14, SCALES, 2, "ROIAlignV2")(maps, box_lists)
+    channels_last = [m.contiguous(memory_format=torch.channels_last) for m in maps]
+    assert not channels_last[0].is_contiguous()
+    got = MatrixROIPooler(14, SCALES, 2)(channels_last, box_lists)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12 * float(expected.abs().max()))
+
+
+def test_one_flattening_of_the_maps_per_forward_pass(monkeypatch):
+    """The six box stages and the mask head share one ``prepare`` of the maps, in inference
+    and in training (``PooledFeatures``); with a plain dict each call makes its own."""
+    calls = []
+    from_maps = FlatMaps.from_maps.__func__
+
+    def spy(cls, maps):
+        calls.append(len(maps))
+        return from_maps(cls, maps)
+
+    monkeypatch.setattr(FlatMaps, "from_maps", classmethod(spy))
+    model, _ = _small_model(torch.float32)
+    batch = _batch()
+    with EventStorage():
+        model(batch)
+    assert calls == [4]
+    model.eval()
+    with torch.no_grad():
+        model([{"image": b["image"]} for b in batch])
+        assert calls == [4, 4]
+        features = model.backbone(model.preprocess_image(batch).tensor)
+        heads = model.roi_heads
+        heads.mask_logits(0, features, [torch.tensor([[1.0, 2, 50, 60]])] * 2,
+                          torch.zeros(2, heads.mask_heads[0].hidden_dim))
+    assert calls == [4, 4, 4]
 
 
 def test_matrix_pooler_float32_and_half_maps():

@@ -202,3 +202,36 @@ def test_each_track_is_drawn_in_its_own_stable_colour():
         assert np.abs(drawn_colour(track_id, 10) - expected).max() < 3
         assert np.abs(drawn_colour(track_id, 60) - expected).max() < 3  # another frame/place
     assert np.abs(np.asarray(track_color(3)) - np.asarray(track_color(4))).max() > 0.1
+
+
+def test_tracking_runs_with_the_image_models_inference_speedups():
+    """Frame-by-frame tracking runs under ``QueryInst.fast_inference``: on the CPU the stem
+    conv runs folded (no norm) with a channels-last weight. The tracks equal those of the
+    same weights run plain (no folding, NCHW): ids, categories, presence, boxes within
+    float rounding."""
+    cfg = vis_cfg()
+    cfg.MODEL.QUERYINST_VIS.TRACKING.DET_SCORE_THRESH = 0.0
+    cfg.MODEL.QUERYINST_VIS.TRACKING.INIT_SCORE_THRESH = 0.0
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    plain_cfg = cfg.clone()
+    plain_cfg.MODEL.QUERYINST.FUSE_BN_INFERENCE = False
+    plain_cfg.MODEL.QUERYINST.INFERENCE_MEMORY_FORMAT = "contiguous"
+    plain = build_model(plain_cfg).eval()
+    plain.load_state_dict(model.state_dict())
+    stem = model.backbone.bottom_up.stem.conv1
+    seen = []
+    stem.register_forward_hook(
+        lambda m, a, o: seen.append((m.norm is None, m.weight.stride(1) == 1)))
+    video = [{"image": [random_image(64, 80, s) for s in (5, 5, 6)], "height": 64,
+              "width": 80}]
+    with torch.no_grad():
+        got, want = model(video)[0]["tracks"], plain(video)[0]["tracks"]
+    assert seen == [(True, True)] * 3
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want):
+        assert (a.track_id, a.category) == (b.track_id, b.category)
+        assert [x is None for x in a.boxes] == [x is None for x in b.boxes]
+        for x, y in zip(a.boxes, b.boxes):
+            if x is not None:
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-3)

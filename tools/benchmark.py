@@ -27,11 +27,13 @@ images of a fixed size, taking turns call by call:
   reference's random checkpoint (ours loads it through the converter, without FrozenBN
   calibration), on the same images (no resize) with the same threads. The JSON's
   ``reference`` holds the median of the per-round latency ratios, ours / reference.
-- with ``--inference-dtype DTYPE`` (repeatable) and ``--unfolded``, the first QueryInst
-  config again with ``MODEL.QUERYINST.INFERENCE_DTYPE DTYPE`` / with
-  ``MODEL.QUERYINST.FUSE_BN_INFERENCE False`` (rows ``queryinst DTYPE``, ``queryinst
-  unfolded``), same weights, in the same rounds; ``round_ratio_vs_queryinst`` is the median
-  of the per-round latency ratios to the first model.
+- with ``--inference-dtype DTYPE`` (repeatable), ``--unfolded`` and ``--also-opts 'KEY
+  VALUE ...'`` (repeatable), the first QueryInst config again with
+  ``MODEL.QUERYINST.INFERENCE_DTYPE DTYPE`` / with ``MODEL.QUERYINST.FUSE_BN_INFERENCE
+  False`` / with those overrides (rows ``queryinst DTYPE``, ``queryinst unfolded``,
+  ``queryinst NAME=VALUE ...``), same weights, in the same rounds;
+  ``round_ratio_vs_queryinst`` is the median of the per-round latency ratios to the first
+  model.
 - with ``--exported onnx`` / ``torchscript`` (repeatable), the first QueryInst model exported
   in this process (``queryinst.export``, to a temporary directory) and its graph timed by
   onnxruntime / torch.jit on the same input tensors with the same thread count, taking turns
@@ -174,7 +176,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--channels-last", action="store_true",
         help="run every model's backbone with channels-last conv weights (what "
-        "MODEL.QUERYINST.CHANNELS_LAST does); faster on CPUs",
+        "MODEL.QUERYINST.CHANNELS_LAST does); faster on CPUs, where QueryInst's inference "
+        "is channels-last anyway (MODEL.QUERYINST.INFERENCE_MEMORY_FORMAT auto)",
     )
     parser.add_argument(
         "--inference-dtype", action="append", default=[],
@@ -186,6 +189,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--unfolded", action="store_true",
         help="also time the first QueryInst config with MODEL.QUERYINST.FUSE_BN_INFERENCE "
         "False (BatchNorm not folded), in the same rounds",
+    )
+    parser.add_argument(
+        "--also-opts", action="append", default=[], metavar="'KEY VALUE ...'",
+        help="also time the first QueryInst config with these overrides (one quoted "
+        "string; repeatable), same weights, in the same rounds, e.g. "
+        "'MODEL.QUERYINST.INFERENCE_MEMORY_FORMAT contiguous'",
     )
     parser.add_argument(
         "--exported", action="append", default=[], choices=("onnx", "torchscript"),
@@ -790,6 +799,12 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
                 for d in args.inference_dtype]
     if args.unfolded:
         variants.append(("queryinst unfolded", ["MODEL.QUERYINST.FUSE_BN_INFERENCE", "False"]))
+    for opts in args.also_opts:
+        extra = opts.split()
+        if not extra or len(extra) % 2:
+            raise SystemExit(f"--also-opts {opts!r}: expected KEY VALUE pairs")
+        variants.append(("queryinst " + " ".join(
+            f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(extra[::2], extra[1::2])), extra))
     for name, extra in variants:  # the same config and weights, one inference setting changed
         cfg = qcfg.clone()  # with --reference, its checkpoint too
         cfg.defrost()

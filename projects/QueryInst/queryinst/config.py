@@ -81,7 +81,8 @@ def add_queryinst_config(cfg: CN) -> None:
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     # Keep the backbone's conv weights (and so its maps) in channels-last memory format. Same
     # outputs up to float rounding; on CPUs, oneDNN runs the ResNet-FPN ~25% faster this way
-    # (docs/benchmark.md). Off by default, as in Detectron2.
+    # (docs/benchmark.md). This is the layout of training too; inference on the CPU is
+    # channels-last anyway (INFERENCE_MEMORY_FORMAT). Off by default, as in Detectron2.
     _C.CHANNELS_LAST = False
     # Inference speed-ups (queryinst/fast_inference.py; README "Fast inference"; measured in
     # docs/benchmark.md). Neither applies in training, and neither changes state_dict().
@@ -89,6 +90,12 @@ def add_queryinst_config(cfg: CN) -> None:
     # before it for the duration of an inference call (backbone and mask head): the same
     # outputs up to float rounding, one conv instead of conv + norm.
     _C.FUSE_BN_INFERENCE = True
+    # Memory format of every convolution weight (backbone, FPN, mask heads) during an
+    # inference call, so oneDNN runs those convolutions and returns their maps in it:
+    # "auto" (channels-last on the CPU, where it is faster; elsewhere each weight's own),
+    # "channels_last" or "contiguous". Same outputs up to float rounding; training keeps
+    # CHANNELS_LAST's layout.
+    _C.INFERENCE_MEMORY_FORMAT = "auto"
     # Autocast dtype of inference: "float32", "bfloat16" (CPUs with AVX512-BF16 or AMX, where
     # it is ~2x faster; elsewhere a warning and float32) or "float16" (CUDA only). RoIAlign,
     # box decoding, score sigmoid / top-k and mask pasting stay float32.

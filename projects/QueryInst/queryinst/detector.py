@@ -16,7 +16,12 @@ from detectron2.layers import paste_masks_in_image
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes, Instances
 
-from .fast_inference import ConvBNFolder, check_inference_dtype, resolve_inference_dtype
+from .fast_inference import (
+    InferenceConvWeights,
+    check_inference_dtype,
+    resolve_inference_dtype,
+    resolve_memory_format,
+)
 
 __all__ = ["QueryInst", "queryinst_postprocess"]
 
@@ -54,17 +59,16 @@ def _paste_masks(masks, boxes, height: int, width: int, threshold: float):
     """Detectron2's ``paste_masks_in_image``, plus empty masks for boxes outside the image.
 
     Unclipped boxes can lie wholly outside the image, where Detectron2's paste fails on an
-    empty pixel range; their pasted masks are empty by definition.
+    empty pixel range; their pasted masks are empty by definition. They are pasted at a
+    1-pixel box inside the image and their rows cleared after: one (R, H, W) buffer for all.
     """
     x0, y0, x1, y1 = boxes.unbind(1)
-    inside = (x0 < width) & (y0 < height) & (x1 > 0) & (y1 > 0)
-    if inside.all():  # the usual case: no second (R, H, W) buffer and copy
+    outside = (x0 >= width) | (y0 >= height) | (x1 <= 0) | (y1 <= 0)
+    if not outside.any():  # the usual case
         return paste_masks_in_image(masks, Boxes(boxes), (height, width), threshold=threshold)
-    pasted = masks.new_zeros((len(masks), height, width), dtype=torch.bool)
-    if inside.any():
-        pasted[inside] = paste_masks_in_image(
-            masks[inside], Boxes(boxes[inside]), (height, width), threshold=threshold
-        )
+    boxes = torch.where(outside[:, None], boxes.new_tensor([0.0, 0.0, 1.0, 1.0]), boxes)
+    pasted = paste_masks_in_image(masks, Boxes(boxes), (height, width), threshold=threshold)
+    pasted[outside] = 0
     return pasted
 
 
@@ -84,23 +88,28 @@ class QueryInst(GeneralizedRCNN):
     ``pred_masks`` (bool (R, height, width)) when masks are on.
 
     Inference speed-ups (``queryinst.fast_inference``; README, "Fast inference"): BatchNorm
-    folded into the convolutions for the call (``fuse_bn_inference``) and autocast to
-    ``inference_dtype``; training never uses either.
+    folded into the convolutions for the call (``fuse_bn_inference``), convolution weights in
+    ``inference_memory_format`` and autocast to ``inference_dtype``; training uses none.
     """
 
     @configurable
     def __init__(self, *, channels_last: bool = False, fuse_bn_inference: bool = True,
-                 inference_dtype: str = "float32", **kwargs):
+                 inference_memory_format: str = "auto", inference_dtype: str = "float32",
+                 **kwargs):
         """
         Args:
             channels_last: store the backbone's conv weights channels-last
                 (``MODEL.QUERYINST.CHANNELS_LAST``), so its convolutions run and return
-                channels-last maps: faster on CPUs. The heads stay NCHW (their small
-                RoI convolutions gain nothing, and RoIAlign reads NCHW).
+                channels-last maps, in training too: faster on CPUs.
             fuse_bn_inference: fold every conv + fixed-statistics BatchNorm pair into one
                 convolution during inference (``MODEL.QUERYINST.FUSE_BN_INFERENCE``;
-                :class:`~queryinst.fast_inference.ConvBNFolder`): the same outputs up to
-                float rounding; parameters and ``state_dict()`` are unchanged.
+                :class:`~queryinst.fast_inference.InferenceConvWeights`): the same outputs
+                up to float rounding; parameters and ``state_dict()`` are unchanged.
+            inference_memory_format: "auto" (channels-last on the CPU, else unchanged),
+                "channels_last" or "contiguous": the memory format of every convolution
+                weight (backbone and mask heads) during inference
+                (``MODEL.QUERYINST.INFERENCE_MEMORY_FORMAT``); oneDNN's CPU convolutions are
+                faster channels-last (docs/benchmark.md). Same outputs up to float rounding.
             inference_dtype: "float32", "bfloat16" or "float16" (CUDA only), the autocast
                 dtype of inference (``MODEL.QUERYINST.INFERENCE_DTYPE``); RoIAlign, box
                 decoding, scores, top-k and mask pasting stay fp32.
@@ -108,16 +117,19 @@ class QueryInst(GeneralizedRCNN):
                 roi_heads, pixel_mean, pixel_std, ...).
 
         Raises:
-            ValueError: ``inference_dtype`` is not one of the three names.
+            ValueError: ``inference_dtype`` or ``inference_memory_format`` is not one of
+                its three names.
         """
         super().__init__(**kwargs)
         if channels_last:
             # Module.to keeps this layout through later .to(device) and load_state_dict.
             self.backbone.to(memory_format=torch.channels_last)
         check_inference_dtype(inference_dtype)
+        resolve_memory_format(inference_memory_format, "cpu")  # refuses an unknown name
         self.fuse_bn_inference = fuse_bn_inference
+        self.inference_memory_format = inference_memory_format
         self.inference_dtype = inference_dtype
-        self._bn_folder = ConvBNFolder(self)
+        self._inference_weights = InferenceConvWeights(self)
         self._autocast_dtypes: dict = {}  # (name, device type) -> autocast dtype or None
 
     @classmethod
@@ -126,20 +138,21 @@ class QueryInst(GeneralizedRCNN):
         q = cfg.MODEL.QUERYINST
         ret["channels_last"] = q.CHANNELS_LAST
         ret["fuse_bn_inference"] = q.FUSE_BN_INFERENCE
+        ret["inference_memory_format"] = q.INFERENCE_MEMORY_FORMAT
         # Refused before the model is built: an unknown name, float16 with MODEL.DEVICE cpu.
         check_inference_dtype(q.INFERENCE_DTYPE, torch.device(cfg.MODEL.DEVICE).type)
         ret["inference_dtype"] = q.INFERENCE_DTYPE
         return ret
 
     def train(self, mode: bool = True):
-        """``nn.Module.train``; also forgets the folded BatchNorm weights (recomputed at the
+        """``nn.Module.train``; also forgets the swapped inference weights (recomputed at the
         next inference from the current parameters)."""
-        self._bn_folder.clear()
+        self._inference_weights.clear()
         return super().train(mode)
 
     @contextlib.contextmanager
     def fast_inference(self, device: torch.device):
-        """The inference speed-ups around a block: folded BatchNorms and autocast.
+        """The inference speed-ups around a block: swapped conv weights and autocast.
 
         Used by :meth:`inference` around backbone, proposals and ROI heads (preprocessing
         and pasting stay outside, in fp32). Nothing applies while tracing for export
@@ -158,9 +171,11 @@ class QueryInst(GeneralizedRCNN):
         if key not in self._autocast_dtypes:  # warns once about a bf16 fallback
             self._autocast_dtypes[key] = resolve_inference_dtype(*key)
         dtype = self._autocast_dtypes[key]
+        memory_format = resolve_memory_format(self.inference_memory_format, device.type)
         with contextlib.ExitStack() as stack:
-            if self.fuse_bn_inference:
-                stack.enter_context(self._bn_folder.folded(dtype))
+            if self.fuse_bn_inference or memory_format is not None:
+                stack.enter_context(self._inference_weights.applied(
+                    dtype, self.fuse_bn_inference, memory_format))
             if dtype is not None:
                 stack.enter_context(torch.autocast(device.type, dtype=dtype))
             yield

@@ -1,15 +1,18 @@
-"""Inference-only speed-ups: BatchNorm folded into convolutions, reduced-precision autocast.
+"""Inference-only speed-ups: BatchNorm folded into convolutions, channels-last convolution
+weights, reduced-precision autocast.
 
-Neither changes the method (docs/method.md) nor what is trained or saved; both apply inside
+None changes the method (docs/method.md) or what is trained or saved; all apply inside
 ``QueryInst.inference`` only (README, "Fast inference"; measurements in docs/benchmark.md,
 "Fast CPU inference").
 
-- :class:`ConvBNFolder` (``MODEL.QUERYINST.FUSE_BN_INFERENCE``): during an inference call,
-  each convolution followed by a BatchNorm that uses fixed statistics (Detectron2's
-  ``FrozenBatchNorm2d``, or ``nn.BatchNorm2d`` in eval mode) runs as one convolution with
-  ``torch.nn.utils.fusion.fuse_conv_bn_weights``'s weights, and the norm is skipped. The
-  folded weights live outside the module tree, are swapped in for the call and swapped back
-  after it: ``state_dict()``, checkpoints and training never see them.
+- :class:`InferenceConvWeights` (``MODEL.QUERYINST.FUSE_BN_INFERENCE`` and
+  ``MODEL.QUERYINST.INFERENCE_MEMORY_FORMAT``): during an inference call, each convolution
+  followed by a BatchNorm that uses fixed statistics (Detectron2's ``FrozenBatchNorm2d``, or
+  ``nn.BatchNorm2d`` in eval mode) runs as one convolution with
+  ``torch.nn.utils.fusion.fuse_conv_bn_weights``'s weights, the norm skipped; and every
+  convolution's weight can be given another memory format (channels-last on the CPU). The
+  swapped weights live outside the module tree, are swapped in for the call and back after
+  it: ``state_dict()``, checkpoints and training never see them.
 - :func:`resolve_inference_dtype` (``MODEL.QUERYINST.INFERENCE_DTYPE``): the autocast dtype
   of inference, with the checks and the fp32 fallback on CPUs without bf16 instructions.
 """
@@ -28,11 +31,13 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 __all__ = [
     "INFERENCE_DTYPES",
-    "ConvBNFolder",
+    "INFERENCE_MEMORY_FORMATS",
+    "InferenceConvWeights",
     "bf16_supported",
     "check_inference_dtype",
     "conv_bn_pairs",
     "resolve_inference_dtype",
+    "resolve_memory_format",
 ]
 
 # MODEL.QUERYINST.INFERENCE_DTYPE values -> torch dtype.
@@ -143,19 +148,45 @@ def conv_bn_pairs(root: nn.Module) -> list[tuple[nn.Conv2d, nn.Module, nn.Module
     return pairs
 
 
+# MODEL.QUERYINST.INFERENCE_MEMORY_FORMAT values.
+INFERENCE_MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+
+
+def resolve_memory_format(name: str, device_type: str) -> torch.memory_format | None:
+    """The memory format of the convolution weights during inference on ``device_type``.
+
+    Args:
+        name: the ``INFERENCE_MEMORY_FORMAT`` value: "channels_last", "contiguous", or "auto"
+            (channels-last on the CPU, where oneDNN runs the convolutions faster that way,
+            docs/benchmark.md; elsewhere None).
+        device_type: "cpu", "cuda", ...
+
+    Returns:
+        ``torch.channels_last``, ``torch.contiguous_format``, or None: each weight's own.
+
+    Raises:
+        ValueError: for another name (the message names the key and the valid values).
+    """
+    if name not in INFERENCE_MEMORY_FORMATS:
+        raise ValueError(f"MODEL.QUERYINST.INFERENCE_MEMORY_FORMAT {name!r} is not supported: "
+                         f"use one of {list(INFERENCE_MEMORY_FORMATS)}")
+    if name == "auto":
+        return torch.channels_last if device_type == "cpu" else None
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
+
 @dataclass
-class _Folded:
-    """The folded weights of one pair, and what they were computed from."""
+class _Swapped:
+    """The weights one convolution runs with during inference, and what they came from."""
 
-    sources: tuple  # the tensors read (conv weight and bias, norm weight, bias and statistics)
+    sources: tuple  # the tensors read (conv weight and bias, and the norm's when folded)
     versions: tuple  # their in-place modification counters at that time
-    eps: float
-    dtype: torch.dtype
+    key: tuple  # (eps or None, dtype, memory format)
     weight: nn.Parameter
-    bias: nn.Parameter
+    bias: nn.Parameter | None
 
-    def still_valid(self, sources: tuple, eps: float, dtype: torch.dtype) -> bool:
-        return (self.eps == eps and self.dtype == dtype and len(sources) == len(self.sources)
+    def still_valid(self, sources: tuple, key: tuple) -> bool:
+        return (self.key == key and len(sources) == len(self.sources)
                 and all(a is b for a, b in zip(sources, self.sources))
                 and self.versions == _versions(sources))
 
@@ -165,35 +196,56 @@ def _versions(tensors) -> tuple:
     return tuple(None if t is None else t._version for t in tensors)
 
 
-class ConvBNFolder:
-    """Folds the BatchNorms of a module tree into their convolutions while a block runs.
+def _relaid(like: torch.Tensor, value: torch.Tensor, dtype: torch.dtype,
+            memory_format: torch.memory_format | None) -> nn.Parameter:
+    """``value`` (shaped as ``like``) copied with ``dtype`` and the strides of
+    ``memory_format``, or with ``like``'s own strides when it is None.
 
-    ``with folder.folded(dtype):`` finds the pairs (:func:`conv_bn_pairs`), sets each conv's
-    ``weight`` and ``bias`` to the folded ones (``fuse_conv_bn_weights``: W * g / sqrt(v + eps)
-    and (b - m) * g / sqrt(v + eps) + beta, per output channel), removes the norm from the
-    forward pass and, on leaving, puts the original parameters and norms back, so
-    ``state_dict()``, ``parameters()`` and training are untouched. The result equals the
-    unfolded model up to float rounding.
+    ``empty_like`` gives exact strides. ``Tensor.contiguous`` would not: a 1x1 kernel is
+    dense in both formats, and keeping the other one's strides makes oneDNN convert every
+    input map to that layout (measured: +0.24 s per 800x1333 image).
+    """
+    out = torch.empty_like(like, dtype=dtype, memory_format=memory_format or torch.preserve_format)
+    return nn.Parameter(out.copy_(value), requires_grad=False)
 
-    The folded weights are kept between calls and recomputed when a source tensor is
+
+class InferenceConvWeights:
+    """The convolution weights of a module tree swapped, while a block runs, for faster ones.
+
+    ``with weights.applied(dtype, fold, memory_format):`` sets each convolution's ``weight``
+    and ``bias`` to:
+
+    - with ``fold``, for a conv followed by a BatchNorm with fixed statistics
+      (:func:`conv_bn_pairs`): the folded ones (``fuse_conv_bn_weights``:
+      W * g / sqrt(v + eps) and (b - m) * g / sqrt(v + eps) + beta, per output channel), in
+      ``dtype`` (the autocast dtype, so autocast does not cast them again each call), and
+      removes the norm from the forward pass;
+    - with ``memory_format``, for every ``nn.Conv2d`` / ``nn.ConvTranspose2d`` (folded or not):
+      the weight in that memory format. oneDNN then runs the convolution, and returns its
+      output, in that layout (channels-last: the backbone and the mask head's convs).
+
+    On leaving, the original parameters and norms are put back, so ``state_dict()``,
+    ``parameters()`` and training are untouched. Outputs equal the original model's up to
+    float rounding.
+
+    The swapped weights are kept between calls and recomputed when a source tensor is
     replaced or changed in place (its version counter, which ``load_state_dict``, optimiser
     steps and ``copy_`` advance), or after :meth:`clear`. Changes made through ``.data``
     bypass the version counter: call :meth:`clear` after them (``QueryInst.train()`` and
-    ``.eval()`` do). They keep the conv weight's memory format (channels-last backbones) and
-    are stored in the autocast dtype, so autocast does not cast them again each call.
+    ``.eval()`` do).
 
-    Concurrent inference calls from several threads share one folding: the first to enter
-    swaps the folded weights in, the last to leave swaps them out.
+    Concurrent inference calls from several threads share one swap: the first to enter
+    swaps the weights in, the last to leave swaps them out (all with the same settings).
 
     Args:
-        root: the module whose pairs are folded (the whole QueryInst model).
+        root: the module whose convolutions are swapped (the whole QueryInst model).
     """
 
     def __init__(self, root: nn.Module):
         # A plain attribute of a non-Module object: not a submodule of root (no recursion
         # into it from root.modules(), state_dict() or .to()).
         self._root = root
-        self._cache: dict[int, _Folded] = {}
+        self._cache: dict[int, _Swapped] = {}
         self._lock = threading.Lock()
         self._active = 0
         self._restore: list = []
@@ -205,62 +257,79 @@ class ConvBNFolder:
         self.__init__(state["_root"])
 
     def clear(self) -> None:
-        """Forget the folded weights (recomputed at the next call)."""
+        """Forget the swapped weights (recomputed at the next call)."""
         self._cache = {}
 
     @torch.no_grad()
-    def _fold(self, conv: nn.Conv2d, norm: nn.Module, dtype: torch.dtype | None) -> _Folded:
-        dtype = dtype or conv.weight.dtype
-        sources = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean,
-                   norm.running_var)
+    def _weights(self, conv: nn.Module, norm: nn.Module | None, dtype: torch.dtype | None,
+                 memory_format: torch.memory_format | None) -> _Swapped:
+        sources = (conv.weight, conv.bias)
+        if norm is not None:
+            sources += (norm.weight, norm.bias, norm.running_mean, norm.running_var)
+        dtype = dtype if norm is not None and dtype is not None else conv.weight.dtype
+        key = (None if norm is None else norm.eps, dtype, memory_format)
         hit = self._cache.get(id(conv))
-        if hit is not None and hit.still_valid(sources, norm.eps, dtype):
+        if hit is not None and hit.still_valid(sources, key):
             return hit
-        weight, bias = fuse_conv_bn_weights(
-            conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps,
-            norm.weight, norm.bias,
-        )
-        # Exactly the conv weight's strides: for a 1x1 kernel NCHW and channels-last strides
-        # are both dense, and the product above may come out with the other one, which makes
-        # oneDNN convert every input map to that layout (measured: +0.24 s per 800x1333 image).
-        weight = torch.empty_like(conv.weight, dtype=dtype).copy_(weight)
-        weight = nn.Parameter(weight, requires_grad=False)
-        bias = nn.Parameter(bias.to(dtype), requires_grad=False)
-        folded = _Folded(sources, _versions(sources), norm.eps, dtype, weight, bias)
-        self._cache[id(conv)] = folded
-        return folded
+        if norm is None:
+            weight, bias = _relaid(conv.weight, conv.weight, dtype, memory_format), conv.bias
+        else:
+            weight, bias = fuse_conv_bn_weights(
+                conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps,
+                norm.weight, norm.bias,
+            )
+            weight = _relaid(conv.weight, weight, dtype, memory_format)
+            bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        swapped = _Swapped(sources, _versions(sources), key, weight, bias)
+        self._cache[id(conv)] = swapped
+        return swapped
 
-    def _swap_in(self, dtype: torch.dtype | None) -> None:
-        pairs = conv_bn_pairs(self._root)
-        cache = {}
-        restore = []
+    def _swap_in(self, dtype, fold: bool, memory_format) -> None:
+        norms = {}  # id(conv) -> (norm, owner, attribute)
+        if fold:
+            norms = {id(conv): rest for conv, *rest in conv_bn_pairs(self._root)}
+        convs = [m for m in self._root.modules()
+                 if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and
+                 (id(m) in norms or memory_format is not None)]
+        cache, restore = {}, []
         try:
-            for conv, norm, owner, attr in pairs:
-                folded = self._fold(conv, norm, dtype)
-                cache[id(conv)] = folded
+            for conv in convs:
+                norm, owner, attr = norms.get(id(conv), (None, None, None))
+                swapped = self._weights(conv, norm, dtype, memory_format)
+                cache[id(conv)] = swapped
                 restore.append((conv, conv.weight, conv.bias, owner, attr, norm))
-                conv.weight, conv.bias = folded.weight, folded.bias
-                setattr(owner, attr, None if attr == "norm" else nn.Identity())
+                conv.weight, conv.bias = swapped.weight, swapped.bias
+                if norm is not None:
+                    setattr(owner, attr, None if attr == "norm" else nn.Identity())
         except BaseException:
             self._restore = restore
             self._swap_out()
             raise
-        self._cache = cache  # pairs gone from the tree are forgotten
+        self._cache = cache  # convs gone from the tree are forgotten
         self._restore = restore
 
     def _swap_out(self) -> None:
         for conv, weight, bias, owner, attr, norm in reversed(self._restore):
             conv.weight, conv.bias = weight, bias
-            setattr(owner, attr, norm)
+            if norm is not None:
+                setattr(owner, attr, norm)
         self._restore = []
 
     @contextlib.contextmanager
-    def folded(self, dtype: torch.dtype | None = None):
-        """Run the block with the pairs folded; ``dtype``: the folded weights' dtype (the
-        autocast dtype), None for each conv weight's own."""
+    def applied(self, dtype: torch.dtype | None = None, fold: bool = True,
+                memory_format: torch.memory_format | None = None):
+        """Run the block with the swapped weights.
+
+        Args:
+            dtype: the folded weights' dtype (the autocast dtype), None for each conv
+                weight's own. Convolutions without a folded norm keep their dtype (autocast
+                casts them).
+            fold: fold the conv + fixed-statistics BatchNorm pairs.
+            memory_format: the memory format of every conv weight, None for each one's own.
+        """
         with self._lock:
             if self._active == 0:
-                self._swap_in(dtype)
+                self._swap_in(dtype, fold, memory_format)
             self._active += 1
         try:
             yield self

@@ -28,6 +28,11 @@ _NORMS: dict[str, Callable[[int], nn.Module] | None] = {
 }
 
 
+def _channels_last(weight: Tensor) -> bool:
+    """Whether a conv weight has channels-last strides (not merely NCHW ones)."""
+    return weight.dim() == 4 and weight.stride(1) == 1 and weight.shape[1] > 1
+
+
 class DynamicMaskHead(nn.Module):
     """Predicts class-specific 28x28 mask logits from 14x14 RoI features and the stage query.
 
@@ -130,8 +135,12 @@ class DynamicMaskHead(nn.Module):
         num_rois = roi_features.shape[0]
         res = self.pooler_resolution
         x = self.instance_interaction(attn_feats, roi_features)
-        # (M, S*S, D) -> (M, D, S, S); this replaces the RoI feature (no residual).
-        x = x.transpose(1, 2).reshape(num_rois, self.hidden_dim, res, res)
+        # (M, S*S, D) -> (M, D, S, S); this replaces the RoI feature (no residual). The
+        # permuted view has channels-last strides: kept when the convs run channels-last
+        # (INFERENCE_MEMORY_FORMAT swaps all their weights at once), else copied to NCHW.
+        x = x.view(num_rois, res, res, self.hidden_dim).permute(0, 3, 1, 2)
+        if not _channels_last(self.deconv.weight):
+            x = x.contiguous()
         for block in self.mask_convs:
             x = block(x)
         x = F.relu(self.deconv(x))

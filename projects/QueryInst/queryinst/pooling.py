@@ -33,7 +33,7 @@ from detectron2.structures import Boxes
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["FlatMaps", "MatrixROIPooler", "roi_align_weights"]
+__all__ = ["FlatMaps", "MatrixROIPooler", "PooledFeatures", "roi_align_weights"]
 
 
 @dataclass
@@ -190,6 +190,36 @@ def roi_align_weights(
     return cols.reshape(-1, per_bin), weights.reshape(-1, per_bin)
 
 
+class PooledFeatures(dict):
+    """The FPN maps the ROI heads pool from, by name, and the pooler input made from them.
+
+    All RoI poolings of one forward pass (six box stages, the mask head) read the same maps.
+    The input a pooler makes of them (``MatrixROIPooler.prepare``: flattened maps, or
+    NCHW-contiguous ones) is made at the first call and reused by the others, keyed by the
+    pooler's class: with channels-last maps a second flattening cost ~35 ms and an NCHW copy
+    ~110 ms per 800x1333 image (docs/benchmark.md). Built per forward pass, so nothing
+    outlives it.
+
+    Args:
+        maps: name -> float (B, C, H_l, W_l) map, any memory format.
+    """
+
+    def __init__(self, maps: dict[str, Tensor]):
+        super().__init__(maps)
+        self._inputs: dict[type, object] = {}
+
+    def pooler_input(self, pooler: nn.Module, names: list[str]):
+        """What ``pooler`` reads from the maps ``names`` (finest first): its ``prepare``'s
+        result (made once per pooler class), or the NCHW-contiguous maps for poolers without
+        one (Detectron2's ``ROIPooler``)."""
+        key = type(pooler)
+        if key not in self._inputs:
+            x = [self[name] for name in names]
+            prepare = getattr(pooler, "prepare", None)
+            self._inputs[key] = prepare(x) if prepare else [m.contiguous() for m in x]
+        return self._inputs[key]
+
+
 class MatrixROIPooler(nn.Module):
     """Detectron2's multi-level ``ROIPooler`` (RoIAlign / RoIAlignV2 with a fixed sampling
     ratio), computed on the CPU as one weighted gather-sum per call, all levels at once.
@@ -238,16 +268,20 @@ class MatrixROIPooler(nn.Module):
         )
 
     def prepare(self, x: list[Tensor]) -> FlatMaps | list[Tensor]:
-        """What the calls on maps ``x`` share: the flattened maps on the CPU, else ``x``.
+        """What the calls on maps ``x`` share: the flattened maps on the CPU, else ``x``
+        NCHW-contiguous (torchvision's RoIAlign would copy channels-last maps in every call).
 
-        While tracing (``torch.jit.trace``, ONNX export: ``queryinst/export.py``) it is ``x``
-        too, so the graph holds torchvision's RoIAlign (ONNX ``RoiAlign``): ``FlatMaps``
+        It depends on ``x`` only, not on this pooler's settings: poolers of this class may
+        share it (``PooledFeatures``).
+
+        While tracing (``torch.jit.trace``, ONNX export: ``queryinst/export.py``) it is the
+        maps too, so the graph holds torchvision's RoIAlign (ONNX ``RoiAlign``): ``FlatMaps``
         keeps the map sizes as Python ints, which a trace would freeze to the traced
         input's size.
         """
         if x[0].device.type == "cpu" and not torch.jit.is_tracing():
             return FlatMaps.from_maps(x)
-        return x
+        return [m.contiguous() for m in x]
 
     def forward(self, x: list[Tensor] | FlatMaps, box_lists: list[Boxes]) -> Tensor:
         """

@@ -22,7 +22,7 @@ from .box_head import DIIHead
 from .losses import QueryInstCriterion, num_matched_across_processes
 from .mask_head import DynamicMaskHead
 from .matcher import HungarianMatcher
-from .pooling import MatrixROIPooler
+from .pooling import MatrixROIPooler, PooledFeatures
 
 __all__ = [
     "StageOutput",
@@ -318,22 +318,18 @@ class QueryInstROIHeads(nn.Module):
         return self.mask_heads[stage](roi_features, attn_feats)
 
     def _pooler_input(self, pooler: nn.Module, features: dict[str, Tensor]):
-        """The maps ``in_features`` in the form ``pooler`` reads, shared by its calls on them:
-        :meth:`MatrixROIPooler.prepare`'s (flattened once), or the list of maps."""
-        x = [features[name] for name in self.in_features]
-        prepare = getattr(pooler, "prepare", None)
-        return prepare(x) if prepare is not None else x
+        """The maps ``in_features`` in the form ``pooler`` reads: made once per forward pass
+        from :meth:`pooled_features`' result, or for this call from a plain dict of maps."""
+        if isinstance(features, PooledFeatures):
+            return features.pooler_input(pooler, self.in_features)
+        return PooledFeatures(features).pooler_input(pooler, self.in_features)
 
-    def pooled_features(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The maps the poolers read (``in_features``), NCHW-contiguous.
-
-        Detectron2's ``ROIPooler`` (torchvision's RoIAlign; :class:`MatrixROIPooler` on CUDA)
-        reads NCHW-contiguous maps and would copy channels-last ones
-        (``MODEL.QUERYINST.CHANNELS_LAST``) in each of its 7+ calls; they are converted once
-        here (a no-op for contiguous maps). On the CPU, ``MatrixROIPooler.prepare`` then
-        flattens them channels-last once per forward pass.
-        """
-        return {name: features[name].contiguous() for name in self.in_features}
+    def pooled_features(self, features: dict[str, Tensor]) -> PooledFeatures:
+        """The maps the poolers read (``in_features``), for the RoI poolings of one forward
+        pass to share (:class:`~queryinst.pooling.PooledFeatures`: on the CPU the maps are
+        flattened once, in any memory format; elsewhere made NCHW-contiguous once).
+        Pass the result to :meth:`forward_stages` and :meth:`mask_logits`."""
+        return PooledFeatures({name: features[name] for name in self.in_features})
 
     def forward(self, images, features, proposals, targets=None):
         """Detectron2's ROI-heads interface.

@@ -201,17 +201,19 @@ class QueryInstVIS(QueryInst):
             (float (R, E): track-head embeddings, or the raw last-stage queries (R, D) for a
             tracker that compares queries), in output pixels.
         """
-        images, features, stages = self._stages([frame])
-        results = self.roi_heads.inference(stages, features, images.image_sizes)[0]
-        results = one_detection_per_query(results, self.det_score_thresh)
+        # The image model's inference speed-ups (QueryInst.fast_inference) apply here too;
+        # pasting stays outside, in fp32, and the embeddings are returned in fp32.
+        with self.fast_inference(self.device):
+            images, features, stages = self._stages([frame])
+            results = self.roi_heads.inference(stages, features, images.image_sizes)[0]
+            results = one_detection_per_query(results, self.det_score_thresh)
+            queries = stages[-1].object_feats[0][results.query_indices]
+            embeddings = self.track_head(queries) if self.tracker.uses_track_head else queries
         size = images.image_sizes[0]
         results = queryinst_postprocess(
             results, frame.get("height", size[0]), frame.get("width", size[1])
         )
-        queries = stages[-1].object_feats[0][results.query_indices]
-        results.track_embeddings = (
-            self.track_head(queries) if self.tracker.uses_track_head else queries
-        )
+        results.track_embeddings = embeddings.float()
         return results
 
     @torch.no_grad()
