@@ -68,8 +68,8 @@ def _paste_masks(masks, boxes, height: int, width: int, threshold: float):
         return paste_masks_in_image(masks, Boxes(boxes), (height, width), threshold=threshold)
     boxes = torch.where(outside[:, None], boxes.new_tensor([0.0, 0.0, 1.0, 1.0]), boxes)
     pasted = paste_masks_in_image(masks, Boxes(boxes), (height, width), threshold=threshold)
-    pasted[outside] = 0
-    return pasted
+    # index_fill_ writes those rows only (a boolean index would read all R x H x W).
+    return pasted.index_fill_(0, outside.nonzero()[:, 0], 0)
 
 
 @META_ARCH_REGISTRY.register()

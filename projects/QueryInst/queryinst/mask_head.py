@@ -143,5 +143,5 @@ class DynamicMaskHead(nn.Module):
             x = x.contiguous()
         for block in self.mask_convs:
             x = block(x)
-        x = F.relu(self.deconv(x))
+        x = F.relu(self.deconv(x), inplace=True)
         return self.predictor(x)
