@@ -208,6 +208,25 @@ def test_default_baselines_follow_the_queryinst_depth():
     assert all(m["detections_per_image"] == [5] for m in report["models"])
 
 
+def test_baselines_take_queryinsts_inference_layout():
+    """On the CPU QueryInst's inference runs every conv channels-last (INFERENCE_MEMORY_FORMAT
+    auto); a baseline then gets channels-last weights in all its convs (heads too), and none
+    with QueryInst's layout set to contiguous."""
+    qcfg = bench.queryinst_cfg(BASE_CONFIG, ["MODEL.RESNETS.DEPTH", "18",
+                                             "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"], "cpu")
+    assert bench.queryinst_infers_channels_last(qcfg, "cpu")
+    assert not bench.queryinst_infers_channels_last(qcfg, "cuda")
+    cand = bench.Candidate("mask_rcnn_R_18_FPN",
+                           bench.baseline_cfg("mask_rcnn_R_18_FPN", qcfg, "cpu"), None)
+    image = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    inputs = [{"image": image, "height": 64, "width": 64}]
+    for layout in (True, False):
+        model = bench.Bench(cand, inputs, 0, False, layout).model
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1]
+        assert any("roi_heads" in n for n, m in model.named_modules() if m in convs)
+        assert all((c.weight.stride(1) == 1) == layout for c in convs)
+
+
 def test_timed_calls_alternate_between_models():
     calls = []
     fns = [lambda: calls.append("a"), lambda: calls.append("b")]

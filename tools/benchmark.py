@@ -118,6 +118,7 @@ from queryinst.checkpoint import (  # noqa: E402
     load_official_state_dict,
 )
 from queryinst.config_loading import merge_config  # noqa: E402
+from queryinst.fast_inference import resolve_memory_format  # noqa: E402
 from queryinst.solver import build_optimizer as build_queryinst_optimizer  # noqa: E402
 
 # Baseline name -> model-zoo config of that architecture; the depth comes from the name.
@@ -302,6 +303,11 @@ def baseline_cfg(name: str, reference: CfgNode, device: str) -> CfgNode:
     return cfg
 
 
+def is_queryinst(cfg: CfgNode) -> bool:
+    """Whether the config builds one of our models (QueryInst, QueryInstVIS)."""
+    return cfg.MODEL.META_ARCHITECTURE.startswith("QueryInst")
+
+
 def is_resnet(cfg: CfgNode) -> bool:
     """Whether the config's backbone is a ResNet (the only one the baselines can share)."""
     return "resnet" in cfg.MODEL.BACKBONE.NAME
@@ -374,9 +380,13 @@ class Bench:
         inputs: Detectron2 inference inputs (the same tensors for every model).
         seed: seed of the random weights.
         channels_last: convert the backbone's conv weights to channels-last memory format.
+        convs_channels_last: convert every conv weight of a model that is not QueryInst
+            (a baseline) to channels-last: the layout QueryInst's inference swaps in on the
+            CPU (``MODEL.QUERYINST.INFERENCE_MEMORY_FORMAT``), for a like-for-like timing.
     """
 
-    def __init__(self, cand: Candidate, inputs: list[dict], seed: int, channels_last: bool):
+    def __init__(self, cand: Candidate, inputs: list[dict], seed: int, channels_last: bool,
+                 convs_channels_last: bool = False):
         torch.manual_seed(seed)
         self.cand, self.inputs = cand, inputs
         self.model = build_model(cand.cfg).eval()
@@ -385,6 +395,8 @@ class Bench:
             QueryInstCheckpointer(self.model).load(weights)
         if channels_last:  # what MODEL.QUERYINST.CHANNELS_LAST does, for every model alike
             self.model.backbone.to(memory_format=torch.channels_last)
+        if convs_channels_last and not is_queryinst(cand.cfg):
+            self.model.to(memory_format=torch.channels_last)  # 4-D weights only
         self.outputs = None
         self.proposals: list[int] = []
         self.model.proposal_generator.register_forward_hook(self._count_proposals)
@@ -592,6 +604,13 @@ def summarise(times: list[float], prefix: str) -> dict:
     }
 
 
+def queryinst_infers_channels_last(cfg: CfgNode, device: str) -> bool:
+    """Whether QueryInst's inference runs its convolutions channels-last on ``device``
+    (``MODEL.QUERYINST.INFERENCE_MEMORY_FORMAT``); the baselines then get the same layout."""
+    fmt = resolve_memory_format(cfg.MODEL.QUERYINST.INFERENCE_MEMORY_FORMAT, device)
+    return fmt is torch.channels_last
+
+
 def measure_all(candidates: list[Candidate], args, images, train_batch,
                 others: tuple = ()) -> list[dict]:
     """Build every model, then measure them; timed calls alternate between the models.
@@ -602,9 +621,11 @@ def measure_all(candidates: list[Candidate], args, images, train_batch,
     height, width = args.input_size
     inputs = [{"image": im, "height": height, "width": width} for im in images]
     benches = []
+    baselines_channels_last = queryinst_infers_channels_last(candidates[0].cfg, args.device)
     for cand in candidates:
         log(f"building {cand.name}")
-        benches.append(Bench(cand, inputs, args.seed, args.channels_last))
+        benches.append(Bench(cand, inputs, args.seed, args.channels_last,
+                             baselines_channels_last))
     for bench in benches:
         log(f"memory and outputs of {bench.cand.name}")
         measure_memory_and_outputs(bench, args.device)
@@ -851,6 +872,8 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
             "warmup": args.warmup,
             "seed": args.seed,
             "channels_last": args.channels_last,
+            "baselines_convs_channels_last": queryinst_infers_channels_last(
+                candidates[0].cfg, args.device),
             "exported": args.exported,
             "inference_dtype_variants": args.inference_dtype,
             "unfolded_variant": args.unfolded,
