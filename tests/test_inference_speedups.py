@@ -33,7 +33,7 @@ from queryinst import add_queryinst_config
 from queryinst import fast_inference
 from queryinst.export import ExportError, check_exportable
 from queryinst.fast_inference import (
-    InferenceConvWeights,
+    InferenceWeights,
     bf16_supported,
     conv_bn_pairs,
     resolve_memory_format,
@@ -397,8 +397,42 @@ def test_bf16_runs_the_layers_in_bf16_and_keeps_the_fp32_islands(models, monkeyp
     assert got.pred_masks.dtype == torch.bool
 
 
+@needs_bf16
+def test_bf16_casts_linear_weights_once_with_autocasts_values(models, monkeypatch):
+    """In bf16 the plain ``nn.Linear`` weights run as cached bf16 copies, and
+    ``nn.MultiheadAttention``'s own projections stay with autocast. The detections equal,
+    bit for bit, those of the same call with every linear weight left to autocast."""
+    folded, _ = models
+    model = copy.deepcopy(folded)
+    model.inference_dtype = "bfloat16"
+    head = model.roi_heads.box_heads[0]
+    seen = []
+    head.register_forward_hook(lambda m, a, o: seen.append(
+        (m.instance_interaction.dynamic_layer.weight.dtype, m.self_attn.out_proj.weight.dtype,
+         m.self_attn.in_proj_weight.dtype)))
+    got = detect(model)
+    assert seen == [(torch.bfloat16, torch.float32, torch.float32)]
+    assert head.instance_interaction.dynamic_layer.weight.dtype == torch.float32  # put back
+
+    real = fast_inference.InferenceWeights._weights
+
+    def linears_left_to_autocast(self, module, norm, dtype, memory_format):
+        if isinstance(module, nn.Linear):
+            return fast_inference._Swapped((), (), (), module.weight, module.bias)
+        return real(self, module, norm, dtype, memory_format)
+
+    monkeypatch.setattr(fast_inference.InferenceWeights, "_weights", linears_left_to_autocast)
+    model._inference_weights.clear()
+    seen.clear()
+    want = detect(model)
+    assert seen == [(torch.float32, torch.float32, torch.float32)]
+    assert torch.equal(got.scores, want.scores)
+    assert torch.equal(got.pred_boxes.tensor, want.pred_boxes.tensor)
+    assert torch.equal(got.pred_masks, want.pred_masks)
+
+
 def test_folder_is_not_part_of_the_module_tree(models):
     folded, _ = models
-    assert isinstance(folded._inference_weights, InferenceConvWeights)
-    assert all(not isinstance(m, InferenceConvWeights) for m in folded.modules())
+    assert isinstance(folded._inference_weights, InferenceWeights)
+    assert all(not isinstance(m, InferenceWeights) for m in folded.modules())
     assert not any("folder" in k for k in folded.state_dict())

@@ -17,7 +17,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes, Instances
 
 from .fast_inference import (
-    InferenceConvWeights,
+    InferenceWeights,
     check_inference_dtype,
     resolve_inference_dtype,
     resolve_memory_format,
@@ -103,7 +103,7 @@ class QueryInst(GeneralizedRCNN):
                 channels-last maps, in training too: faster on CPUs.
             fuse_bn_inference: fold every conv + fixed-statistics BatchNorm pair into one
                 convolution during inference (``MODEL.QUERYINST.FUSE_BN_INFERENCE``;
-                :class:`~queryinst.fast_inference.InferenceConvWeights`): the same outputs
+                :class:`~queryinst.fast_inference.InferenceWeights`): the same outputs
                 up to float rounding; parameters and ``state_dict()`` are unchanged.
             inference_memory_format: "auto" (channels-last on the CPU, else unchanged),
                 "channels_last" or "contiguous": the memory format of every convolution
@@ -129,7 +129,7 @@ class QueryInst(GeneralizedRCNN):
         self.fuse_bn_inference = fuse_bn_inference
         self.inference_memory_format = inference_memory_format
         self.inference_dtype = inference_dtype
-        self._inference_weights = InferenceConvWeights(self)
+        self._inference_weights = InferenceWeights(self)
         self._autocast_dtypes: dict = {}  # (name, device type) -> autocast dtype or None
 
     @classmethod

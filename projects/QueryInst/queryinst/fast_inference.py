@@ -5,7 +5,7 @@ None changes the method (docs/method.md) or what is trained or saved; all apply 
 ``QueryInst.inference`` only (README, "Fast inference"; measurements in docs/benchmark.md,
 "Fast CPU inference").
 
-- :class:`InferenceConvWeights` (``MODEL.QUERYINST.FUSE_BN_INFERENCE`` and
+- :class:`InferenceWeights` (``MODEL.QUERYINST.FUSE_BN_INFERENCE`` and
   ``MODEL.QUERYINST.INFERENCE_MEMORY_FORMAT``): during an inference call, each convolution
   followed by a BatchNorm that uses fixed statistics (Detectron2's ``FrozenBatchNorm2d``, or
   ``nn.BatchNorm2d`` in eval mode) runs as one convolution with
@@ -32,7 +32,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 __all__ = [
     "INFERENCE_DTYPES",
     "INFERENCE_MEMORY_FORMATS",
-    "InferenceConvWeights",
+    "InferenceWeights",
     "bf16_supported",
     "check_inference_dtype",
     "conv_bn_pairs",
@@ -209,8 +209,8 @@ def _relaid(like: torch.Tensor, value: torch.Tensor, dtype: torch.dtype,
     return nn.Parameter(out.copy_(value), requires_grad=False)
 
 
-class InferenceConvWeights:
-    """The convolution weights of a module tree swapped, while a block runs, for faster ones.
+class InferenceWeights:
+    """The weights of a module tree swapped, while a block runs, for faster ones.
 
     ``with weights.applied(dtype, fold, memory_format):`` sets each convolution's ``weight``
     and ``bias`` to:
@@ -223,6 +223,11 @@ class InferenceConvWeights:
     - with ``memory_format``, for every ``nn.Conv2d`` / ``nn.ConvTranspose2d`` (folded or not):
       the weight in that memory format. oneDNN then runs the convolution, and returns its
       output, in that layout (channels-last: the backbone and the mask head's convs).
+
+    and, with a ``dtype``, each plain ``nn.Linear``'s to copies in ``dtype``: autocast would
+    cast them to that dtype anyway, on every call (~50 ms per 800x1333 image in bf16 for
+    the heads' 32768x256 dynamic layers and the rest). ``nn.MultiheadAttention``'s
+    projections are left to autocast (their module reads them directly; they are small).
 
     On leaving, the original parameters and norms are put back, so ``state_dict()``,
     ``parameters()`` and training are untouched. Outputs equal the original model's up to
@@ -238,7 +243,7 @@ class InferenceConvWeights:
     swaps the weights in, the last to leave swaps them out (all with the same settings).
 
     Args:
-        root: the module whose convolutions are swapped (the whole QueryInst model).
+        root: the module whose weights are swapped (the whole QueryInst model).
     """
 
     def __init__(self, root: nn.Module):
@@ -261,56 +266,63 @@ class InferenceConvWeights:
         self._cache = {}
 
     @torch.no_grad()
-    def _weights(self, conv: nn.Module, norm: nn.Module | None, dtype: torch.dtype | None,
+    def _weights(self, module: nn.Module, norm: nn.Module | None, dtype: torch.dtype | None,
                  memory_format: torch.memory_format | None) -> _Swapped:
-        sources = (conv.weight, conv.bias)
+        sources = (module.weight, module.bias)
         if norm is not None:
             sources += (norm.weight, norm.bias, norm.running_mean, norm.running_var)
-        dtype = dtype if norm is not None and dtype is not None else conv.weight.dtype
+        if dtype is None or (norm is None and not isinstance(module, nn.Linear)):
+            dtype = module.weight.dtype
         key = (None if norm is None else norm.eps, dtype, memory_format)
-        hit = self._cache.get(id(conv))
+        hit = self._cache.get(id(module))
         if hit is not None and hit.still_valid(sources, key):
             return hit
-        if norm is None:
-            weight, bias = _relaid(conv.weight, conv.weight, dtype, memory_format), conv.bias
+        if isinstance(module, nn.Linear):
+            weight = nn.Parameter(module.weight.to(dtype), requires_grad=False)
+            bias = None if module.bias is None else nn.Parameter(module.bias.to(dtype),
+                                                                 requires_grad=False)
+        elif norm is None:
+            weight, bias = _relaid(module.weight, module.weight, dtype, memory_format), module.bias
         else:
             weight, bias = fuse_conv_bn_weights(
-                conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps,
+                module.weight, module.bias, norm.running_mean, norm.running_var, norm.eps,
                 norm.weight, norm.bias,
             )
-            weight = _relaid(conv.weight, weight, dtype, memory_format)
+            weight = _relaid(module.weight, weight, dtype, memory_format)
             bias = nn.Parameter(bias.to(dtype), requires_grad=False)
         swapped = _Swapped(sources, _versions(sources), key, weight, bias)
-        self._cache[id(conv)] = swapped
+        self._cache[id(module)] = swapped
         return swapped
 
     def _swap_in(self, dtype, fold: bool, memory_format) -> None:
         norms = {}  # id(conv) -> (norm, owner, attribute)
         if fold:
             norms = {id(conv): rest for conv, *rest in conv_bn_pairs(self._root)}
-        convs = [m for m in self._root.modules()
-                 if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and
-                 (id(m) in norms or memory_format is not None)]
+        swapped_modules = [m for m in self._root.modules()
+                 if (isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and
+                     (id(m) in norms or memory_format is not None))
+                 or (type(m) is nn.Linear and dtype is not None)]  # noqa: E721 (not MHA's)
         cache, restore = {}, []
         try:
-            for conv in convs:
-                norm, owner, attr = norms.get(id(conv), (None, None, None))
-                swapped = self._weights(conv, norm, dtype, memory_format)
-                cache[id(conv)] = swapped
-                restore.append((conv, conv.weight, conv.bias, owner, attr, norm))
-                conv.weight, conv.bias = swapped.weight, swapped.bias
+            for module in swapped_modules:
+                norm, owner, attr = norms.get(id(module), (None, None, None))
+                fmt = None if isinstance(module, nn.Linear) else memory_format
+                swapped = self._weights(module, norm, dtype, fmt)
+                cache[id(module)] = swapped
+                restore.append((module, module.weight, module.bias, owner, attr, norm))
+                module.weight, module.bias = swapped.weight, swapped.bias
                 if norm is not None:
                     setattr(owner, attr, None if attr == "norm" else nn.Identity())
         except BaseException:
             self._restore = restore
             self._swap_out()
             raise
-        self._cache = cache  # convs gone from the tree are forgotten
+        self._cache = cache  # modules gone from the tree are forgotten
         self._restore = restore
 
     def _swap_out(self) -> None:
-        for conv, weight, bias, owner, attr, norm in reversed(self._restore):
-            conv.weight, conv.bias = weight, bias
+        for module, weight, bias, owner, attr, norm in reversed(self._restore):
+            module.weight, module.bias = weight, bias
             if norm is not None:
                 setattr(owner, attr, norm)
         self._restore = []
@@ -321,9 +333,9 @@ class InferenceConvWeights:
         """Run the block with the swapped weights.
 
         Args:
-            dtype: the folded weights' dtype (the autocast dtype), None for each conv
-                weight's own. Convolutions without a folded norm keep their dtype (autocast
-                casts them).
+            dtype: the dtype of the folded conv weights and of the ``nn.Linear`` weights
+                (the autocast dtype), None for each weight's own. Convolutions without a
+                folded norm keep their dtype (autocast casts them).
             fold: fold the conv + fixed-statistics BatchNorm pairs.
             memory_format: the memory format of every conv weight, None for each one's own.
         """
