@@ -173,7 +173,7 @@ class QueryInst(GeneralizedRCNN):
         dtype = self._autocast_dtypes[key]
         memory_format = resolve_memory_format(self.inference_memory_format, device.type)
         with contextlib.ExitStack() as stack:
-            if self.fuse_bn_inference or memory_format is not None:
+            if self.fuse_bn_inference or memory_format is not None or dtype is not None:
                 stack.enter_context(self._inference_weights.applied(
                     dtype, self.fuse_bn_inference, memory_format))
             if dtype is not None:
