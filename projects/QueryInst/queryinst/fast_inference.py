@@ -10,7 +10,8 @@ None changes the method (docs/method.md) or what is trained or saved; all apply 
   followed by a BatchNorm that uses fixed statistics (Detectron2's ``FrozenBatchNorm2d``, or
   ``nn.BatchNorm2d`` in eval mode) runs as one convolution with
   ``torch.nn.utils.fusion.fuse_conv_bn_weights``'s weights, the norm skipped; and every
-  convolution's weight can be given another memory format (channels-last on the CPU). The
+  convolution's weight can be given another memory format (channels-last on the CPU); with
+  ``INFERENCE_DTYPE`` bfloat16 / float16, the ``nn.Linear`` weights are cast once. The
   swapped weights live outside the module tree, are swapped in for the call and back after
   it: ``state_dict()``, checkpoints and training never see them.
 - :func:`resolve_inference_dtype` (``MODEL.QUERYINST.INFERENCE_DTYPE``): the autocast dtype
@@ -177,9 +178,9 @@ def resolve_memory_format(name: str, device_type: str) -> torch.memory_format | 
 
 @dataclass
 class _Swapped:
-    """The weights one convolution runs with during inference, and what they came from."""
+    """The weights one conv or linear layer runs with during inference, and their sources."""
 
-    sources: tuple  # the tensors read (conv weight and bias, and the norm's when folded)
+    sources: tuple  # the tensors read (weight and bias, and the norm's when folded)
     versions: tuple  # their in-place modification counters at that time
     key: tuple  # (eps or None, dtype, memory format)
     weight: nn.Parameter
