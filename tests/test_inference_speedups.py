@@ -431,8 +431,8 @@ def test_bf16_casts_linear_weights_once_with_autocasts_values(models, monkeypatc
     assert torch.equal(got.pred_masks, want.pred_masks)
 
 
-def test_folder_is_not_part_of_the_module_tree(models):
+def test_swapped_weights_are_not_part_of_the_module_tree(models):
     folded, _ = models
     assert isinstance(folded._inference_weights, InferenceWeights)
     assert all(not isinstance(m, InferenceWeights) for m in folded.modules())
-    assert not any("folder" in k for k in folded.state_dict())
+    assert not any("inference_weights" in k for k in folded.state_dict())
