@@ -85,7 +85,7 @@ def add_queryinst_config(cfg: CN) -> None:
     # channels-last anyway (INFERENCE_MEMORY_FORMAT). Off by default, as in Detectron2.
     _C.CHANNELS_LAST = False
     # Inference speed-ups (queryinst/fast_inference.py; README "Fast inference"; measured in
-    # docs/benchmark.md). Neither applies in training, and neither changes state_dict().
+    # docs/benchmark.md). None of the three applies in training or changes state_dict().
     # Fold each BatchNorm with fixed statistics (FrozenBN, and BN in eval mode) into the conv
     # before it for the duration of an inference call (backbone and mask head): the same
     # outputs up to float rounding, one conv instead of conv + norm.

@@ -320,9 +320,9 @@ class QueryInstROIHeads(nn.Module):
     def _pooler_input(self, pooler: nn.Module, features: dict[str, Tensor]):
         """The maps ``in_features`` in the form ``pooler`` reads: made once per forward pass
         from :meth:`pooled_features`' result, or for this call from a plain dict of maps."""
-        if isinstance(features, PooledFeatures):
-            return features.pooler_input(pooler, self.in_features)
-        return PooledFeatures(features).pooler_input(pooler, self.in_features)
+        if not isinstance(features, PooledFeatures):
+            features = PooledFeatures(features)
+        return features.pooler_input(pooler, self.in_features)
 
     def pooled_features(self, features: dict[str, Tensor]) -> PooledFeatures:
         """The maps the poolers read (``in_features``), for the RoI poolings of one forward
