@@ -233,6 +233,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--reference runs MMDetection's QueryInst on the CPU: use --device cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: PyTorch sees no CUDA device on this machine")
+    for opts in args.also_opts:  # checked here, before any model or the reference starts
+        if not opts.split() or len(opts.split()) % 2:
+            raise SystemExit(f"--also-opts {opts!r}: expected KEY VALUE pairs")
     if args.baselines is not None:  # None: chosen in main() from QueryInst's depth
         args.baselines = [] if args.baselines in ("", "none") else args.baselines.split(",")
     for name in args.baselines or []:
@@ -822,8 +825,6 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
         variants.append(("queryinst unfolded", ["MODEL.QUERYINST.FUSE_BN_INFERENCE", "False"]))
     for opts in args.also_opts:
         extra = opts.split()
-        if not extra or len(extra) % 2:
-            raise SystemExit(f"--also-opts {opts!r}: expected KEY VALUE pairs")
         variants.append(("queryinst " + " ".join(
             f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(extra[::2], extra[1::2])), extra))
     for name, extra in variants:  # the same config and weights, one inference setting changed
