@@ -308,17 +308,24 @@ def test_also_config_measures_mobilenet_beside_r50_without_resnet_baselines():
         bench.main(["--config-file", MNV2_COCO, "--baselines", "mask_rcnn_R_50_FPN", *small])
 
 
+NUCLEI = str(ROOT / "configs" / "bundled" / "queryinst_MNV2_FPN_nuclei.yaml")
+
+
+def _nuclei_run(iters: int, *options: str) -> dict:
+    """The report of a quiet run of the MobileNetV2 nuclei config alone at 64x96, one
+    thread, 10 queries, ``iters`` rounds, with ``options`` added."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return bench.main([
+            "--config-file", NUCLEI, "--baselines", "none", "--input-size", "64", "96",
+            "--iters", str(iters), "--warmup", "0", "--threads", "1", "--no-flops", *options,
+            "MODEL.QUERYINST.NUM_PROPOSALS", "10", "MODEL.QUERYINST.TEST_TOPK", "10",
+        ])
+
+
 def test_exported_model_is_timed_beside_pytorch():
     """--exported: the ONNX graph of the same model, timed in the same rounds, and its
     detections compared with the PyTorch model's."""
-    config = str(ROOT / "configs" / "bundled" / "queryinst_MNV2_FPN_nuclei.yaml")
-    with contextlib.redirect_stdout(io.StringIO()):
-        report = bench.main([
-            "--config-file", config, "--baselines", "none", "--input-size", "64", "96",
-            "--iters", "2", "--warmup", "0", "--threads", "1", "--no-flops",
-            "--exported", "onnx", "MODEL.QUERYINST.NUM_PROPOSALS", "10",
-            "MODEL.QUERYINST.TEST_TOPK", "10",
-        ])
+    report = _nuclei_run(2, "--exported", "onnx")
     assert report["settings"]["exported"] == ["onnx"]
     pytorch, onnx = report["models"]
     assert onnx["name"] == "exported onnx" and onnx["params"] == pytorch["params"]
@@ -333,15 +340,9 @@ def test_inference_variants_are_timed_in_the_same_rounds():
     """--inference-dtype / --unfolded / --also-opts: the first config again with inference
     keys changed, the same weights, timed in the same rounds; per-round ratios to the first
     model."""
-    config = str(ROOT / "configs" / "bundled" / "queryinst_MNV2_FPN_nuclei.yaml")
-    with contextlib.redirect_stdout(io.StringIO()):
-        report = bench.main([
-            "--config-file", config, "--baselines", "none", "--input-size", "64", "96",
-            "--iters", "3", "--warmup", "0", "--threads", "1", "--no-flops",
-            "--inference-dtype", "bfloat16", "--unfolded", "--also-opts",
-            "MODEL.QUERYINST.INFERENCE_MEMORY_FORMAT contiguous MODEL.QUERYINST.TEST_TOPK 5",
-            "MODEL.QUERYINST.NUM_PROPOSALS", "10", "MODEL.QUERYINST.TEST_TOPK", "10",
-        ])
+    report = _nuclei_run(
+        3, "--inference-dtype", "bfloat16", "--unfolded", "--also-opts",
+        "MODEL.QUERYINST.INFERENCE_MEMORY_FORMAT contiguous MODEL.QUERYINST.TEST_TOPK 5")
     first, bf16, unfolded, plain = report["models"]
     assert [m["name"] for m in report["models"]] == [
         "queryinst", "queryinst bfloat16", "queryinst unfolded",
@@ -358,6 +359,6 @@ def test_inference_variants_are_timed_in_the_same_rounds():
         assert m["round_ratio_vs_queryinst"] == pytest.approx(float(np.median(ratios)), abs=2e-3)
     assert first["round_ratio_vs_queryinst"] == 1.0
     with pytest.raises(SystemExit):
-        bench.parse_args(["--config-file", config, "--inference-dtype", "half"])
+        bench.parse_args(["--config-file", NUCLEI, "--inference-dtype", "half"])
     with pytest.raises(SystemExit, match="--also-opts 'MODEL.QUERYINST.TEST_TOPK': expected"):
-        bench.parse_args(["--config-file", config, "--also-opts", "MODEL.QUERYINST.TEST_TOPK"])
+        bench.parse_args(["--config-file", NUCLEI, "--also-opts", "MODEL.QUERYINST.TEST_TOPK"])
