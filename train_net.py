@@ -13,6 +13,9 @@ Examples::
     python train_net.py --config-file ... --resume
     # two processes: one per GPU (NCCL), or without CUDA two CPU processes (gloo)
     python train_net.py --config-file ... --num-gpus 2
+    # started by torchrun (or srun): the processes join its job; with --max-restarts a
+    # restarted job resumes from OUTPUT_DIR/last_checkpoint by itself
+    torchrun --nnodes 1 --nproc-per-node 2 --max-restarts 1 train_net.py --config-file ...
     # evaluate a checkpoint
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
     # your own COCO-format data (README "Custom datasets")
@@ -69,7 +72,15 @@ from queryinst.data import (  # noqa: E402
     check_config_datasets,
     register_dataset_specs,
 )
-from queryinst.launch import ddp_on_any_device, launch, worker_note  # noqa: E402
+from queryinst.launch import (  # noqa: E402
+    LaunchEnvError,
+    ddp_on_any_device,
+    distributed_env,
+    elastic_restart_count,
+    launch,
+    run_in_env,
+    worker_note,
+)
 from queryinst.solver import build_optimizer, check_losses_finite  # noqa: E402
 from queryinst.train_loader import (  # noqa: E402
     build_resumable_train_loader,
@@ -251,6 +262,10 @@ def setup(args):
 def main(args):
     """Train (``--resume``: continue from ``OUTPUT_DIR/last_checkpoint``) or evaluate.
 
+    Under torchrun, after a restart of the workers (``TORCHELASTIC_RESTART_COUNT`` > 0,
+    ``torchrun --max-restarts``), training resumes from the last complete checkpoint as with
+    ``--resume``, and the log says so.
+
     Args:
         args (argparse.Namespace): from ``default_argument_parser()``.
 
@@ -286,7 +301,13 @@ def main(args):
         return res
 
     trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
+    restarts = elastic_restart_count()
+    trainer.resume_or_load(resume=args.resume or restarts > 0)
+    if restarts > 0:
+        logging.getLogger("detectron2").info(
+            "torchrun restart %d: resumed automatically from the last complete checkpoint "
+            "of %s (training continues at iteration %d)", restarts, cfg.OUTPUT_DIR,
+            trainer.start_iter)
     trainer.train()
     # Set by DefaultTrainer's evaluation hook (TEST.EVAL_PERIOD and at the end of training).
     return getattr(trainer, "_last_eval_results", {})
@@ -297,22 +318,49 @@ def parse_args(argv=None):
 
     ``--num-gpus N``: N processes per machine (``--num-machines``, ``--machine-rank``,
     ``--dist-url`` as in Detectron2), one per GPU with NCCL where CUDA is available, else N
-    CPU processes over gloo, each with 1/N of the CPU threads (``queryinst.launch``)."""
+    CPU processes over gloo, each with 1/N of the CPU threads (``queryinst.launch``).
+    Started by torchrun or srun, the process joins that job instead, and these flags are
+    a usage error (the launcher has already decided the processes)."""
     return add_dataset_argument(default_argument_parser()).parse_args(argv)
+
+
+# Flags of the spawning launch, which torchrun's and srun's jobs replace.
+SPAWN_FLAGS = ("--num-gpus", "--num-machines", "--machine-rank")
+
+
+def spawn_flags_given(argv) -> list:
+    """The flags of :data:`SPAWN_FLAGS` on the command line ``argv`` (before the config
+    options), as typed."""
+    return [a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in SPAWN_FLAGS]
 
 
 if __name__ == "__main__":
     args = parse_args()
     print("Command Line Args:", args)
     try:
-        launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
+        env = distributed_env()
+        flags = spawn_flags_given(sys.argv[1:])
+        if env is not None and flags:
+            print(f"ERROR: {', '.join(flags)} given, but this process "
+                  f"was started by {env.launcher} (rank {env.rank} of {env.world_size}): the "
+                  f"launcher decides the processes. Leave out --num-gpus / --num-machines / "
+                  f"--machine-rank, or run python train_net.py --num-gpus N without "
+                  f"{env.launcher}.", file=sys.stderr)
+            sys.exit(2)
+        if env is not None:
+            run_in_env(main, env, args=(args,))
+        else:
+            launch(
+                main,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args,),
+            )
+    except LaunchEnvError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        sys.exit(2)
     # Unusable MODEL.WEIGHTS, a misspelled key or a dataset that cannot be read (e.g. no
     # Cityscapes folder): the message says what is wrong and what to pass instead.
     except (CheckpointError, UnknownConfigKeyError, ConfigValueTypeError,
