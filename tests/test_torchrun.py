@@ -123,3 +123,70 @@ def test_torchrun_two_processes_train_one_job(tmp_path):
     final = _load(tmp_path / "model_final.pth")
     assert final["iteration"] == 1  # the last of 2 iterations (0-based)
     assert _read(tmp_path / "last_checkpoint") == "model_final.pth"
+
+
+# ------------------------------------------------------------------ automatic recovery
+
+# 8 iterations, checkpoints after iterations 1, 3, 5 and 7 (model_final).
+RECOVERY = ["SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "2"]
+
+
+def _workers(agent_pid: int) -> dict:
+    """torchrun's worker processes by global rank: the agent's children, ranks read from
+    their environment (/proc, Linux)."""
+    with open(f"/proc/{agent_pid}/task/{agent_pid}/children") as f:
+        pids = [int(p) for p in f.read().split()]
+    ranks = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        except FileNotFoundError:  # exited meanwhile
+            continue
+        if b"RANK" in env:
+            ranks[int(env[b"RANK"])] = pid
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_torchrun(tmp_path_factory):
+    """The truth: the same torchrun job of 2 processes, never interrupted."""
+    out_dir = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(torchrun("--nnodes", "1", "--nproc-per-node", "2",
+                            *train_net(*RECOVERY, "OUTPUT_DIR", str(out_dir))),
+                   env=cpu_env(), check=True, capture_output=True, timeout=400)
+    return out_dir
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_is_restarted_and_resumes_to_the_uninterrupted_weights(
+        uninterrupted_torchrun, tmp_path):
+    """torchrun --max-restarts 1; rank 1 SIGKILLed once the second checkpoint exists. The
+    restarted workers resume by themselves (no --resume) and end with the weights of the
+    uninterrupted job, bit for bit."""
+    agent = subprocess.Popen(
+        torchrun("--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "1",
+                 "--monitor-interval", "0.1", *train_net(*RECOVERY, "OUTPUT_DIR", str(tmp_path))),
+        env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        last = tmp_path / "last_checkpoint"  # written after the checkpoint is complete
+        while not (last.exists() and _read(last) == "model_0000003.pth"):
+            assert agent.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+        os.kill(_workers(agent.pid)[1], signal.SIGKILL)
+        _, stderr = agent.communicate(timeout=400)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode == 0, stderr[-3000:]
+    assert "failed (exitcode: -9) local_rank: 1" in stderr  # torchrun saw the SIGKILL
+    log = _read(tmp_path / "log.txt")
+    assert "torchrun restart 1: resumed automatically from the last complete checkpoint" in log
+    resumed_at = int(log.split("training continues at iteration ")[1].split(")")[0])
+    assert resumed_at in (4, 6)  # from checkpoint 3 (or 5, had it been written meanwhile)
+    truth = _load(uninterrupted_torchrun / "model_final.pth")["model"]
+    got = _load(tmp_path / "model_final.pth")["model"]
+    assert got.keys() == truth.keys()
+    for k in truth:
+        assert torch.equal(got[k], truth[k]), k

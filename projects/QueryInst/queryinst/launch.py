@@ -127,13 +127,17 @@ def _gloo_worker(local_rank, main_func, world_size, num_workers_per_machine, mac
     main_func(*args)
 
 
-def _join(backend: str, init_method: str, world_size: int, rank: int, local_size: int,
-          machine_rank: int, timeout: timedelta) -> None:
-    """``init_process_group``, then Detectron2's per-machine group ``comm._LOCAL_PROCESS_GROUP``
-    (ranks ``machine_rank * local_size`` .. ``+ local_size - 1``), which
-    ``comm.get_local_rank()`` / ``get_local_size()`` read."""
+def _join(backend: str, init_method: Optional[str], world_size: int, rank: int,
+          local_size: int, machine_rank: int, timeout: timedelta,
+          store: Optional[dist.Store] = None) -> None:
+    """``init_process_group`` (through ``store`` when given, else ``init_method``), then
+    Detectron2's per-machine group ``comm._LOCAL_PROCESS_GROUP`` (ranks
+    ``machine_rank * local_size`` .. ``+ local_size - 1``), which ``comm.get_local_rank()``
+    / ``get_local_size()`` read."""
+    if store is not None:
+        init_method = None
     dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size,
-                            rank=rank, timeout=timeout)
+                            rank=rank, timeout=timeout, store=store)
     # Every process creates every group (new_group is collective).
     for i in range(world_size // local_size):
         group = dist.new_group(list(range(i * local_size, (i + 1) * local_size)))
@@ -264,6 +268,19 @@ def elastic_restart_count(environ: Optional[Mapping[str, str]] = None) -> int:
     return _int_var(environ, "TORCHELASTIC_RESTART_COUNT", 0)
 
 
+def _attempt_store(env: DistEnv, timeout: timedelta) -> Optional[dist.Store]:
+    """Under torchrun with its agent's store (``TORCHELASTIC_USE_AGENT_STORE``): that store,
+    its keys prefixed with the restart count. The agent keeps one store over restarts, and
+    torch's ``env://`` adds no prefix: the restarted workers read the dead workers' gloo
+    addresses ("Gloo connectFullMesh failed ... Connection refused"). None otherwise (a new
+    store per start: ``env://``)."""
+    if env.launcher != "torchrun" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          env.world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"queryinst/attempt_{env.restart_count}", store)
+
+
 def run_in_env(main_func: Callable, env: DistEnv, args: tuple = (),
                timeout: timedelta = DEFAULT_TIMEOUT, backend: Optional[str] = None):
     """Run ``main_func(*args)`` as process ``env.rank`` of a job that torchrun or srun started.
@@ -292,7 +309,7 @@ def run_in_env(main_func: Callable, env: DistEnv, args: tuple = (),
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
     _join(backend, env.init_method, env.world_size, env.rank, env.local_size,
-          env.machine_rank, timeout)
+          env.machine_rank, timeout, store=_attempt_store(env, timeout))
     try:
         comm.synchronize()
         return main_func(*args)
