@@ -1,6 +1,9 @@
 """Distributed training on the CPU: two gloo processes against one process (the truth).
 
-``queryinst.launch`` starts the processes as ``train_net.py --num-gpus 2`` does without CUDA.
+The two processes are started three ways (fixture ``two_processes``): ``queryinst.launch``
+as ``train_net.py --num-gpus 2`` does without CUDA; as two machines of one process each
+(``--num-machines 2 --machine-rank 0|1 --dist-url tcp://127.0.0.1:PORT``); and by torchrun
+with two nodes (``--nnodes 2 --nproc-per-node 1``), the process joining with ``run_in_env``.
 One run of two processes (module fixture ``two_processes``) gives each process one of two
 images; the same model in this process gets both images. What must agree, and why:
 
@@ -32,6 +35,7 @@ images have the same size so that one process pads them as each process pads its
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -154,13 +158,76 @@ def init_state(tmp_path_factory):
     return out_dir, state
 
 
-@pytest.fixture(scope="module")
-def two_processes(init_state):
-    """Results of the two gloo processes, [rank 0's, rank 1's]."""
-    out_dir = init_state[0]
-    launch(_worker, 2, dist_url=f"file://{out_dir}/rendezvous", args=(str(out_dir),),
-           backend="gloo")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Two "machines" on this host, one process each, each started by its own command: through
+# queryinst.launch (train_net.py --num-machines 2 --machine-rank R --dist-url ...), or by
+# torchrun --nnodes 2 --nproc-per-node 1 (the process joins with run_in_env).
+_MACHINE = """
+import sys
+sys.path.insert(0, {tests!r})
+import test_distributed
+from queryinst.launch import launch
+launch(test_distributed._worker, 1, num_machines=2, machine_rank=int(sys.argv[1]),
+       dist_url=sys.argv[2], args=(sys.argv[3],), backend="gloo")
+"""
+_TORCHRUN_NODE = """
+import sys
+sys.path.insert(0, {tests!r})
+import test_distributed
+from queryinst.launch import distributed_env, run_in_env
+run_in_env(test_distributed._worker, distributed_env(), args=(sys.argv[1],), backend="gloo")
+"""
+
+
+def _run_two_machines(kind: str, out_dir) -> None:
+    """Start both machines' commands at once and wait for both (each must exit 0)."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    port = _free_port()
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env.pop("OMP_NUM_THREADS", None)
+    if kind == "machines":
+        cmds = [[sys.executable, "-c", _MACHINE.format(tests=tests), str(r),
+                 f"tcp://127.0.0.1:{port}", str(out_dir)] for r in (0, 1)]
+    else:
+        cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                 "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                 f"127.0.0.1:{port}", "--no-python", sys.executable, "-c",
+                 _TORCHRUN_NODE.format(tests=tests), str(out_dir)]] * 2
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for c in cmds]
+    try:
+        errors = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, err in zip(procs, errors):
+        assert p.returncode == 0, err[-3000:]
+
+
+@pytest.fixture(scope="module", params=[
+    "spawn", pytest.param("machines", marks=pytest.mark.slow), "torchrun_nodes"])
+def two_processes(request, init_state):
+    """Results of the two gloo processes, [rank 0's, rank 1's], started three ways: two
+    processes of one machine (``launch``, as ``--num-gpus 2``), two machines of one process
+    (``--num-machines 2``), and torchrun with two nodes of one process."""
+    out_dir = init_state[0] / request.param
+    out_dir.mkdir()
+    torch.save(torch.load(init_state[0] / "init.pt"), out_dir / "init.pt")
+    if request.param == "spawn":
+        launch(_worker, 2, dist_url=f"file://{out_dir}/rendezvous", args=(str(out_dir),),
+               backend="gloo")
+    else:
+        _run_two_machines(request.param, out_dir)
+    results = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for res in results:
+        res["kind"] = request.param
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -178,12 +245,15 @@ def one_process(init_state):
 
 
 def test_workers_are_gloo_processes_with_the_cpus_split(two_processes):
+    per_machine = 2 if two_processes[0]["kind"] == "spawn" else 1
     for rank, res in enumerate(two_processes):
-        assert (res["local_rank"], res["local_size"]) == (rank, 2)
-        assert res["threads"] == threads_per_worker(2)
+        local_rank = rank % per_machine  # machine 1's process is its machine's rank 0
+        assert (res["local_rank"], res["local_size"]) == (local_rank, per_machine)
+        if res["kind"] != "torchrun_nodes":  # torchrun: OMP_NUM_THREADS decides
+            assert res["threads"] == threads_per_worker(per_machine)
         assert res["ddp"] == "DistributedDataParallel"
-        assert res["note"] == (f"Process {rank} of 2 (gloo, local rank {rank} of 2), "
-                               f"{res['threads']} intra-op CPU threads")
+        assert res["note"] == (f"Process {rank} of 2 (gloo, local rank {local_rank} of "
+                               f"{per_machine}), {res['threads']} intra-op CPU threads")
     assert threads_per_worker(2, num_cpus=16) == 8
     assert threads_per_worker(3, num_cpus=2) == 1
 

@@ -125,6 +125,36 @@ def test_torchrun_two_processes_train_one_job(tmp_path):
     assert _read(tmp_path / "last_checkpoint") == "model_final.pth"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["machines", "torchrun_nodes"])
+def test_two_machines_on_this_host_train_one_job(kind, tmp_path):
+    """Two "machines" of one process each, each started by its own command: train_net.py
+    --num-machines 2 --machine-rank 0|1 --dist-url tcp://127.0.0.1:PORT, or torchrun
+    --nnodes 2 --nproc-per-node 1 twice. (tests/test_distributed.py checks that such a pair
+    computes what one process does with both images.)"""
+    if kind == "machines":
+        url = f"tcp://127.0.0.1:{free_port()}"
+        cmds = [[sys.executable, train_net("OUTPUT_DIR", str(tmp_path))[0], "--num-machines",
+                 "2", "--machine-rank", str(r), "--dist-url", url,
+                 *train_net("OUTPUT_DIR", str(tmp_path))[1:]] for r in (0, 1)]
+    else:
+        cmds = [torchrun("--nnodes", "2", "--nproc-per-node", "1",
+                         *train_net("OUTPUT_DIR", str(tmp_path)))] * 2
+    procs = [subprocess.Popen(c, env=cpu_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for c in cmds]
+    try:
+        errors = [p.communicate(timeout=400)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, err in zip(procs, errors):
+        assert p.returncode == 0, err[-3000:]
+    for rank, log in enumerate(("log.txt", "log.txt.rank1")):
+        assert f"Process {rank} of 2 (gloo, local rank 0 of 1)" in _read(tmp_path / log)
+    assert _load(tmp_path / "model_final.pth")["iteration"] == 1
+
+
 # ------------------------------------------------------------------ automatic recovery
 
 # 8 iterations, checkpoints after iterations 1, 3, 5 and 7 (model_final).
