@@ -243,7 +243,8 @@ def setup(args):
     Returns:
         CfgNode: the frozen config.
     """
-    register_dataset_specs(getattr(args, "dataset", None) or [])
+    register_dataset_specs(getattr(args, "dataset", None) or [],
+                           verify_images=getattr(args, "verify_images", False))
     cfg = get_cfg()
     add_queryinst_config(cfg)
     merge_config(cfg, args.config_file, args.opts)

@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from detectron2.data import get_detection_dataset_dicts
+from detectron2.data import DatasetFromList, get_detection_dataset_dicts
 from detectron2.data.build import build_batch_data_loader
 from detectron2.utils import comm
 from torch.utils.data import Dataset, Sampler
@@ -174,6 +174,10 @@ def build_resumable_train_loader(cfg, mapper: Callable[[dict], dict], seed: int,
     start = stream_start(start_iter, cfg.SOLVER.IMS_PER_BATCH)
     logger.info("Training stream: seed %d, from iteration %d (sample %d)", seed, start_iter,
                 start)
+    # Serialised once into one numpy buffer, as Detectron2's loader does: DataLoader
+    # workers then share it copy-on-read (a list of dicts would be copied page by page into
+    # every worker as reference counts change).
+    dicts = DatasetFromList(dicts, copy=False, serialize=True)
     return build_batch_data_loader(
         SeededMapDataset(dicts, mapper, seed),
         ResumableTrainingSampler(len(dicts), seed, start),

@@ -17,7 +17,7 @@ from .cityscapes import check_cityscapes_dataset
 from .coco_format import DatasetFormatError
 
 __all__ = ["DETECTRON2_NUM_CLASSES", "check_config_datasets", "check_dataset",
-           "check_num_classes_keys"]
+           "check_num_classes_keys", "keep_for_next_get"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,8 @@ def check_dataset(cfg, name: str, key: str = "DATASETS.TRAIN") -> None:
         check_cityscapes_dataset(name)
     elif cfg.MODEL.MASK_ON or not metadata.get("thing_classes", None):
         dicts = DatasetCatalog.get(name)
+        if key == "DATASETS.TRAIN":  # the training loader's load follows at once
+            keep_for_next_get(name, dicts)
     classes = metadata.get("thing_classes", None)
     num_classes = cfg.MODEL.QUERYINST.NUM_CLASSES
     if classes is None:
@@ -116,6 +118,29 @@ def check_dataset(cfg, name: str, key: str = "DATASETS.TRAIN") -> None:
             f"DATASETS.TRAIN and DATASETS.TEST must have the model's classes.")
     if cfg.MODEL.MASK_ON and not cityscapes:
         _check_masks(name, dicts)
+
+
+def keep_for_next_get(name: str, dicts: List[dict]) -> None:
+    """Make the next ``DatasetCatalog.get(name)`` return ``dicts`` without loading, and the
+    ones after it load again: a dataset checked before training is read once per process,
+    not once for the check and once more for the loader (COCO's 118k images: ~20 s each).
+
+    The registered loader function is put back by that next call, which also drops this
+    module's reference to ``dicts``.
+
+    Args:
+        name: a registered dataset.
+        dicts: what ``DatasetCatalog.get(name)`` has just returned.
+    """
+    loader = DatasetCatalog[name]
+
+    def once():
+        DatasetCatalog.remove(name)
+        DatasetCatalog.register(name, loader)
+        return dicts
+
+    DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, once)
 
 
 def _objects(record: dict):

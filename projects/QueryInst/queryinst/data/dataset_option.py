@@ -66,11 +66,16 @@ def add_dataset_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="register a COCO instances json and its image folder as dataset NAME (repeatable);"
              " then name it in DATASETS.TRAIN / DATASETS.TEST and set "
              "MODEL.QUERYINST.NUM_CLASSES to its number of categories")
+    parser.add_argument(
+        "--verify-images", action="store_true",
+        help="when loading --dataset datasets, also open every image with PIL (header, size "
+             "against the json); without it only the files' existence is checked")
     return parser
 
 
-def register_dataset_specs(specs: Iterable[DatasetSpec]) -> None:
-    """Register each spec with :func:`register_coco_instances_checked` (no IO until loaded).
+def register_dataset_specs(specs: Iterable[DatasetSpec], verify_images: bool = False) -> None:
+    """Register each spec with :func:`register_coco_instances_checked` (no IO until loaded;
+    ``verify_images``: PIL opens every image then, ``--verify-images``).
 
     A name already registered with the same json file and image folder is left as it is (a
     second ``main`` in the same process); with other files, or a name of another dataset
@@ -87,4 +92,5 @@ def register_dataset_specs(specs: Iterable[DatasetSpec]) -> None:
             raise ValueError(
                 f"--dataset {spec.name}:...: the name '{spec.name}' is already registered "
                 f"(json_file {meta.get('json_file', None)}); choose another name")
-        register_coco_instances_checked(spec.name, {}, spec.json_file, spec.image_root)
+        register_coco_instances_checked(spec.name, {}, spec.json_file, spec.image_root,
+                                        verify_images=verify_images)

@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""Time and memory of the data path up to the first training batch, QueryInst against
+Detectron2's Mask R-CNN, on one COCO-format json (e.g. tools/make_coco_scale_json.py's).
+
+For each run (a fresh process each, the same json, ``DATALOADER.NUM_WORKERS`` workers, the
+same batch, random weights, CPU) measured in the same run, at the moment the first training
+batch is in the training loop's hands:
+
+- ``seconds``: from just before the process is started to then (imports, config, dataset
+  load and checks, model, loader, workers, first batch);
+- ``main_peak_rss_mb``: the main process's peak resident memory (``VmHWM``);
+- ``worker_uss_mb``: each DataLoader worker's unique memory (USS: private pages, from
+  ``/proc/PID/smaps_rollup``), i.e. what it does not share with the main process;
+- ``dataset_loads``: how often the process loaded the json (Detectron2's ``load_coco_json``).
+
+The runs: ``queryinst``: ``train_net.py``'s ``main`` (its dataset checks included) with
+``configs/queryinst_R50_FPN_1x_coco.yaml`` and the json as ``--dataset``; ``detectron2``:
+Detectron2's ``DefaultTrainer`` with its model zoo's
+``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml`` and ``register_coco_instances``
+(what its ``tools/train_net.py`` does). Linux only (``/proc``).
+
+Example::
+
+    python tools/make_coco_scale_json.py --out /tmp/coco_scale
+    python tools/data_scale_benchmark.py --json /tmp/coco_scale/annotations.json \\
+        --images /tmp/coco_scale/images --output /tmp/coco_scale/benchmark.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = ("queryinst", "detectron2")
+
+
+def _kib(path: str, fields) -> int:
+    """Sum of the kB ``fields`` of a /proc status-like file."""
+    total = 0
+    with open(path) as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in fields:
+                total += int(rest.split()[0])
+    return total
+
+
+def _children(pid: int) -> list:
+    pids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    return pids
+
+
+def _timed(owner, name: str, spent: dict, key: str):
+    """Add the seconds spent in ``owner.name`` to ``spent[key]``."""
+    original = getattr(owner, name)
+
+    def timed(*a, **k):
+        t = time.time()
+        try:
+            return original(*a, **k)
+        finally:
+            spent[key] = spent.get(key, 0.0) + time.time() - t
+
+    setattr(owner, name, timed)
+
+
+def _measure(start: float, loads: list) -> dict:
+    """This process at its first training batch (see the module docstring)."""
+    uss = []
+    for pid in _children(os.getpid()):
+        try:
+            uss.append(_kib(f"/proc/{pid}/smaps_rollup",
+                            ("Private_Clean", "Private_Dirty", "Private_Hugetlb")) / 1024)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return {"seconds": time.time() - start,
+            "main_peak_rss_mb": _kib("/proc/self/status", ("VmHWM",)) / 1024,
+            "worker_uss_mb": sorted(uss), "dataset_loads": len(loads),
+            **{k: round(v, 3) for k, v in SPENT.items()}}
+
+
+# Seconds spent in parts of the run: "dataset_get_seconds" (DatasetCatalog.get: reading and
+# checking the json), "model_build_seconds"; and "model_mb", the model's parameters.
+SPENT: dict = {}
+
+
+def _stop_at_first_batch(trainer, start: float, loads: list, out: str):
+    """Replace the trainer's batch iterator by one that measures at the first batch, writes
+    ``out`` and ends the process (the workers with it)."""
+    inner = trainer._trainer
+    batches = inner._data_loader_iter
+
+    def first():
+        next(batches)
+        with open(out, "w") as f:
+            json.dump(_measure(start, loads), f)
+        os._exit(0)
+        yield  # a generator
+
+    inner._data_loader_iter = first()
+
+
+def _count_loads(loads: list) -> None:
+    """Count Detectron2's ``load_coco_json`` calls (queryinst's loader and
+    ``register_coco_instances`` both reach it)."""
+    import detectron2.data.datasets as datasets
+    import detectron2.data.datasets.coco as coco
+    from detectron2.data import DatasetCatalog
+    from detectron2.engine import DefaultTrainer
+
+    _timed(DatasetCatalog, "get", SPENT, "dataset_get_seconds")
+    build = DefaultTrainer.build_model.__func__
+
+    def build_model(cls, cfg):
+        t = time.time()
+        model = build(cls, cfg)
+        SPENT["model_build_seconds"] = time.time() - t
+        SPENT["model_mb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        return model
+
+    DefaultTrainer.build_model = classmethod(build_model)
+
+    original = coco.load_coco_json
+
+    def counted(*a, **k):
+        loads.append(1)
+        return original(*a, **k)
+
+    coco.load_coco_json = datasets.load_coco_json = counted
+
+
+def _child(run: str, json_file: str, image_root: str, workers: int, batch: int, out: str):
+    start = float(os.environ["DATA_SCALE_START"])
+    loads: list = []
+    common = ["DATASETS.TRAIN", "('scale_train',)", "DATASETS.TEST", "()",
+              "DATALOADER.NUM_WORKERS", str(workers), "SOLVER.IMS_PER_BATCH", str(batch),
+              "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "OUTPUT_DIR",
+              tempfile.mkdtemp(prefix=f"data_scale_{run}_")]
+    if run == "queryinst":
+        sys.path.insert(0, REPO)
+        import train_net
+
+        _count_loads(loads)
+        resume_or_load = train_net.Trainer.resume_or_load
+
+        def resume_then_stop(self, resume=True):
+            resume_or_load(self, resume=resume)
+            _stop_at_first_batch(self, start, loads, out)
+
+        train_net.Trainer.resume_or_load = resume_then_stop
+        args = train_net.parse_args([
+            "--config-file", os.path.join(REPO, "configs", "queryinst_R50_FPN_1x_coco.yaml"),
+            "--dataset", f"scale_train:{json_file}:{image_root}", *common])
+        train_net.main(args)
+    else:
+        from detectron2 import model_zoo
+        from detectron2.config import get_cfg
+        from detectron2.data.datasets import register_coco_instances
+        from detectron2.engine import DefaultTrainer, default_setup
+
+        _count_loads(loads)
+        register_coco_instances("scale_train", {}, json_file, image_root)
+        cfg = get_cfg()
+        cfg.merge_from_file(model_zoo.get_config_file(
+            "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"))
+        cfg.merge_from_list(common)
+        cfg.freeze()
+        default_setup(cfg, argparse.Namespace(config_file="", eval_only=False))
+        trainer = DefaultTrainer(cfg)
+        trainer.resume_or_load(resume=False)
+        _stop_at_first_batch(trainer, start, loads, out)
+        trainer.train()
+    raise SystemExit(f"ERROR: {run}: training ended without a first batch")
+
+
+def run(which, json_file: str, image_root: str, workers: int = 4, batch: int = 8,
+        timeout: float = 3600) -> dict:
+    """Measure each run of ``which`` in a fresh process; returns {run: measurements}.
+
+    Raises:
+        RuntimeError: a run failed (its last output in the message) or took over ``timeout``
+            seconds.
+    """
+    results = {}
+    for name in which:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "result.json")
+            env = dict(os.environ, DATA_SCALE_START=repr(time.time()), CUDA_VISIBLE_DEVICES="")
+            proc = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--child", name, "--json",
+                 json_file, "--images", image_root, "--num-workers", str(workers),
+                 "--batch", str(batch), "--output", out],
+                env=env, capture_output=True, text=True, timeout=timeout)
+            if not os.path.exists(out):
+                raise RuntimeError(f"{name} run failed (exit {proc.returncode}):\n"
+                                   f"{proc.stderr[-3000:]}")
+            with open(out) as f:
+                results[name] = json.load(f)
+    if len(results) == 2:
+        q, d = results["queryinst"], results["detectron2"]
+        results["ratio"] = {
+            "seconds": q["seconds"] / d["seconds"],
+            "main_peak_rss": q["main_peak_rss_mb"] / d["main_peak_rss_mb"],
+            "worker_uss": max(q["worker_uss_mb"]) / max(d["worker_uss_mb"]),
+            # the data path alone: the models differ (QueryInst's heads are ~4x Mask R-CNN's)
+            "seconds_besides_model_build": ((q["seconds"] - q["model_build_seconds"])
+                                            / (d["seconds"] - d["model_build_seconds"])),
+            "main_peak_rss_besides_parameters": ((q["main_peak_rss_mb"] - q["model_mb"])
+                                                 / (d["main_peak_rss_mb"] - d["model_mb"])),
+            "dataset_get_seconds": q["dataset_get_seconds"] / d["dataset_get_seconds"],
+        }
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", required=True, help="COCO instances json")
+    parser.add_argument("--images", required=True, help="image folder of the json")
+    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8, help="SOLVER.IMS_PER_BATCH")
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    parser.add_argument("--output", help="write the results here (json) too")
+    parser.add_argument("--child", choices=RUNS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(args.child, args.json, args.images, args.num_workers, args.batch, args.output)
+        return 0
+    for path in (args.json, args.images):
+        if not os.path.exists(path):
+            print(f"ERROR: {path} does not exist (make one with tools/make_coco_scale_json.py)",
+                  file=sys.stderr)
+            return 2
+    results = run(args.runs, os.path.abspath(args.json), os.path.abspath(args.images),
+                  args.num_workers, args.batch)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
