@@ -83,6 +83,7 @@ from queryinst.launch import (  # noqa: E402
 )
 from queryinst.solver import build_optimizer, check_losses_finite  # noqa: E402
 from queryinst.train_loader import (  # noqa: E402
+    GatherRngStates,
     build_resumable_train_loader,
     rng_state,
     set_rng_state,
@@ -195,6 +196,12 @@ class Trainer(DefaultTrainer):
         checkpointer deletes all but that many newest ``model_<iter>.pth`` files (never
         ``model_final.pth``). Files of an earlier, resumed process are not tracked."""
         ret = super().build_hooks()
+        # Every process's RNG states for the checkpoint, gathered before rank 0 writes it.
+        first_checkpointer = next((i for i, h in enumerate(ret)
+                                   if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))),
+                                  len(ret))
+        ret.insert(first_checkpointer, GatherRngStates(self.cfg.SOLVER.CHECKPOINT_PERIOD,
+                                                       self.cfg.SOLVER.MAX_ITER))
         keep = self.cfg.SOLVER.CHECKPOINTS_TO_KEEP
         if keep > 0:
             ret = [hooks.PeriodicCheckpointer(h.checkpointer, h.period, max_to_keep=keep)
@@ -212,10 +219,13 @@ class Trainer(DefaultTrainer):
     # trainer's state under "_trainer", as here.
     def state_dict(self):
         """Iteration, hook states, the optimizer (and AMP grad scaler) state, and the RNG
-        states (Python, NumPy, torch; CUDA where used) for a resume that continues them."""
+        states (Python, NumPy, torch; CUDA where used) for a resume that continues them;
+        with several processes each process's ("rng_by_rank")."""
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()
         ret["rng"] = rng_state()
+        if getattr(self, "rng_by_rank", None):  # several processes: GatherRngStates
+            ret["rng_by_rank"] = self.rng_by_rank
         return ret
 
     def load_state_dict(self, state_dict):
@@ -224,7 +234,11 @@ class Trainer(DefaultTrainer):
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
-        self._resumed_rng = state_dict.get("rng")
+        by_rank = state_dict.get("rng_by_rank")
+        if by_rank and len(by_rank) == comm.get_world_size():  # this process's own states
+            self._resumed_rng = by_rank[comm.get_rank()]
+        else:
+            self._resumed_rng = state_dict.get("rng")
 
 
 def setup(args):

@@ -1,6 +1,7 @@
 """Fixtures and helpers shared by the test modules (``from conftest import load_script``)."""
 import importlib.util
 import os
+import subprocess
 import sys
 
 import pytest
@@ -21,6 +22,21 @@ def load_script(relpath, name):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def run_together(cmds, env, timeout):
+    """Start every command at once (e.g. the machines of one distributed job), wait for all,
+    and assert that each exited with 0 (its stderr's end in the message)."""
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for c in cmds]
+    try:
+        errors = [p.communicate(timeout=timeout)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, err in zip(procs, errors):
+        assert p.returncode == 0, err[-3000:]
 
 
 @pytest.fixture(scope="module")

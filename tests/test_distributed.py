@@ -51,6 +51,8 @@ from queryinst.losses import num_matched_across_processes
 from queryinst.solver import build_optimizer
 
 import test_model  # its small_cfg (tests/ is on sys.path, as for conftest)
+from conftest import run_together
+from test_torchrun import TINY as TORCHRUN_TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H, W = 64, 96
@@ -198,16 +200,7 @@ def _run_two_machines(kind: str, out_dir) -> None:
                  "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
                  f"127.0.0.1:{port}", "--no-python", sys.executable, "-c",
                  _TORCHRUN_NODE.format(tests=tests), str(out_dir)]] * 2
-    procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) for c in cmds]
-    try:
-        errors = [p.communicate(timeout=300)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, err in zip(procs, errors):
-        assert p.returncode == 0, err[-3000:]
+    run_together(cmds, env, timeout=300)
 
 
 @pytest.fixture(scope="module", params=[
@@ -341,16 +334,7 @@ def test_train_net_runs_two_cpu_processes(tmp_path):
     """``train_net.py --num-gpus 2`` without CUDA: 2 iterations of a tiny R18 on the bundled
     nuclei tiles, one image per process; both processes log."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    opts = [
-        "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-        "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.QUERYINST.HIDDEN_DIM", "32",
-        "MODEL.QUERYINST.DIM_FEEDFORWARD", "64", "MODEL.QUERYINST.MASK_CONV_DIM", "16",
-        "MODEL.QUERYINST.NUM_MASK_CONVS", "1", "MODEL.QUERYINST.NUM_STAGES", "1",
-        "MODEL.QUERYINST.NUM_PROPOSALS", "10", "MODEL.QUERYINST.MASK_NORM", "SyncBN",
-        "INPUT.MIN_SIZE_TRAIN", "(96,)", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2",
-        "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", "0",
-        "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path),
-    ]
+    opts = [*TORCHRUN_TINY, "OUTPUT_DIR", str(tmp_path)]  # 2 iterations, batch 2
     cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--num-gpus", "2",
            "--dist-url", "auto", "--config-file",
            os.path.join(REPO, "configs", "bundled", "queryinst_R50_FPN_nuclei.yaml"), *opts]

@@ -186,12 +186,18 @@ def weights(tmp_path_factory):
     return base
 
 
-@pytest.fixture(scope="module")
-def one_process(weights):
-    out_dir = weights / "one"
+def _run_dir(weights, name: str):
+    """A folder for one evaluation run, with links to the weights."""
+    out_dir = weights / name
     out_dir.mkdir()
     for kind in ("coco", "vis"):
         os.symlink(weights / f"{kind}.pth", out_dir / f"{kind}.pth")
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def one_process(weights):
+    out_dir = _run_dir(weights, "one")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each of the two processes on this 2-CPU machine
     try:
@@ -204,10 +210,7 @@ def one_process(weights):
 
 @pytest.fixture(scope="module")
 def two_processes(weights):
-    out_dir = weights / "two"
-    out_dir.mkdir()
-    for kind in ("coco", "vis"):
-        os.symlink(weights / f"{kind}.pth", out_dir / f"{kind}.pth")
+    out_dir = _run_dir(weights, "two")
     launch(_worker, 2, dist_url=f"file://{out_dir}/rendezvous", args=(str(out_dir),),
            backend="gloo")
     res = torch.load(out_dir / "results.pt", weights_only=False)

@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 
+from conftest import run_together
 from queryinst.launch import DistEnv, LaunchEnvError, distributed_env, elastic_restart_count
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,16 +141,7 @@ def test_two_machines_on_this_host_train_one_job(kind, tmp_path):
     else:
         cmds = [torchrun("--nnodes", "2", "--nproc-per-node", "1",
                          *train_net("OUTPUT_DIR", str(tmp_path)))] * 2
-    procs = [subprocess.Popen(c, env=cpu_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for c in cmds]
-    try:
-        errors = [p.communicate(timeout=400)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, err in zip(procs, errors):
-        assert p.returncode == 0, err[-3000:]
+    run_together(cmds, cpu_env(), timeout=400)
     for rank, log in enumerate(("log.txt", "log.txt.rank1")):
         assert f"Process {rank} of 2 (gloo, local rank 0 of 1)" in _read(tmp_path / log)
     assert _load(tmp_path / "model_final.pth")["iteration"] == 1
@@ -215,6 +207,9 @@ def test_sigkilled_worker_is_restarted_and_resumes_to_the_uninterrupted_weights(
     assert "torchrun restart 1: resumed automatically from the last complete checkpoint" in log
     resumed_at = int(log.split("training continues at iteration ")[1].split(")")[0])
     assert resumed_at in (4, 6)  # from checkpoint 3 (or 5, had it been written meanwhile)
+    # Each process's own RNG states are in the checkpoint (rank 0 writes it), for the resume.
+    by_rank = _load(tmp_path / "model_0000005.pth")["trainer"]["rng_by_rank"]
+    assert len(by_rank) == 2 and not torch.equal(by_rank[0]["torch"], by_rank[1]["torch"])
     truth = _load(uninterrupted_torchrun / "model_final.pth")["model"]
     got = _load(tmp_path / "model_final.pth")["model"]
     assert got.keys() == truth.keys()

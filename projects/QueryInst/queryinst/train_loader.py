@@ -31,11 +31,13 @@ import numpy as np
 import torch
 from detectron2.data import DatasetFromList, get_detection_dataset_dicts
 from detectron2.data.build import build_batch_data_loader
+from detectron2.engine import HookBase
 from detectron2.utils import comm
 from torch.utils.data import Dataset, Sampler
 
 __all__ = ["ResumableTrainingSampler", "SeededMapDataset", "build_resumable_train_loader",
-           "rng_state", "set_rng_state", "sample_seed", "stream_start", "train_stream_seed"]
+           "rng_state", "set_rng_state", "sample_seed", "stream_start", "train_stream_seed",
+           "GatherRngStates"]
 
 logger = logging.getLogger(__name__)
 
@@ -214,3 +216,28 @@ def set_rng_state(state: Optional[dict]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class GatherRngStates(HookBase):
+    """With several processes, each process's RNG states for the checkpoint rank 0 writes.
+
+    Only rank 0 writes checkpoints, so its :func:`rng_state` alone would be restored in every
+    process of a resumed job, whose other ranks would then draw other numbers (dropout) than
+    in an uninterrupted run. After each iteration that ends with a checkpoint (every
+    ``period`` iterations and the last), all processes gather their states into
+    ``trainer.rng_by_rank`` (a list by rank); register it before the checkpointer, in every
+    process (``all_gather`` is collective).
+
+    Args:
+        period (int): ``SOLVER.CHECKPOINT_PERIOD``.
+        max_iter (int): ``SOLVER.MAX_ITER``.
+    """
+
+    def __init__(self, period: int, max_iter: int):
+        self._period, self._max_iter = int(period), int(max_iter)
+
+    def after_step(self):
+        it = self.trainer.iter
+        if comm.get_world_size() > 1 and ((it + 1) % self._period == 0
+                                           or it >= self._max_iter - 1):
+            self.trainer.rng_by_rank = comm.all_gather(rng_state())
