@@ -329,7 +329,8 @@ def main(args):
 
 
 def parse_args(argv=None):
-    """``default_argument_parser()``'s arguments plus ``--dataset``.
+    """``default_argument_parser()``'s arguments plus ``--dataset`` and ``--verify-images``
+    (``queryinst.data.add_dataset_argument``).
 
     ``--num-gpus N``: N processes per machine (``--num-machines``, ``--machine-rank``,
     ``--dist-url`` as in Detectron2), one per GPU with NCCL where CUDA is available, else N
@@ -344,8 +345,8 @@ SPAWN_FLAGS = ("--num-gpus", "--num-machines", "--machine-rank")
 
 
 def spawn_flags_given(argv) -> list:
-    """The flags of :data:`SPAWN_FLAGS` on the command line ``argv`` (before the config
-    options), as typed."""
+    """The flags of :data:`SPAWN_FLAGS` found in the command line ``argv``, as typed
+    (``--num-gpus 2`` or ``--num-gpus=2``)."""
     return [a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in SPAWN_FLAGS]
 
 
