@@ -57,6 +57,7 @@ from queryinst.checkpoint import (  # noqa: E402
 from queryinst.class_init import class_init_from_config  # noqa: E402
 from queryinst.evaluation import build_image_evaluator  # noqa: E402
 from queryinst.config_loading import (  # noqa: E402
+    ConfigFileError,
     ConfigValueTypeError,
     UnknownConfigKeyError,
     device_note,
@@ -313,8 +314,9 @@ if __name__ == "__main__":
             dist_url=args.dist_url,
             args=(args,),
         )
-    # Unusable MODEL.WEIGHTS, a misspelled key or a dataset that cannot be read (e.g. no
+    # Unusable MODEL.WEIGHTS (or one refused because it would run code), a config that is not
+    # plain yaml, a misspelled key or a dataset that cannot be read (e.g. no
     # Cityscapes folder): the message says what is wrong and what to pass instead.
-    except (CheckpointError, UnknownConfigKeyError, ConfigValueTypeError,
+    except (CheckpointError, UnknownConfigKeyError, ConfigValueTypeError, ConfigFileError,
             DatasetFormatError, MissingPackageError) as e:
         sys.exit(f"ERROR: {e}")

@@ -41,6 +41,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from queryinst.checkpoint import CheckpointError, QueryInstCheckpointer  # noqa: E402
 from queryinst.config_loading import (  # noqa: E402
+    ConfigFileError,
     ConfigValueTypeError,
     UnknownConfigKeyError,
     inference_config,
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     try:
         cfg = inference_config(args.config_file, args.opts)
         check_exportable(cfg, args.format, args.opset)
-    except (UnknownConfigKeyError, ConfigValueTypeError, ExportError) as exc:
+    except (UnknownConfigKeyError, ConfigValueTypeError, ConfigFileError, ExportError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 2
     try:

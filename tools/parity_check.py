@@ -59,6 +59,7 @@ from queryinst.checkpoint import (
     format_config_summary,
     load_official_state_dict,
 )
+from queryinst.config_loading import merge_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,7 +159,7 @@ def build(cfg_path: str, ckpt: str, variant: str | None):
                  f"{detected['MODEL.QUERYINST.NUM_PROPOSALS']} queries")
     cfg = get_cfg()
     add_queryinst_config(cfg)
-    cfg.merge_from_file(cfg_path)
+    merge_config_file(cfg, cfg_path)  # yaml.safe_load only
     cfg.merge_from_list(config_as_opts(detected) + ["MODEL.DEVICE", "cpu"])
     cfg.freeze()
     model = build_model(cfg)

@@ -8,9 +8,9 @@ official ones, and offers a Detectron2 checkpointer that does the conversion on 
 Public names (``__all__`` also re-exports those of :mod:`queryinst.official_layout` and
 :mod:`queryinst.checkpoint_errors`, so ``from queryinst.checkpoint import ...`` serves all):
 
-- :func:`load_checkpoint_file`: ``torch.load`` that stays in ``weights_only`` mode unless the
-  file is an official checkpoint that needs more (see there); a file it cannot read gets
-  :func:`unreadable_checkpoint_error` (named, never with advice to drop ``weights_only``).
+- :func:`load_checkpoint_file`: reads a ``torch.save`` file without running code from it
+  (:mod:`queryinst.safe_load`); a file it refuses or cannot read gets one message naming it
+  and what it holds (:func:`unreadable_checkpoint_error`), never advice to drop the check.
 - :func:`official_config_opts`: the config an official file implies, as overrides;
   :func:`load_official_state_dict`, :func:`convert_official_checkpoint`: read / convert one.
 - :class:`QueryInstCheckpointer`: ``DetectionCheckpointer`` that also reads official files,
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-import re
 import zipfile
 from collections import OrderedDict
 from typing import Any, Callable, Mapping, Optional
@@ -45,7 +43,6 @@ from .checkpoint_errors import (
 from .class_init import ClassInit, remap_class_rows
 from .file_io import write_atomically
 from .official_layout import (
-    _looks_official,
     check_against_model,
     config_as_opts,
     convert_official_state_dict,
@@ -61,6 +58,7 @@ from .pretrained import (
     is_torchvision_mobilenet_v2,
     resolve_pretrained,
 )
+from .safe_load import load_pickle_file, load_torch_file, unreadable_checkpoint_error
 
 __all__ = [
     "CheckpointError",
@@ -113,110 +111,29 @@ def official_config_opts(path: str, fine_tuning: bool = False) -> list:
     return config_as_opts(config)
 
 
-def _first_line(text: str, limit: int = 160) -> str:
-    """The first sentence of the first line of ``text``, at most ``limit`` characters."""
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    line = line.split(". ")[0]
-    return line if len(line) <= limit else line[:limit] + "..."
-
-
-_CORRUPT = "it is truncated or corrupt"
-
-
-def _what_it_is(path: str) -> str:
-    """A guess at what a file that is not a checkpoint holds, from its first bytes."""
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if not head:
-        return "the file is empty"
-    if head.startswith(b"version https://git-lfs"):
-        return "it is a Git LFS pointer, not the file itself (fetch it with `git lfs pull`)"
-    if head.lstrip().startswith(b"<"):
-        return "it is an HTML/XML page (a failed download?)"
-    if head.startswith((b"PK\x03\x04", b"\x80")):  # zip (torch.save) or pickle
-        return _CORRUPT
-    return f"it starts with {head[:16]!r}, which is neither a zip archive nor a pickle"
-
-
-def unreadable_checkpoint_error(path: str, exc: BaseException) -> CheckpointFormatError:
-    """The error for a file that ``torch.load`` / ``pickle`` cannot read.
-
-    Names the file and says what it seems to be (truncated or corrupt, empty, an HTML page,
-    a Git LFS pointer, or a pickle of other Python objects). torch's own message is not
-    passed on: for any unpickling failure it suggests ``weights_only=False``, which is unsafe
-    and useless for a corrupt file.
-
-    Args:
-        path: the file that failed to load.
-        exc: what ``torch.load`` raised.
-
-    Returns:
-        CheckpointFormatError: to be raised (``from None``, so torch's advice is not shown).
-    """
-    text = str(exc)
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if found:
-        return CheckpointFormatError(
-            f"{path}: not a checkpoint this program reads: it holds Python objects other than "
-            f"tensors and plain containers (e.g. {found.group(1)}), which are not unpickled "
-            f"here because that could run code stored in the file; {_EXPECTED}"
-        )
-    what = _what_it_is(path)
-    if what == _CORRUPT and "weights_only" not in text and text.strip():
-        what += f" ({type(exc).__name__}: {_first_line(text)})"
-    return CheckpointFormatError(
-        f"{path}: not a readable checkpoint: {what}. Download or copy the file again"
-    )
-
-
 def load_checkpoint_file(path: str, mmap: bool = False) -> Any:
-    """``torch.load`` a checkpoint on the CPU, in ``weights_only`` mode where possible.
+    """Read a ``torch.save`` file on the CPU without running code from it.
+
+    :func:`queryinst.safe_load.load_torch_file`: ``torch.load(weights_only=True)`` with
+    numpy arrays, scalars and dtypes allowed. Official files carry a ``meta`` dict (mmdet /
+    mmcv versions, config text, class names, epoch), MMDetection 3.x files also a
+    ``message_hub`` of mmengine objects: entries that hold objects of mmengine / mmcv / mmdet
+    classes are dropped with one log line (the classes are never imported), the weights load.
 
     With ``mmap`` a zip-format file is memory-mapped: tensors are read from the file when
     used, so reading the config of a 700 MB file is cheap (the legacy format is read whole).
     Do not use it for files that may be rewritten while their tensors are in use.
 
-    ``weights_only=True`` unpickles only tensors and plain containers. Official files carry a
-    ``meta`` dict (mmdet/mmcv versions, config text, class names, epoch): plain Python, which
-    ``weights_only`` accepts (checked on an MMDetection 3.3 file). Should a file's ``meta``
-    hold some other object (a numpy scalar, an mmcv type), ``weights_only`` fails; then, and
-    only if the pickle's string table (read without executing it) shows the official layout
-    (``state_dict`` with ``roi_head.bbox_head.0.`` keys), the file is loaded with
-    ``weights_only=False``, with a warning: that mode can run code stored in the file, so use
-    files from a source you trust (the model zoos in the README).
-
     Raises:
         WeightsUnavailableError: ``path`` is not a file.
-        CheckpointFormatError: any other file that ``weights_only`` cannot read (truncated,
-            corrupt, not a checkpoint, or holding other Python objects), see
-            :func:`unreadable_checkpoint_error`; or an official file whose ``meta`` needs
-            code that is not installed.
+        CheckpointFormatError: a file that names other functions or classes (``holds a
+            reference to os.system, which is not loaded: ...``), or that cannot be read
+            (truncated, corrupt, not a checkpoint), see :func:`unreadable_checkpoint_error`.
     """
     if not os.path.isfile(path):
         raise WeightsUnavailableError(f"{path}: no such file")
     mmap = mmap and zipfile.is_zipfile(path)  # the legacy format cannot be memory-mapped
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except MemoryError:
-        raise
-    except pickle.UnpicklingError as e:
-        if not _looks_official(path):
-            raise unreadable_checkpoint_error(path, e) from None
-        logger.warning(
-            "%s: weights_only loading failed (%s); the file has the official QueryInst layout, "
-            "loading it with weights_only=False (only do this with files you trust)",
-            path, _first_line(str(e).split("error:")[-1], 80),
-        )
-    except Exception as e:  # torch.load's errors for truncated or foreign files vary
-        raise unreadable_checkpoint_error(path, e) from None
-    # Known layout (mmdet checkpoint with a 'meta' dict that weights_only rejects).
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except (ImportError, AttributeError) as e2:
-        raise CheckpointFormatError(
-            f"{path}: its 'meta' needs code that is not installed ({e2}); re-save only its "
-            "'state_dict' with torch.save where that code is available"
-        ) from e2
+    return load_torch_file(path, mmap=mmap)
 
 
 def load_official_state_dict(path: str, mmap: bool = True) -> "OrderedDict[str, Tensor]":
@@ -294,7 +211,8 @@ class QueryInstCheckpointer(DetectionCheckpointer):
       state dict load as the backbone's ImageNet weights (:mod:`queryinst.pretrained`).
     - Detectron2 checkpoints (``{"model": ...}``: this project's training outputs) and the
       ``.pkl`` / ``.pyth`` files Detectron2 reads (ImageNet-pretrained backbones) load as
-      with ``DetectionCheckpointer``.
+      with ``DetectionCheckpointer``, but read by :mod:`queryinst.safe_load` (no file runs
+      code: one naming another function or class is refused).
     - Any other ``.pth`` (a bare state dict such as torchvision's ResNet, another detector's
       mmdet checkpoint, a random dict) raises :class:`CheckpointFormatError` saying what
       was expected, instead of loading nothing and warning.
@@ -415,12 +333,18 @@ class QueryInstCheckpointer(DetectionCheckpointer):
         return f"cannot download MODEL.WEIGHTS {path} from {url} ({reason}); {instead}"
 
     def _load_file(self, filename: str) -> dict:
-        if filename.endswith((".pkl", ".pyth")):
-            try:
-                return super()._load_file(filename)
-            except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError,
-                    TypeError, AttributeError, ImportError, RuntimeError) as e:
-                raise unreadable_checkpoint_error(filename, e) from None
+        """Read ``filename`` without running code from it (:mod:`queryinst.safe_load`) and
+        return Detectron2's checkpoint dict; official files are converted."""
+        if filename.endswith(".pkl"):
+            return self._detectron2_pkl(filename)
+        if filename.endswith(".pyth"):  # pycls, read as DetectionCheckpointer reads it
+            data = load_checkpoint_file(filename)
+            if not isinstance(data, Mapping) or not isinstance(data.get("model_state"), Mapping):
+                raise CheckpointFormatError(f"{filename}: a .pyth file (pycls) holds "
+                                            "'model_state'; this one does not")
+            return {"model": {k: v for k, v in data["model_state"].items()
+                              if not k.endswith("num_batches_tracked")},
+                    "__author__": "pycls", "matching_heuristics": True}
         data = load_checkpoint_file(filename)
         if not isinstance(data, Mapping):
             raise CheckpointFormatError(f"{filename}: holds a {type(data).__name__}; {_EXPECTED}")
@@ -453,6 +377,21 @@ class QueryInstCheckpointer(DetectionCheckpointer):
             }
         keys = list(data)[:5]
         raise CheckpointFormatError(f"{filename}: top-level keys {keys}...; {_EXPECTED}")
+
+    def _detectron2_pkl(self, filename: str) -> dict:
+        """A Detectron2 / Detectron ``.pkl`` (numpy arrays), read by the restricted
+        unpickler and returned as ``DetectionCheckpointer._load_file`` returns it: model-zoo
+        files (``model`` and ``__author__``) as they are, Caffe2 files (``blobs`` or bare)
+        with name-matching heuristics and without ``*_momentum``."""
+        data = load_pickle_file(filename)
+        if not isinstance(data, dict):
+            raise CheckpointFormatError(f"{filename}: holds a {type(data).__name__}; {_EXPECTED}")
+        if "model" in data and "__author__" in data:
+            self.logger.info("Reading a file from '%s'", data["__author__"])
+            return data
+        data = data.get("blobs", data)
+        return {"model": {k: v for k, v in data.items() if not k.endswith("_momentum")},
+                "__author__": "Caffe2", "matching_heuristics": True}
 
     def _load_model(self, checkpoint: dict):
         config = checkpoint.pop("official_config", None)

@@ -8,6 +8,11 @@ own post-processing, ``queryinst_postprocess`` (boxes rescaled, not clipped; mas
 with Detectron2's ``paste_masks_in_image`` and thresholded at 0.5; docs/method.md §3).
 Everything but the graph comes from the ``model.json`` written beside it by
 ``tools/export_model.py``.
+
+Security: a ``.ts`` file is TorchScript, a program; ``torch.jit.load`` and running it run the
+code stored in it, by design. Load only ``.ts`` files you exported yourself (or trust as
+you would trust a script); for files from others prefer ``.onnx``, a graph of standard
+operators that onnxruntime runs without Python code.
 """
 from __future__ import annotations
 
@@ -31,7 +36,8 @@ class ExportedPredictor:
 
     Args:
         path: ``model.onnx`` or ``model.ts`` written by ``tools/export_model.py``, with its
-            ``model.json`` beside it.
+            ``model.json`` beside it. A ``.ts`` file runs the TorchScript code stored in it
+            (see the module docstring): prefer ``.onnx`` for files from others.
         num_threads: intra-op threads of onnxruntime / torch (None: the library's default;
             for TorchScript, torch's process-wide setting is left as it is).
 

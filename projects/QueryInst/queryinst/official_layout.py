@@ -16,15 +16,10 @@ Public names:
 - :func:`convert_official_state_dict`: official ``state_dict`` -> this model's state dict.
 - :func:`check_against_model`: refuse a converted state dict that does not fill exactly a
   model's tensors; :func:`fill_num_batches_tracked`: add the BN counters a file lacks.
-
-``_looks_official`` recognises the layout in a file from its pickle's strings, without
-unpickling it (for :func:`queryinst.checkpoint.load_checkpoint_file`).
 """
 from __future__ import annotations
 
-import pickletools
 import re
-import zipfile
 from collections import OrderedDict
 from typing import Any, Iterable, Mapping
 
@@ -375,35 +370,3 @@ def check_against_model(converted: Mapping[str, Tensor], model_state: Mapping[st
         "the official checkpoint does not fit this model (refusing a partial load):\n"
         + "\n".join(parts) + hint
     )
-
-
-# --------------------------------------------------------------------------- official files
-def _pickle_strings(path: str) -> set[str]:
-    """The string constants of a torch checkpoint's main pickle, read without unpickling.
-
-    Handles both the zip format (``*/data.pkl``) and the legacy format that
-    ``mmdet``'s ``publish_model`` writes (``_use_new_zipfile_serialization=False``): a magic
-    number, a protocol version and a system-info pickle precede the main pickle.
-    """
-    def strings(ops) -> set[str]:
-        return {arg for _, arg, _ in ops if isinstance(arg, str)}
-
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
-            if name is None:
-                return set()
-            return strings(pickletools.genops(zf.read(name)))
-    with open(path, "rb") as f:
-        for _ in range(3):  # magic number, protocol version, sys info
-            for _ in pickletools.genops(f):
-                pass
-        return strings(pickletools.genops(f))
-
-
-def _looks_official(path: str) -> bool:
-    try:
-        names = _pickle_strings(path)
-    except Exception:  # not a readable pickle: certainly not the known layout
-        return False
-    return "state_dict" in names and any(n.startswith(_OFFICIAL_MARKER) for n in names)

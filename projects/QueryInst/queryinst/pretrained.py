@@ -15,7 +15,6 @@ on first use). ``MODEL.WEIGHTS`` may also name a torchvision MobileNetV2 state d
 """
 from __future__ import annotations
 
-import io
 import os
 import re
 from collections import OrderedDict
@@ -29,6 +28,7 @@ from .data.package_files import PackageFetchError, cache_root, read_package_file
 from .file_io import write_atomically
 from .mobilenet import MobileNetV2
 from .official_layout import compare_state_dicts
+from .safe_load import load_torch_file
 
 __all__ = [
     "PRETRAINED_PREFIX", "PRETRAINED", "PretrainedSource", "pretrained_cache_dir",
@@ -176,7 +176,7 @@ def prepare_pretrained(name: str, *, cache_dir: str | None = None) -> str:
             "ImageNet mobilenet_v2 .pth) to this machine and set MODEL.WEIGHTS to its path"
         ) from None
     source = f"{spec.requirement}:{spec.member}"
-    state_dict = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    state_dict = load_torch_file(source, content=raw)  # nothing in it is run
     model = convert_torchvision_mobilenet_v2(state_dict, source=source)
     os.makedirs(cache_dir, exist_ok=True)
     write_atomically(path, lambda f: torch.save({"model": model, "__author__": spec.note}, f))
