@@ -9,7 +9,9 @@ unsafe loader, which runs it).
 """
 from __future__ import annotations
 
+import copy
 import difflib
+import os
 import re
 from typing import Iterable, Optional
 
@@ -189,6 +191,37 @@ def _type_message(match: "re.Match", source: str) -> str:
     example = f" ({given}.0)" if (key_type, given_type) == ("float", "int") else ""
     return (f"{key} holds a {key_type} (default {default}), but it is {given} (type "
             f"{given_type}) in {source}: write a {key_type}{example}")
+
+
+# Detectron2's own model zoo writes RetinaNet's anchor sizes as a python tag that evaluates
+# this expression (Base-RetinaNet.yaml). Exactly this text, in a file of the installed
+# Detectron2 model zoo, is read as its value, computed here once; nothing is evaluated.
+_EVAL_TAG = "tag:yaml.org,2002:python/object/apply:eval"
+_MODEL_ZOO_EXPRESSIONS = {
+    "[[x, x * 2**(1.0/3), x * 2**(2.0/3) ] for x in [32, 64, 128, 256, 512 ]]":
+        [[x, x * 2 ** (1.0 / 3), x * 2 ** (2.0 / 3)] for x in [32, 64, 128, 256, 512]],
+}
+
+
+def _model_zoo_dir() -> str:
+    import detectron2
+
+    return os.path.join(os.path.dirname(os.path.abspath(detectron2.__file__)), "model_zoo", "")
+
+
+def _model_zoo_expression(loader: yaml.SafeLoader, node: yaml.Node):
+    """The value of a known Detectron2 model-zoo expression; anything else is refused as
+    ``yaml.safe_load`` refuses it (``ConstructorError``)."""
+    if isinstance(node, yaml.SequenceNode) and len(node.value) == 1 \
+            and isinstance(node.value[0], yaml.ScalarNode) \
+            and node.value[0].value in _MODEL_ZOO_EXPRESSIONS \
+            and os.path.abspath(node.start_mark.name).startswith(_model_zoo_dir()):
+        return copy.deepcopy(_MODEL_ZOO_EXPRESSIONS[node.value[0].value])
+    return loader.construct_undefined(node)
+
+
+# fvcore reads every config with yaml.safe_load: this one tag is taught to its SafeLoader.
+yaml.SafeLoader.add_constructor(_EVAL_TAG, _model_zoo_expression)
 
 
 class ConfigFileError(ValueError):

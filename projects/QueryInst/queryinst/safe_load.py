@@ -1,7 +1,7 @@
 """Read pickle-based files (``.pth``, ``.pkl``, ``.pyth``) without running code from them.
 
-A pickle names functions and classes that unpickling calls; ``pickle.load`` or
-``torch.load(weights_only=False)`` on a file from elsewhere can therefore run any command. Every
+A pickle names functions and classes that unpickling calls; ``pickle.load`` or ``torch.load``
+outside its ``weights_only`` mode, on a file from elsewhere, can therefore run any command. Every
 weights file this project reads (``MODEL.WEIGHTS``, official QueryInst / MMDetection files,
 Detectron2 model-zoo ``.pkl`` files, this project's checkpoints and their RNG states,
 ``--resume``) goes through this module, which calls nothing that the file names except:
@@ -137,7 +137,7 @@ def unreadable_checkpoint_error(path: str, exc: BaseException,
 
     Names the file and says what it seems to be (truncated or corrupt, empty, an HTML page,
     a Git LFS pointer, or a pickle naming other Python objects). torch's own message is not
-    passed on: it suggests ``weights_only=False``, which would run code stored in the file.
+    passed on: it suggests leaving ``weights_only`` mode, which would run code in the file.
 
     Args:
         path: the file that failed to load.
@@ -168,7 +168,8 @@ def _main_pickle_ops(path: str, content: Optional[bytes] = None) -> Iterator[tup
 
     Zip format: its ``*/data.pkl``; legacy format (``_use_new_zipfile_serialization=False``,
     as mmdet's ``publish_model`` writes): the fourth pickle, after the magic number, the
-    protocol version and the system information.
+    protocol version and the system information. A plain pickle (no magic number: e.g. a
+    Detectron2 ``.pkl`` renamed) gives its own opcodes, so that what it names is reported.
     """
     with _open(path, content) as f:
         if zipfile.is_zipfile(f):
@@ -178,10 +179,38 @@ def _main_pickle_ops(path: str, content: Optional[bytes] = None) -> Iterator[tup
                     yield from pickletools.genops(zf.read(name))
             return
         f.seek(0)
-        for _ in range(3):  # magic number, protocol version, sys info
+        first = list(pickletools.genops(f))
+        if not _is_magic_number(first):
+            yield from first  # a plain pickle
+            return
+        for _ in range(2):  # protocol version, sys info
             for _ in pickletools.genops(f):
                 pass
         yield from pickletools.genops(f)
+
+
+def python3_name(module: str, name: str) -> str:
+    """``module.name`` with Python 2 names mapped as :mod:`pickle` maps them (protocols 0-2,
+    which ``torch.save`` uses, write e.g. ``collections.UserDict`` as
+    ``UserDict.IterableUserDict`` and ``builtins.set`` as ``__builtin__.set``)."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
+
+
+def _is_magic_number(ops: list) -> bool:
+    """Whether a pickle's opcodes are those of torch's legacy-format magic number."""
+    return any(arg == torch.serialization.MAGIC_NUMBER for _, arg, _ in ops)
+
+
+def _is_plain_pickle(path: str, content: Optional[bytes]) -> bool:
+    """Whether the file is one complete pickle that is not a ``torch.save`` file."""
+    try:
+        with _open(path, content) as f:
+            return (not zipfile.is_zipfile(f) and f.seek(0) == 0
+                    and not _is_magic_number(list(pickletools.genops(f))))
+    except Exception:  # not even a pickle
+        return False
 
 
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
@@ -198,11 +227,11 @@ def pickle_globals(ops) -> tuple[list[str], set[str]]:
     names, strings, recent, memo = [], set(), [], {}
     for op, arg, _ in ops:
         if op.name == "GLOBAL":
-            names.append(arg.replace(" ", "."))
+            names.append(python3_name(*arg.split(" ", 1)))
             recent.append(None)
         elif op.name == "STACK_GLOBAL":
             pair = recent[-2:]
-            names.append(".".join(pair) if len(pair) == 2 and None not in pair else "?")
+            names.append(python3_name(*pair) if len(pair) == 2 and None not in pair else "?")
             recent.append(None)
         elif op.name in _STRING_OPS:
             strings.add(arg)
@@ -347,6 +376,10 @@ def load_torch_file(path: str, mmap: bool = False, content: Optional[bytes] = No
             stand_ins.setdefault(name, _placeholder(name))
         elif not _is_allowed(name):
             raise refused(path, name)
+    if _is_plain_pickle(path, content):
+        raise CheckpointFormatError(
+            f"{path}: a plain pickle, not a file written by torch.save (a Detectron2 "
+            "model-zoo file? Those end in .pkl: give it that extension)")
     allow = [(obj, name) for name, obj in ALLOWED_NUMPY.items()]
     allow += [(cls, name) for name, cls in stand_ins.items()]
     try:
@@ -371,10 +404,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.path = path
 
     def find_class(self, module: str, name: str):
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        full = f"{module}.{name}"
+        full = python3_name(module, name)
         found = ALLOWED_NUMPY.get(full) or _ALLOWED_BUILTINS.get(full)
         if found is None:
             raise refused(self.path, full)
