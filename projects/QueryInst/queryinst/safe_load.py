@@ -217,14 +217,14 @@ _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRI
                "BINSTRING", "SHORT_BINSTRING"}
 
 
-def pickle_globals(ops) -> tuple[list[str], set[str]]:
-    """(the dotted names of the functions and classes a pickle refers to, in order, and its
-    string constants), from ``pickletools.genops`` output; nothing is unpickled.
+def pickle_globals(ops) -> list[str]:
+    """The dotted names of the functions and classes a pickle refers to, in order, from
+    ``pickletools.genops`` output; nothing is unpickled.
 
     ``STACK_GLOBAL`` (protocol 4+) takes its two names from the strings pushed before it,
     directly or through the memo.
     """
-    names, strings, recent, memo = [], set(), [], {}
+    names, recent, memo = [], [], {}
     for op, arg, _ in ops:
         if op.name == "GLOBAL":
             names.append(python3_name(*arg.split(" ", 1)))
@@ -234,7 +234,6 @@ def pickle_globals(ops) -> tuple[list[str], set[str]]:
             names.append(python3_name(*pair) if len(pair) == 2 and None not in pair else "?")
             recent.append(None)
         elif op.name in _STRING_OPS:
-            strings.add(arg)
             recent.append(arg)
         elif op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
             memo[len(memo) if op.name == "MEMOIZE" else arg] = recent[-1] if recent else None
@@ -242,11 +241,10 @@ def pickle_globals(ops) -> tuple[list[str], set[str]]:
             recent.append(memo.get(arg))
         else:
             recent.append(None)
-    return names, strings
+    return names
 
 
-def file_pickle_contents(path: str, content: Optional[bytes] = None
-                         ) -> tuple[list[str], set[str]]:
+def file_pickle_globals(path: str, content: Optional[bytes] = None) -> list[str]:
     """:func:`pickle_globals` of a ``torch.save`` file's main pickle (``ValueError``,
     ``EOFError`` or ``zipfile.BadZipFile`` for a file that is not one); ``content``: the
     file's bytes, read from memory."""
@@ -367,7 +365,7 @@ def load_torch_file(path: str, mmap: bool = False, content: Optional[bytes] = No
         MemoryError: as torch raises it.
     """
     try:
-        names, _ = file_pickle_contents(path, content)
+        names = file_pickle_globals(path, content)
     except Exception as e:  # not a torch file, truncated: named by what it looks like
         raise unreadable_checkpoint_error(path, e, content) from None
     stand_ins = {}
