@@ -18,7 +18,7 @@ and this project's own checkpoints with their RNG states.
 Configs: a python tag, directly and in a ``_BASE_`` file, is one ``ERROR: <file>: line N:``
 line (exit 1 in train_net.py, 2 in the demo) and runs nothing; the project's configs and
 Detectron2's model-zoo configs still load (tests/test_configs.py loads every one of
-``configs/`` through ``merge_config_file``'s callers).
+``configs/`` with ``merge_config_file``).
 """
 from __future__ import annotations
 
