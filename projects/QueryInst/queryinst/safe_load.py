@@ -47,8 +47,8 @@ import torch
 
 from .checkpoint_errors import CheckpointFormatError
 
-__all__ = ["ALLOWED_NUMPY", "load_pickle_file", "load_torch_file",
-           "unreadable_checkpoint_error"]
+__all__ = ["ALLOWED_NUMPY", "RestrictedUnpickler", "file_pickle_globals", "load_pickle_file",
+           "load_torch_file", "pickle_globals", "python3_name", "unreadable_checkpoint_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def _what_it_is(path: str, content: Optional[bytes] = None) -> str:
     return f"it starts with {head[:16]!r}, which is neither a zip archive nor a pickle"
 
 
-def refused(path: str, name: str, where: str = "") -> CheckpointFormatError:
+def _refused(path: str, name: str, where: str = "") -> CheckpointFormatError:
     """The one-line error for a file that names ``name`` (a function or class) to be called."""
     place = f" in {where}" if where else ""
     return CheckpointFormatError(f"{path}: holds a reference to {name}{place}, {_ONLY}")
@@ -150,7 +150,7 @@ def unreadable_checkpoint_error(path: str, exc: BaseException,
     text = str(exc)
     found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if found:
-        return refused(path, found.group(1))
+        return _refused(path, found.group(1))
     if re.search(r"Unsupported operand|Can only (build|create)|unrecognized function", text):
         return CheckpointFormatError(
             f"{path}: holds pickled objects other than tensors and plain containers, {_ONLY}")
@@ -314,7 +314,7 @@ def _without_placeholders(path: str, data: Any) -> Any:
     if not isinstance(data, dict):
         found = _placeholders_in(data, set())
         if found:
-            raise refused(path, found[0])
+            raise _refused(path, found[0])
         return data
     dropped, names = [], set()
     _drop_placeholders(data, "", dropped, names)
@@ -322,7 +322,7 @@ def _without_placeholders(path: str, data: Any) -> Any:
         return data
     in_weights = [d for d in dropped if any(d == k or d.startswith(f"{k}[") for k in WEIGHT_KEYS)]
     if in_weights:
-        raise refused(path, sorted(names)[0], f"its weights ({in_weights[0]})")
+        raise _refused(path, sorted(names)[0], f"its weights ({in_weights[0]})")
     shown = ", ".join(dropped[:8]) + (", ..." if len(dropped) > 8 else "")
     logger.info("%s: dropped %d entries that cannot be read safely (objects of %s, not "
                 "loaded; the weights are not affected): %s",
@@ -373,7 +373,7 @@ def load_torch_file(path: str, mmap: bool = False, content: Optional[bytes] = No
         if name.split(".")[0] in DROPPABLE_PACKAGES and name not in ALLOWED_NUMPY:
             stand_ins.setdefault(name, _placeholder(name))
         elif not _is_allowed(name):
-            raise refused(path, name)
+            raise _refused(path, name)
     if _is_plain_pickle(path, content):
         raise CheckpointFormatError(
             f"{path}: a plain pickle, not a file written by torch.save (a Detectron2 "
@@ -405,7 +405,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         full = python3_name(module, name)
         found = ALLOWED_NUMPY.get(full) or _ALLOWED_BUILTINS.get(full)
         if found is None:
-            raise refused(self.path, full)
+            raise _refused(self.path, full)
         return found
 
     def persistent_load(self, pid):
