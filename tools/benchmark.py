@@ -117,7 +117,7 @@ from queryinst.checkpoint import (  # noqa: E402
     detect_official_config,
     load_official_state_dict,
 )
-from queryinst.config_loading import merge_config  # noqa: E402
+from queryinst.config_loading import merge_config, merge_config_file  # noqa: E402
 from queryinst.fast_inference import resolve_memory_format  # noqa: E402
 from queryinst.solver import build_optimizer as build_queryinst_optimizer  # noqa: E402
 
@@ -290,7 +290,8 @@ def baseline_cfg(name: str, reference: CfgNode, device: str) -> CfgNode:
             f": compare the same depth (e.g. {match['arch']}_R_"
             f"{reference.MODEL.RESNETS.DEPTH}_FPN)"
         )
-    cfg = model_zoo.get_config(BASELINE_ZOO[match["arch"]])
+    cfg = get_cfg()  # as model_zoo.get_config, with yaml.safe_load only
+    merge_config_file(cfg, model_zoo.get_config_file(BASELINE_ZOO[match["arch"]]))
     ref = reference.MODEL
     cfg.MODEL.RESNETS.DEPTH = depth
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = ref.RESNETS.RES2_OUT_CHANNELS
