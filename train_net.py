@@ -2,7 +2,7 @@
 """QueryInst training and evaluation script (Detectron2's ``DefaultTrainer``).
 
 It only wires Detectron2 to the ``queryinst`` package: the model, datasets and config keys
-register on ``import queryinst``; the optimiser is ``queryinst.solver.build_optimizer``
+register on ``import queryinst``; the optimiser is ``queryinst.engine.solver.build_optimizer``
 (AdamW with full-model gradient clipping, docs/method.md §2).
 
 Examples::
@@ -54,7 +54,7 @@ from queryinst.checkpoint import (  # noqa: E402
     QueryInstCheckpointer,
     official_config_opts,
 )
-from queryinst.class_init import class_init_from_config  # noqa: E402
+from queryinst.checkpoint.class_init import class_init_from_config  # noqa: E402
 from queryinst.evaluation import build_image_evaluator  # noqa: E402
 from queryinst.config_loading import (  # noqa: E402
     ConfigValueTypeError,
@@ -69,9 +69,9 @@ from queryinst.data import (  # noqa: E402
     check_config_datasets,
     register_dataset_specs,
 )
-from queryinst.launch import ddp_on_any_device, launch, worker_note  # noqa: E402
-from queryinst.solver import build_optimizer, check_losses_finite  # noqa: E402
-from queryinst.train_loader import (  # noqa: E402
+from queryinst.engine.launch import ddp_on_any_device, launch, worker_note  # noqa: E402
+from queryinst.engine.solver import build_optimizer, check_losses_finite  # noqa: E402
+from queryinst.data.train_loader import (  # noqa: E402
     build_resumable_train_loader,
     rng_state,
     set_rng_state,
@@ -95,7 +95,7 @@ class Trainer(DefaultTrainer):
     ``QueryInstCheckpointer``, so ``MODEL.WEIGHTS`` may also be an official ``.pth``; with
     ``MODEL.QUERYINST.CLASS_INIT_FROM`` a checkpoint of other classes initialises the
     class rows it names (COCO -> Cityscapes, docs/method.md §7). With several processes the
-    model is wrapped in DistributedDataParallel, on the CPU too (``queryinst.launch``).
+    model is wrapped in DistributedDataParallel, on the CPU too (``queryinst.engine.launch``).
     """
 
     def __init__(self, cfg):
@@ -123,7 +123,7 @@ class Trainer(DefaultTrainer):
         """The training loader with ``QueryInstDatasetMapper`` (docs/method.md §2), or, for
         ``QueryInstVIS``, Detectron2's over videos as (key, reference) frame pairs (§6.1).
 
-        Images: ``queryinst.train_loader.build_resumable_train_loader``, Detectron2's
+        Images: ``queryinst.data.train_loader.build_resumable_train_loader``, Detectron2's
         ``TrainingSampler`` stream (seed ``SEED``) from iteration ``start_iter``, each sample
         augmented under its own seed, so a resumed run sees what an uninterrupted one would
         (README "Fault tolerance"). Another ``DATALOADER.SAMPLER_TRAIN`` gets Detectron2's
@@ -297,7 +297,7 @@ def parse_args(argv=None):
 
     ``--num-gpus N``: N processes per machine (``--num-machines``, ``--machine-rank``,
     ``--dist-url`` as in Detectron2), one per GPU with NCCL where CUDA is available, else N
-    CPU processes over gloo, each with 1/N of the CPU threads (``queryinst.launch``)."""
+    CPU processes over gloo, each with 1/N of the CPU threads (``queryinst.engine.launch``)."""
     return add_dataset_argument(default_argument_parser()).parse_args(argv)
 
 

@@ -118,8 +118,8 @@ from queryinst.checkpoint import (  # noqa: E402
     load_official_state_dict,
 )
 from queryinst.config_loading import merge_config  # noqa: E402
-from queryinst.fast_inference import resolve_memory_format  # noqa: E402
-from queryinst.solver import build_optimizer as build_queryinst_optimizer  # noqa: E402
+from queryinst.modeling.fast_inference import resolve_memory_format  # noqa: E402
+from queryinst.engine.solver import build_optimizer as build_queryinst_optimizer  # noqa: E402
 
 # Baseline name -> model-zoo config of that architecture; the depth comes from the name.
 BASELINE_ZOO = {
@@ -474,7 +474,7 @@ class ExportedBench:
 
     def __init__(self, source: Bench, fmt: str, out_dir: str, threads: int):
         from queryinst.export import export_model
-        from queryinst.exported_predictor import ExportedPredictor
+        from queryinst.export.predictor import ExportedPredictor
 
         images = [x["image"] for x in source.inputs]
         start = time.perf_counter()

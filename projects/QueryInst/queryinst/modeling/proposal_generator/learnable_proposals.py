@@ -69,7 +69,7 @@ class LearnableProposals(nn.Module):
         for h, w in images.image_sizes:
             inst = Instances((h, w))
             # shapes_to_tensor: h, w are ints, or scalar tensors in a traced graph
-            # (queryinst/export.py), where this keeps the scale a function of the input.
+            # (queryinst/export/exporter.py), where this keeps the scale a function of the input.
             scale = shapes_to_tensor([w, h, w, h], device=boxes.device).to(boxes.dtype)
             inst.proposal_boxes = Boxes(boxes * scale)
             inst.proposal_features = self.init_proposal_features.weight

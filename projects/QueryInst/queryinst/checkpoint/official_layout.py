@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from .checkpoint_errors import _EXPECTED, CheckpointFormatError
+from .errors import _EXPECTED, CheckpointFormatError
 
 __all__ = [
     "check_against_model",

@@ -11,7 +11,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Instances
 from torch import nn
 
-from ..detector import QueryInst, queryinst_postprocess
+from ...modeling.meta_arch.queryinst import QueryInst, queryinst_postprocess
 from .track_head import TrackHead, track_match_loss, track_match_targets
 from .tracker import OnlineTracker, build_tracker
 

@@ -34,7 +34,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchvision.ops import batched_nms, box_iou
 
-from .structures import VideoTrack
+from ..structures import VideoTrack
 
 __all__ = [
     "TRACKER_REGISTRY",

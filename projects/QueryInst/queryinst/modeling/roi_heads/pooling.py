@@ -274,7 +274,7 @@ class MatrixROIPooler(nn.Module):
         It depends on ``x`` only, not on this pooler's settings: poolers of this class may
         share it (``PooledFeatures``).
 
-        While tracing (``torch.jit.trace``, ONNX export: ``queryinst/export.py``) it is the
+        While tracing (``torch.jit.trace``, ONNX export: ``queryinst/export/exporter.py``) it is the
         maps too, so the graph holds torchvision's RoIAlign (ONNX ``RoiAlign``): ``FlatMaps``
         keeps the map sizes as Python ints, which a trace would freeze to the traced
         input's size.

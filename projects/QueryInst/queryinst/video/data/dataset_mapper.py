@@ -19,8 +19,8 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
-from ..data.image_io import read_image
-from ..dataset_mapper import boxes_from_masks_in_training, build_train_augmentation
+from ...data.image_io import read_image
+from ...data.dataset_mapper import boxes_from_masks_in_training, build_train_augmentation
 
 __all__ = ["YTVISDatasetMapper", "sample_frame_pair"]
 
@@ -56,7 +56,7 @@ def sample_frame_pair(length: int, frame_range: int, rng=np.random) -> Tuple[int
 
 
 class YTVISDatasetMapper:
-    """Map one video dict of :func:`queryinst.video.ytvis.load_ytvis_json` to model inputs.
+    """Map one video dict of :func:`queryinst.video.data.ytvis.load_ytvis_json` to model inputs.
 
     Training output, one dict per video (a new key / reference pair on every call)::
 

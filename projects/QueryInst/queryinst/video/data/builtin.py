@@ -27,10 +27,10 @@ import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image
 
-from ..data import bundled_sources as src
-from ..data.builtin import datasets_root, register_lazily, write_converted_folder
-from ..data.coco_format import DatasetFormatError
-from ..data.package_files import read_package_files
+from ...data import bundled_sources as src
+from ...data.builtin import datasets_root, register_lazily, write_converted_folder
+from ...data.coco_format import DatasetFormatError
+from ...data.package_files import read_package_files
 from .pseudo_video import (
     NUCLEI_VIDEO_FRAME,
     NUCLEI_VIDEO_MIN_AREA,

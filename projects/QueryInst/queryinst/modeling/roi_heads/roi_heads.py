@@ -19,9 +19,9 @@ from detectron2.structures import Boxes, Instances
 from torch import Tensor, nn
 
 from .box_head import DIIHead
-from .losses import QueryInstCriterion, num_matched_across_processes
+from ..criterion import QueryInstCriterion, num_matched_across_processes
 from .mask_head import DynamicMaskHead
-from .matcher import HungarianMatcher
+from ..matcher import HungarianMatcher
 from .pooling import MatrixROIPooler, PooledFeatures
 
 __all__ = [
@@ -326,7 +326,7 @@ class QueryInstROIHeads(nn.Module):
 
     def pooled_features(self, features: dict[str, Tensor]) -> PooledFeatures:
         """The maps the poolers read (``in_features``), for the RoI poolings of one forward
-        pass to share (:class:`~queryinst.pooling.PooledFeatures`: on the CPU the maps are
+        pass to share (:class:`~queryinst.modeling.roi_heads.pooling.PooledFeatures`: on the CPU the maps are
         flattened once, in any memory format; elsewhere made NCHW-contiguous once).
         Pass the result to :meth:`forward_stages` and :meth:`mask_logits`."""
         return PooledFeatures({name: features[name] for name in self.in_features})
@@ -511,7 +511,7 @@ class QueryInstROIHeads(nn.Module):
         B, N = last.attn_feats.shape[:2]
         rows = (queries + N * torch.arange(B, device=queries.device)[:, None]).flatten()
         if torch.jit.is_tracing():
-            # A traced graph (queryinst/export.py) cannot hold the data-dependent count of
+            # A traced graph (queryinst/export/exporter.py) cannot hold the data-dependent count of
             # distinct queries (it would be frozen as a constant): one RoI per detection,
             # as the reference runs it, gives the same values.
             distinct = rows

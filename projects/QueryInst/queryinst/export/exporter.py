@@ -22,7 +22,7 @@ Graph (both formats):
   ``MODEL.MASK_ON``, ``pred_masks`` float32 (k, 1, M, M) mask probabilities (M = 28 by
   default) in the box, not pasted.
 
-Pasting into the original image stays outside the graph (``queryinst.exported_predictor``).
+Pasting into the original image stays outside the graph (``queryinst.export.predictor``).
 ONNX uses opset >= 16, where torchvision exports ``aligned=True`` RoIAlign as ``RoiAlign``
 with ``coordinate_transformation_mode="half_pixel"`` set explicitly (opset 11 has no such
 attribute and would drop the half-pixel offset).
@@ -133,7 +133,7 @@ class ExportableQueryInst(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        from .detector import QueryInst
+        from ..modeling.meta_arch.queryinst import QueryInst
 
         if type(model) is not QueryInst:
             raise ExportError(
@@ -182,7 +182,7 @@ def export_model(
     thing_classes: list[str] | None = None,
 ) -> str:
     """Trace ``model`` on ``sample`` and write ``output_dir/model.onnx`` or ``model.ts`` and
-    ``model.json`` beside it (what :class:`~queryinst.exported_predictor.ExportedPredictor`
+    ``model.json`` beside it (what :class:`~queryinst.export.predictor.ExportedPredictor`
     needs: input format, test sizes, thresholds, class names, output names, opset).
 
     ONNX goes through ``torch.onnx.export(..., dynamo=False)`` (the TorchScript-based

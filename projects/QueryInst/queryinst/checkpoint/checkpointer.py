@@ -1,12 +1,12 @@
 """Read checkpoint files and load them into this model, official QueryInst checkpoints included.
 
 Official files (hustvl/QueryInst, MMDetection; layout in docs/method.md §4) are renamed to this
-project's names by :mod:`queryinst.official_layout`; this module reads files safely, converts
+project's names by :mod:`queryinst.checkpoint.official_layout`; this module reads files safely, converts
 official ones, and offers a Detectron2 checkpointer that does the conversion on load, so
 ``MODEL.WEIGHTS`` may name an official ``.pth`` file directly.
 
-Public names (``__all__`` also re-exports those of :mod:`queryinst.official_layout` and
-:mod:`queryinst.checkpoint_errors`, so ``from queryinst.checkpoint import ...`` serves all):
+Public names (``__all__`` also re-exports those of :mod:`queryinst.checkpoint.official_layout` and
+:mod:`queryinst.checkpoint.errors`, so ``from queryinst.checkpoint import ...`` serves all):
 
 - :func:`load_checkpoint_file`: ``torch.load`` that stays in ``weights_only`` mode unless the
   file is an official checkpoint that needs more (see there); a file it cannot read gets
@@ -35,7 +35,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import Detectron2Handler
 from torch import Tensor
 
-from .checkpoint_errors import (
+from .errors import (
     _EXPECTED,
     _some,
     CheckpointError,
@@ -43,7 +43,7 @@ from .checkpoint_errors import (
     WeightsUnavailableError,
 )
 from .class_init import ClassInit, remap_class_rows
-from .file_io import write_atomically
+from ..file_io import write_atomically
 from .official_layout import (
     _looks_official,
     check_against_model,
@@ -291,7 +291,7 @@ class QueryInstCheckpointer(DetectionCheckpointer):
     - A converted file written by ``tools/convert_mmdet_checkpoint.py`` is loaded by the
       same rules.
     - ``queryinst://ImageNetPretrained/MobileNetV2`` and a bare torchvision MobileNetV2
-      state dict load as the backbone's ImageNet weights (:mod:`queryinst.pretrained`).
+      state dict load as the backbone's ImageNet weights (:mod:`queryinst.checkpoint.pretrained`).
     - Detectron2 checkpoints (``{"model": ...}``: this project's training outputs) and the
       ``.pkl`` / ``.pyth`` files Detectron2 reads (ImageNet-pretrained backbones) load as
       with ``DetectionCheckpointer``.
@@ -319,7 +319,7 @@ class QueryInstCheckpointer(DetectionCheckpointer):
             partly loaded: do not use it.
         class_init: training only (ignored when ``strict``): the class rows that a
             checkpoint with another class count gives the model's class-specific tensors
-            (:func:`queryinst.class_init.remap_class_rows`, from
+            (:func:`queryinst.checkpoint.class_init.remap_class_rows`, from
             ``MODEL.QUERYINST.CLASS_INIT_FROM``); None drops those tensors instead.
     """
 

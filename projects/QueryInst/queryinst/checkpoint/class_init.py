@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 from detectron2.data import MetadataCatalog
 from torch import Tensor
 
-from .checkpoint_errors import CheckpointError
+from .errors import CheckpointError
 
 __all__ = ["CLASS_SPECIFIC_KEY", "ClassInit", "ClassInitError", "class_init_from_config",
            "remap_class_rows"]

@@ -16,7 +16,7 @@ from detectron2.layers import paste_masks_in_image
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes, Instances
 
-from .fast_inference import (
+from ..fast_inference import (
     InferenceWeights,
     check_inference_dtype,
     resolve_inference_dtype,
@@ -87,7 +87,7 @@ class QueryInst(GeneralizedRCNN):
     "instances" holding ``pred_boxes``, ``scores``, ``pred_classes``, ``query_indices`` and
     ``pred_masks`` (bool (R, height, width)) when masks are on.
 
-    Inference speed-ups (``queryinst.fast_inference``; README, "Fast inference"): BatchNorm
+    Inference speed-ups (``queryinst.modeling.fast_inference``; README, "Fast inference"): BatchNorm
     folded into the convolutions for the call (``fuse_bn_inference``), convolution weights in
     ``inference_memory_format`` and autocast to ``inference_dtype``; training uses none.
     """
@@ -103,7 +103,7 @@ class QueryInst(GeneralizedRCNN):
                 channels-last maps, in training too: faster on CPUs.
             fuse_bn_inference: fold every conv + fixed-statistics BatchNorm pair into one
                 convolution during inference (``MODEL.QUERYINST.FUSE_BN_INFERENCE``;
-                :class:`~queryinst.fast_inference.InferenceWeights`): the same outputs
+                :class:`~queryinst.modeling.fast_inference.InferenceWeights`): the same outputs
                 up to float rounding; parameters and ``state_dict()`` are unchanged.
             inference_memory_format: "auto" (channels-last on the CPU, else unchanged),
                 "channels_last" or "contiguous": the memory format of every convolution

@@ -24,10 +24,10 @@ from typing import Mapping, NamedTuple
 import torch
 from torch import Tensor
 
-from .checkpoint_errors import CheckpointFormatError, WeightsUnavailableError, _some
-from .data.package_files import PackageFetchError, cache_root, read_package_files
-from .file_io import write_atomically
-from .mobilenet import MobileNetV2
+from .errors import CheckpointFormatError, WeightsUnavailableError, _some
+from ..data.package_files import PackageFetchError, cache_root, read_package_files
+from ..file_io import write_atomically
+from ..modeling.backbone.mobilenet import MobileNetV2
 from .official_layout import compare_state_dicts
 
 __all__ = [

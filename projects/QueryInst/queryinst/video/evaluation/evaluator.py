@@ -19,7 +19,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
-from .structures import VideoTrack, encode_mask
+from ..structures import VideoTrack, encode_mask
 from .ytvis_metric import METRIC_NAMES, evaluate_ytvis, identity_switches
 
 __all__ = ["results_from_tracks", "write_submission", "load_json", "track_dataset", "YTVISEvaluator"]

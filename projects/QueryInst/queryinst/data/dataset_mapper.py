@@ -28,7 +28,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from fvcore.transforms.transform import Transform
 
-from .data.image_io import read_image
+from .image_io import read_image
 
 __all__ = ["ImageReadError", "QueryInstDatasetMapper", "RandomSelect", "boxes_from_masks_in_training",
            "build_train_augmentation"]

@@ -3,7 +3,7 @@ Detectron2's ``DefaultPredictor`` runs the PyTorch model: BGR image in, ``Instan
 original-image pixels out.
 
 Steps: channel order to ``INPUT.FORMAT``, Detectron2's ``ResizeShortestEdge`` test transform
-(``MIN_SIZE_TEST``, ``MAX_SIZE_TEST``), the graph (``queryinst/export.py``), then QueryInst's
+(``MIN_SIZE_TEST``, ``MAX_SIZE_TEST``), the graph (``queryinst/export/exporter.py``), then QueryInst's
 own post-processing, ``queryinst_postprocess`` (boxes rescaled, not clipped; masks pasted
 with Detectron2's ``paste_masks_in_image`` and thresholded at 0.5; docs/method.md §3).
 Everything but the graph comes from the ``model.json`` written beside it by
@@ -20,8 +20,8 @@ from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.structures import Boxes, Instances
 
-from .detector import queryinst_postprocess
-from .export import export_info_path
+from ..modeling.meta_arch.queryinst import queryinst_postprocess
+from .exporter import export_info_path
 
 __all__ = ["ExportedPredictor"]
 

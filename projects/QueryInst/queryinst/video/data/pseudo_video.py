@@ -21,7 +21,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from ..data.bundled_sources import (
+from ...data.bundled_sources import (
     NUCLEI_TILE,
     NUCLEI_VAL_XY,
     ConvertedDataset,

@@ -30,8 +30,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.structures import BoxMode
 
-from ..data.builtin import datasets_root
-from ..data.coco_format import (
+from ...data.builtin import datasets_root
+from ...data.coco_format import (
     DatasetFormatError,
     _annotation_where,
     _check_categories,

@@ -1,0 +1,6 @@
+"""YouTube-VIS evaluation: the evaluator over tracked videos and the spatio-temporal AP."""
+from .evaluator import YTVISEvaluator, results_from_tracks, track_dataset, write_submission
+from .ytvis_metric import evaluate_ytvis, identity_switches
+
+__all__ = ["YTVISEvaluator", "evaluate_ytvis", "identity_switches", "results_from_tracks",
+           "track_dataset", "write_submission"]
