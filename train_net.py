@@ -52,10 +52,9 @@ from queryinst import QueryInstDatasetMapper, add_queryinst_config  # noqa: E402
 from queryinst.checkpoint import (  # noqa: E402
     CheckpointError,
     QueryInstCheckpointer,
+    class_init_from_config,
     official_config_opts,
 )
-from queryinst.checkpoint.class_init import class_init_from_config  # noqa: E402
-from queryinst.evaluation import build_image_evaluator  # noqa: E402
 from queryinst.config_loading import (  # noqa: E402
     ConfigValueTypeError,
     UnknownConfigKeyError,
@@ -69,14 +68,20 @@ from queryinst.data import (  # noqa: E402
     check_config_datasets,
     register_dataset_specs,
 )
-from queryinst.engine.launch import ddp_on_any_device, launch, worker_note  # noqa: E402
-from queryinst.engine.solver import build_optimizer, check_losses_finite  # noqa: E402
 from queryinst.data.train_loader import (  # noqa: E402
     build_resumable_train_loader,
     rng_state,
     set_rng_state,
     train_stream_seed,
 )
+from queryinst.engine import (  # noqa: E402
+    build_optimizer,
+    ddp_on_any_device,
+    launch,
+    with_finite_loss_check,
+    worker_note,
+)
+from queryinst.evaluation import build_image_evaluator  # noqa: E402
 from queryinst.video import (  # noqa: E402
     YTVISEvaluator,
     build_vis_test_loader,
@@ -107,16 +112,9 @@ class Trainer(DefaultTrainer):
             self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), class_init=class_init
         )
         self._resumed_rng = None  # RNG states of a loaded checkpoint, set after the loader
-        # Detectron2 0.6 checks the loss after backward() and before optimizer.step(), in
-        # _write_metrics, on the main process only and without naming the term: check first.
-        inner = self._trainer
-        write_metrics = inner._write_metrics
-
-        def _checked_write_metrics(loss_dict, data_time, prefix=""):
-            check_losses_finite(loss_dict, inner.iter)
-            write_metrics(loss_dict, data_time, prefix)
-
-        inner._write_metrics = _checked_write_metrics
+        # A NaN or infinite loss term raises, naming it, before the optimizer step
+        # (queryinst.engine.hooks; Detectron2 0.6 checks only the main process's sum).
+        self._trainer = with_finite_loss_check(self._trainer)
 
     @classmethod
     def build_train_loader(cls, cfg, start_iter=0):

@@ -1,8 +1,16 @@
 """Training: processes (CPU gloo or GPU NCCL), the optimiser and the trainer's hooks."""
+from .hooks import (
+    FiniteLossAMPTrainer,
+    FiniteLossTrainer,
+    check_losses_finite,
+    with_finite_loss_check,
+)
 from .launch import create_ddp_model, ddp_on_any_device, launch, threads_per_worker, worker_note
-from .solver import build_optimizer, check_losses_finite, split_backbone_param_groups
+from .solver import build_optimizer, split_backbone_param_groups
 
 __all__ = [
+    "FiniteLossAMPTrainer",
+    "FiniteLossTrainer",
     "build_optimizer",
     "check_losses_finite",
     "create_ddp_model",
@@ -10,5 +18,6 @@ __all__ = [
     "launch",
     "split_backbone_param_groups",
     "threads_per_worker",
+    "with_finite_loss_check",
     "worker_note",
 ]

@@ -8,15 +8,13 @@ SGD and clips each parameter separately, hence this module.
 from __future__ import annotations
 
 import itertools
-import math
-from typing import Any, Dict, List, Mapping, Type
+from typing import Any, Dict, List, Type
 
 import torch
 from detectron2.config import CfgNode
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
-__all__ = ["build_optimizer", "check_losses_finite", "split_backbone_param_groups",
-           "with_full_model_gradient_clipping"]
+__all__ = ["build_optimizer", "split_backbone_param_groups", "with_full_model_gradient_clipping"]
 
 _OPTIMIZERS = ("ADAMW", "SGD")
 
@@ -141,28 +139,3 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
     else:  # disabled, or Detectron2's per-parameter "value" / "norm" (ValueError otherwise)
         optimizer_cls = maybe_add_gradient_clipping(cfg, optimizer_cls)
     return optimizer_cls(params, lr=solver.BASE_LR, weight_decay=solver.WEIGHT_DECAY, **kwargs)
-
-
-def check_losses_finite(loss_dict: Mapping[str, torch.Tensor], iteration: int) -> None:
-    """Raise before an optimizer step on a NaN or infinite loss, naming the terms.
-
-    Detectron2 0.6's ``SimpleTrainer`` raises only on its main process, from the sum of the
-    losses averaged over processes, with the whole loss dict; this names the offending terms
-    of this process (e.g. ``s2_loss_mask``). Call it between ``backward()`` and
-    ``optimizer.step()``: the weights then keep their last finite values.
-
-    Args:
-        loss_dict: loss name -> scalar tensor (the model's training output).
-        iteration (int): the 0-based training iteration, for the message.
-
-    Raises:
-        FloatingPointError: "Loss became infinite or NaN at iteration=<i>: <name>=nan, ...;
-            the optimizer step was not applied" (Detectron2's wording, then the terms).
-    """
-    values = {k: float(v.detach()) for k, v in loss_dict.items()}
-    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-    if bad:
-        terms = ", ".join(f"{k}={v}" for k, v in bad.items())
-        raise FloatingPointError(
-            f"Loss became infinite or NaN at iteration={iteration}: {terms}; the optimizer "
-            f"step was not applied (all losses: {values})")
