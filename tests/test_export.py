@@ -1,5 +1,5 @@
-"""ONNX and TorchScript export (queryinst/export/exporter.py, tools/export_model.py) and the predictor of
-exported models (queryinst/export/predictor.py, demo/demo.py --exported).
+"""ONNX and TorchScript export (queryinst/export/exporter.py, tools/export_model.py) and the
+predictor of exported models (queryinst/export/predictor.py, demo/demo.py --exported).
 
 The truth is the PyTorch model itself: the same weights run through ``QueryInst.inference``
 (the CPU's default pooler, not the exported graph's RoIAlign) and through Detectron2's

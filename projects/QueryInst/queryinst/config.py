@@ -84,8 +84,8 @@ def add_queryinst_config(cfg: CN) -> None:
     # (docs/benchmark.md). This is the layout of training too; inference on the CPU is
     # channels-last anyway (INFERENCE_MEMORY_FORMAT). Off by default, as in Detectron2.
     _C.CHANNELS_LAST = False
-    # Inference speed-ups (queryinst/modeling/fast_inference.py; README "Fast inference"; measured in
-    # docs/benchmark.md). None of the three applies in training or changes state_dict().
+    # Inference speed-ups (queryinst/modeling/fast_inference.py; README "Fast inference";
+    # measured in docs/benchmark.md). None of the three applies in training or changes state_dict().
     # Fold each BatchNorm with fixed statistics (FrozenBN, and BN in eval mode) into the conv
     # before it for the duration of an inference call (backbone and mask head): the same
     # outputs up to float rounding, one conv instead of conv + norm.
@@ -101,8 +101,8 @@ def add_queryinst_config(cfg: CN) -> None:
     # box decoding, score sigmoid / top-k and mask pasting stay float32.
     _C.INFERENCE_DTYPE = "float32"
 
-    # MobileNetV2 bottom-up network (queryinst/modeling/backbone/mobilenet.py), used with MODEL.BACKBONE.NAME
-    # "build_mobilenetv2_fpn_p2_p5_backbone" and MODEL.FPN.IN_FEATURES = OUT_FEATURES.
+    # MobileNetV2 bottom-up network (queryinst/modeling/backbone/mobilenet.py), used with
+    # MODEL.BACKBONE.NAME "build_mobilenetv2_fpn_p2_p5_backbone" and MODEL.FPN.IN_FEATURES = OUT_FEATURES.
     # ImageNet weights: MODEL.WEIGHTS "queryinst://ImageNetPretrained/MobileNetV2".
     cfg.MODEL.MOBILENET = CN()
     # torchvision's channel width multiplier; the ImageNet weights exist for 1.0 only.

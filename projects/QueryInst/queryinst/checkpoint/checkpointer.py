@@ -1,8 +1,8 @@
 """Read checkpoint files and load them into this model, official QueryInst checkpoints included.
 
 Official files (hustvl/QueryInst, MMDetection; layout in docs/method.md §4) are renamed to this
-project's names by :mod:`queryinst.checkpoint.official_layout`; this module reads files safely, converts
-official ones, and offers a Detectron2 checkpointer that does the conversion on load, so
+project's names by :mod:`queryinst.checkpoint.official_layout`; this module reads files
+safely, converts official ones, and offers a Detectron2 checkpointer that does the conversion on load, so
 ``MODEL.WEIGHTS`` may name an official ``.pth`` file directly.
 
 Public names (``__all__`` also re-exports those of :mod:`queryinst.checkpoint.official_layout` and

@@ -1,9 +1,9 @@
 """Errors of loading weights (``MODEL.WEIGHTS``): one base class and its two kinds.
 
 Programs catch :class:`CheckpointError` to print the message without a traceback. In a module
-of their own so that :mod:`queryinst.checkpoint.official_layout` (which raises them on state dicts) and
-:mod:`queryinst.checkpoint` (files, checkpointer; it re-exports them) need not import each
-other.
+of their own so that :mod:`queryinst.checkpoint.official_layout` (which raises them on state
+dicts) and :mod:`queryinst.checkpoint.checkpointer` (files, checkpointer; it re-exports them)
+need not import each other.
 """
 
 __all__ = ["CheckpointError", "CheckpointFormatError", "WeightsUnavailableError"]

@@ -8,16 +8,4 @@ from .hooks import (
 from .launch import create_ddp_model, ddp_on_any_device, launch, threads_per_worker, worker_note
 from .solver import build_optimizer, split_backbone_param_groups
 
-__all__ = [
-    "FiniteLossAMPTrainer",
-    "FiniteLossTrainer",
-    "build_optimizer",
-    "check_losses_finite",
-    "create_ddp_model",
-    "ddp_on_any_device",
-    "launch",
-    "split_backbone_param_groups",
-    "threads_per_worker",
-    "with_finite_loss_check",
-    "worker_note",
-]
+__all__ = [k for k in globals() if not k.startswith("_")]  # as Detectron2's modeling/

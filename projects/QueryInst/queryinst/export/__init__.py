@@ -11,14 +11,4 @@ from .exporter import (
 )
 from .predictor import ExportedPredictor
 
-__all__ = [
-    "EXPORT_FORMATS",
-    "ExportError",
-    "ExportableQueryInst",
-    "ExportedPredictor",
-    "MIN_ONNX_OPSET",
-    "check_exportable",
-    "export_info_path",
-    "export_model",
-    "output_names",
-]
+__all__ = [k for k in globals() if not k.startswith("_")]  # as Detectron2's modeling/

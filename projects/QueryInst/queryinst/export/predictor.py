@@ -3,8 +3,8 @@ Detectron2's ``DefaultPredictor`` runs the PyTorch model: BGR image in, ``Instan
 original-image pixels out.
 
 Steps: channel order to ``INPUT.FORMAT``, Detectron2's ``ResizeShortestEdge`` test transform
-(``MIN_SIZE_TEST``, ``MAX_SIZE_TEST``), the graph (``queryinst/export/exporter.py``), then QueryInst's
-own post-processing, ``queryinst_postprocess`` (boxes rescaled, not clipped; masks pasted
+(``MIN_SIZE_TEST``, ``MAX_SIZE_TEST``), the graph (``queryinst/export/exporter.py``), then
+QueryInst's own post-processing, ``queryinst_postprocess`` (boxes rescaled, not clipped; masks pasted
 with Detectron2's ``paste_masks_in_image`` and thresholded at 0.5; docs/method.md §3).
 Everything but the graph comes from the ``model.json`` written beside it by
 ``tools/export_model.py``.

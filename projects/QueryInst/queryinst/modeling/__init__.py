@@ -6,25 +6,15 @@ Importing registers ``QueryInst`` (META_ARCH_REGISTRY), ``LearnableProposals``
 ``build_resnet_fpn_p2_p5_backbone`` and ``build_mobilenetv2_fpn_p2_p5_backbone``
 (BACKBONE_REGISTRY).
 """
-from .backbone import MobileNetV2, build_mobilenetv2_fpn_p2_p5_backbone, build_resnet_fpn_p2_p5_backbone
+from .backbone import (
+    MobileNetV2,
+    build_mobilenetv2_fpn_p2_p5_backbone,
+    build_resnet_fpn_p2_p5_backbone,
+)
 from .criterion import QueryInstCriterion
 from .matcher import HungarianMatcher
 from .meta_arch import QueryInst, queryinst_postprocess
 from .proposal_generator import LearnableProposals
 from .roi_heads import DIIHead, DynamicConv, DynamicMaskHead, QueryInstROIHeads, StageOutput
 
-__all__ = [
-    "DIIHead",
-    "DynamicConv",
-    "DynamicMaskHead",
-    "HungarianMatcher",
-    "LearnableProposals",
-    "MobileNetV2",
-    "QueryInst",
-    "QueryInstCriterion",
-    "QueryInstROIHeads",
-    "StageOutput",
-    "build_mobilenetv2_fpn_p2_p5_backbone",
-    "build_resnet_fpn_p2_p5_backbone",
-    "queryinst_postprocess",
-]
+__all__ = [k for k in globals() if not k.startswith("_")]  # as Detectron2's modeling/

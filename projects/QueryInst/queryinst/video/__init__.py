@@ -17,25 +17,26 @@ from .modeling import (
     TrackHead,
     build_tracker,
 )
-from .data import (
-    BUNDLED_VIDEO_DATASETS,
-    YTVISDatasetMapper,
+from .data.dataset_mapper import YTVISDatasetMapper, sample_frame_pair
+from .data.build import (
     build_vis_test_loader,
     build_vis_train_loader,
     check_video_model,
     is_video_dataset,
-    load_ytvis_json,
-    prepare_bundled_video_datasets,
-    register_all_ytvis,
-    register_bundled_video_datasets,
-    register_ytvis_instances,
-    sample_frame_pair,
 )
 from .data.ytvis import (
     PREDEFINED_YTVIS_SPLITS,
     YTVIS_2019_CATEGORIES,
     YTVIS_2021_CATEGORIES,
+    load_ytvis_json,
+    register_all_ytvis,
+    register_ytvis_instances,
     ytvis_metadata,
+)
+from .data.builtin import (
+    BUNDLED_VIDEO_DATASETS,
+    prepare_bundled_video_datasets,
+    register_bundled_video_datasets,
 )
 from .evaluation import (
     YTVISEvaluator,

@@ -15,7 +15,8 @@ stem        features[0:2]                2       16
 ``stage5``  features[14:18]              32      320
 ==========  ===========================  ======  ====================
 
-ImageNet weights for it: ``queryinst.checkpoint.pretrained`` (``queryinst://ImageNetPretrained/MobileNetV2``).
+ImageNet weights for it: ``queryinst.checkpoint.pretrained``
+(``queryinst://ImageNetPretrained/MobileNetV2``).
 """
 from __future__ import annotations
 

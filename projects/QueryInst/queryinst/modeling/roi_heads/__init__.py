@@ -5,5 +5,4 @@ from .mask_head import DynamicMaskHead
 from .pooling import MatrixROIPooler
 from .roi_heads import QueryInstROIHeads, StageOutput
 
-__all__ = ["DIIHead", "DynamicConv", "DynamicMaskHead", "MatrixROIPooler", "QueryInstROIHeads",
-           "StageOutput"]
+__all__ = [k for k in globals() if not k.startswith("_")]  # as Detectron2's modeling/

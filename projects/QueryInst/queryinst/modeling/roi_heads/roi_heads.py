@@ -326,8 +326,8 @@ class QueryInstROIHeads(nn.Module):
 
     def pooled_features(self, features: dict[str, Tensor]) -> PooledFeatures:
         """The maps the poolers read (``in_features``), for the RoI poolings of one forward
-        pass to share (:class:`~queryinst.modeling.roi_heads.pooling.PooledFeatures`: on the CPU the maps are
-        flattened once, in any memory format; elsewhere made NCHW-contiguous once).
+        pass to share (:class:`~queryinst.modeling.roi_heads.pooling.PooledFeatures`: on the
+        CPU the maps are flattened once, in any memory format; elsewhere made NCHW-contiguous once).
         Pass the result to :meth:`forward_stages` and :meth:`mask_logits`."""
         return PooledFeatures({name: features[name] for name in self.in_features})
 

@@ -2,7 +2,12 @@
 (TRACKER_REGISTRY)."""
 from .meta_arch import QueryInstVIS
 from .track_head import TrackHead
-from .tracker import TRACKER_REGISTRY, EmbeddingTracker, OnlineTracker, QueryCosineTracker, build_tracker
+from .tracker import (
+    TRACKER_REGISTRY,
+    EmbeddingTracker,
+    OnlineTracker,
+    QueryCosineTracker,
+    build_tracker,
+)
 
-__all__ = ["EmbeddingTracker", "OnlineTracker", "QueryCosineTracker", "QueryInstVIS",
-           "TRACKER_REGISTRY", "TrackHead", "build_tracker"]
+__all__ = [k for k in globals() if not k.startswith("_")]  # as Detectron2's modeling/
