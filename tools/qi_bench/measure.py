@@ -1,7 +1,7 @@
 """Measuring primitives of tools/benchmark.py: timing, memory, FLOPs, profiles, calibration.
 
 Model-agnostic helpers (they take any Detectron2 model or plain ``nn.Module``); the
-QueryInst-versus-baselines logic and the report live in ``benchmark.py``.
+QueryInst-versus-baselines logic and the report live in ``models``, ``runner`` and ``report``.
 """
 from __future__ import annotations
 
