@@ -38,7 +38,7 @@ class names come from ``DIR/model.json``; video frames are drawn without trackin
 loading and running it runs the code stored in it, so use ``.ts`` files you made yourself
 and prefer ``.onnx`` (a graph of operators, no code) for files from others. Everything else
 the demo reads (``MODEL.WEIGHTS``, the yaml config) is read without running code from it
-(``queryinst.safe_load``, ``queryinst.config_loading``).
+(``queryinst.checkpoint.safe_load``, ``queryinst.config_loading``).
 
 Class names come from the metadata of ``DATASETS.TEST[0]``. ``MODEL.DEVICE`` defaults to
 "cuda" where CUDA is available and "cpu" otherwise; the config file and ``--opts`` override

@@ -455,7 +455,7 @@ def test_legacy_format_loads_in_weights_only_mode(official, tmp_path):
 @pytest.mark.parametrize("legacy", [False, True])
 def test_numpy_in_meta_loads_without_leaving_weights_only_mode(official, tmp_path, caplog,
                                                                legacy):
-    """numpy scalars (not allowed by plain weights_only) are on queryinst.safe_load's
+    """numpy scalars (not allowed by plain weights_only) are on queryinst.checkpoint.safe_load's
     allow-list: official files and any other file load, no warning, nothing dropped."""
     meta = {"seed": np.int64(3)}
     kw = {"_use_new_zipfile_serialization": False} if legacy else {}
@@ -489,7 +489,7 @@ def test_class_init_copies_the_named_rows_and_initialises_the_rest(official, off
     model classes 0, 2, 3 start from file classes c, a, a (rows of every stage's classifier
     and mask logits, exactly); class 1 ("") keeps the model's initialisation, whose bias is
     the prior -log((1 - 0.01) / 0.01). A resumed 4-class checkpoint is not remapped again."""
-    from queryinst.class_init import class_init_from_config
+    from queryinst.checkpoint.class_init import class_init_from_config
 
     cfg = _class_init_cfg(official_file, ("c", "", "a", "a"))
     init = class_init_from_config(cfg)
@@ -523,7 +523,7 @@ def test_class_init_copies_the_named_rows_and_initialises_the_rest(official, off
 
 
 def test_class_init_config_errors_name_the_key_and_the_fix(official_file):
-    from queryinst.class_init import ClassInitError, class_init_from_config
+    from queryinst.checkpoint.class_init import ClassInitError, class_init_from_config
 
     with pytest.raises(ClassInitError,
                        match=r"CLASS_INIT_FROM has 3 entries but .*NUM_CLASSES is 4"):
@@ -537,7 +537,7 @@ def test_class_init_config_errors_name_the_key_and_the_fix(official_file):
 
 def test_class_init_refuses_a_source_with_another_class_count(official_file):
     """COCO's 80 names for a 3-class file: the rows cannot be the named classes."""
-    from queryinst.class_init import ClassInitError, class_init_from_config
+    from queryinst.checkpoint.class_init import ClassInitError, class_init_from_config
 
     cfg = _class_init_cfg(official_file, ("person", "", "car", "truck"), source="coco_2017_train")
     model = build_model(cfg)

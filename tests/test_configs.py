@@ -322,8 +322,8 @@ def test_cityscapes_configs(name, one_torch_thread, monkeypatch):
     from detectron2.data import MetadataCatalog
     from detectron2.evaluation import DatasetEvaluators
 
-    from queryinst import evaluation
-    from queryinst.class_init import class_init_from_config
+    from queryinst.checkpoint.class_init import class_init_from_config
+    from queryinst.evaluation import build as evaluation
 
     depth = CITYSCAPES[name]
     cfg = _load(os.path.join(CONFIGS, "cityscapes", name))

@@ -1,6 +1,6 @@
 """Distributed training on the CPU: two gloo processes against one process (the truth).
 
-``queryinst.launch`` starts the processes as ``train_net.py --num-gpus 2`` does without CUDA.
+``queryinst.engine.launch`` starts the processes as ``train_net.py --num-gpus 2`` does without CUDA.
 One run of two processes (module fixture ``two_processes``) gives each process one of two
 images; the same model in this process gets both images. What must agree, and why:
 
@@ -12,7 +12,7 @@ images; the same model in this process gets both images. What must agree, and wh
   and 1 matches);
 - gradients: DDP averages the two processes' gradients, i.e. the gradient of that mean;
   hence the same optimiser step (full-model clipping included) and the same parameters
-  after it. The step is the project's SGD (``queryinst.solver``), not AdamW: AdamW's first
+  after it. The step is the project's SGD (``queryinst.engine.solver``), not AdamW: AdamW's first
   step is lr * g / (|g| + eps) per element, which turns gradients that are zero but for
   rounding (e.g. the attention's key bias, to which softmax is invariant: |g| ~ 1e-9) into
   steps of about +-lr whose sign is the rounding's; those elements differ between any two
@@ -42,9 +42,9 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils import comm
 
 from queryinst import DynamicMaskHead
-from queryinst.launch import create_ddp_model, launch, threads_per_worker, worker_note
-from queryinst.losses import num_matched_across_processes
-from queryinst.solver import build_optimizer
+from queryinst.engine.launch import create_ddp_model, launch, threads_per_worker, worker_note
+from queryinst.modeling.criterion import num_matched_across_processes
+from queryinst.engine.solver import build_optimizer
 
 import test_model  # its small_cfg (tests/ is on sys.path, as for conftest)
 

@@ -339,8 +339,8 @@ def test_mmengine_object_in_the_weights_is_refused(fake_mmengine, tmp_path):
 def test_own_checkpoint_with_optimizer_scheduler_and_rng_loads(tiny_model, tmp_path):
     from detectron2.solver import build_lr_scheduler
 
-    from queryinst.solver import build_optimizer
-    from queryinst.train_loader import rng_state
+    from queryinst.engine.solver import build_optimizer
+    from queryinst.data.train_loader import rng_state
 
     cfg = _small_cfg()
     model = build_model(cfg)
@@ -463,7 +463,7 @@ FORBIDDEN = ("weights_only=False", "pickle.load", "pickle.loads", "yaml.unsafe_l
              "yaml.load(", "merge_from_file(")
 # The restricted loader may unpickle; config_loading calls merge_from_file with
 # allow_unsafe=False (the one place that does).
-ALLOWED_FILES = {"projects/QueryInst/queryinst/safe_load.py": ("pickle.load",),
+ALLOWED_FILES = {"projects/QueryInst/queryinst/checkpoint/safe_load.py": ("pickle.load",),
                  "projects/QueryInst/queryinst/config_loading.py": ("merge_from_file(",)}
 
 

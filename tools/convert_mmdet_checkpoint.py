@@ -13,7 +13,7 @@ values as config overrides (or a config with the same values) with the converted
 
 Exit status 0 on success; 1 with one ``ERROR: <file>: ...`` line when the input is missing,
 not a readable checkpoint (truncated, corrupt, not a PyTorch file), refused because it names
-Python functions or classes that could run code (``queryinst.safe_load``; nothing in it is
+Python functions or classes that could run code (``queryinst.checkpoint.safe_load``; nothing in it is
 run), not an official QueryInst checkpoint, or the output cannot be written; or when
 ``--config`` is not plain yaml (read with ``yaml.safe_load`` only).
 """

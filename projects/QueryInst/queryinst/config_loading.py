@@ -165,7 +165,7 @@ def inference_config(config_file: Optional[str], opts: Iterable[str] = ()) -> Cf
     # Imported here: the config and checkpoint modules import Detectron2's model code.
     from detectron2.config import get_cfg
 
-    from .checkpoint import official_config_opts
+    from .checkpoint.checkpointer import official_config_opts
     from .config import add_queryinst_config
 
     cfg = get_cfg()

@@ -1,0 +1,11 @@
+"""Training: processes (CPU gloo or GPU NCCL), the optimiser and the trainer's hooks."""
+from .hooks import (
+    FiniteLossAMPTrainer,
+    FiniteLossTrainer,
+    check_losses_finite,
+    with_finite_loss_check,
+)
+from .launch import create_ddp_model, ddp_on_any_device, launch, threads_per_worker, worker_note
+from .solver import build_optimizer, split_backbone_param_groups
+
+__all__ = [k for k in globals() if not k.startswith("_")]  # as Detectron2's modeling/
