@@ -2,7 +2,7 @@
 """QueryInst training and evaluation script (Detectron2's ``DefaultTrainer``).
 
 It only wires Detectron2 to the ``queryinst`` package: the model, datasets and config keys
-register on ``import queryinst``; the optimiser is ``queryinst.solver.build_optimizer``
+register on ``import queryinst``; the optimiser is ``queryinst.engine.solver.build_optimizer``
 (AdamW with full-model gradient clipping, docs/method.md §2).
 
 Examples::
@@ -55,11 +55,11 @@ from queryinst import QueryInstDatasetMapper, add_queryinst_config  # noqa: E402
 from queryinst.checkpoint import (  # noqa: E402
     CheckpointError,
     QueryInstCheckpointer,
+    class_init_from_config,
     official_config_opts,
 )
-from queryinst.class_init import class_init_from_config  # noqa: E402
-from queryinst.evaluation import build_image_evaluator  # noqa: E402
 from queryinst.config_loading import (  # noqa: E402
+    ConfigFileError,
     ConfigValueTypeError,
     UnknownConfigKeyError,
     device_note,
@@ -72,23 +72,25 @@ from queryinst.data import (  # noqa: E402
     check_config_datasets,
     register_dataset_specs,
 )
-from queryinst.launch import (  # noqa: E402
-    LaunchEnvError,
-    ddp_on_any_device,
-    distributed_env,
-    elastic_restart_count,
-    launch,
-    run_in_env,
-    worker_note,
-)
-from queryinst.solver import build_optimizer, check_losses_finite  # noqa: E402
-from queryinst.train_loader import (  # noqa: E402
-    GatherRngStates,
+from queryinst.data.train_loader import (  # noqa: E402
     build_resumable_train_loader,
     rng_state,
     set_rng_state,
     train_stream_seed,
 )
+from queryinst.engine import (  # noqa: E402
+    GatherRngStates,
+    LaunchEnvError,
+    build_optimizer,
+    ddp_on_any_device,
+    distributed_env,
+    elastic_restart_count,
+    launch,
+    run_in_env,
+    with_finite_loss_check,
+    worker_note,
+)
+from queryinst.evaluation import build_image_evaluator  # noqa: E402
 from queryinst.video import (  # noqa: E402
     YTVISEvaluator,
     build_vis_test_loader,
@@ -107,7 +109,7 @@ class Trainer(DefaultTrainer):
     ``QueryInstCheckpointer``, so ``MODEL.WEIGHTS`` may also be an official ``.pth``; with
     ``MODEL.QUERYINST.CLASS_INIT_FROM`` a checkpoint of other classes initialises the
     class rows it names (COCO -> Cityscapes, docs/method.md §7). With several processes the
-    model is wrapped in DistributedDataParallel, on the CPU too (``queryinst.launch``).
+    model is wrapped in DistributedDataParallel, on the CPU too (``queryinst.engine.launch``).
     """
 
     def __init__(self, cfg):
@@ -119,23 +121,16 @@ class Trainer(DefaultTrainer):
             self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), class_init=class_init
         )
         self._resumed_rng = None  # RNG states of a loaded checkpoint, set after the loader
-        # Detectron2 0.6 checks the loss after backward() and before optimizer.step(), in
-        # _write_metrics, on the main process only and without naming the term: check first.
-        inner = self._trainer
-        write_metrics = inner._write_metrics
-
-        def _checked_write_metrics(loss_dict, data_time, prefix=""):
-            check_losses_finite(loss_dict, inner.iter)
-            write_metrics(loss_dict, data_time, prefix)
-
-        inner._write_metrics = _checked_write_metrics
+        # A NaN or infinite loss term raises, naming it, before the optimizer step
+        # (queryinst.engine.hooks; Detectron2 0.6 checks only the main process's sum).
+        self._trainer = with_finite_loss_check(self._trainer)
 
     @classmethod
     def build_train_loader(cls, cfg, start_iter=0):
         """The training loader with ``QueryInstDatasetMapper`` (docs/method.md §2), or, for
         ``QueryInstVIS``, Detectron2's over videos as (key, reference) frame pairs (§6.1).
 
-        Images: ``queryinst.train_loader.build_resumable_train_loader``, Detectron2's
+        Images: ``queryinst.data.train_loader.build_resumable_train_loader``, Detectron2's
         ``TrainingSampler`` stream (seed ``SEED``) from iteration ``start_iter``, each sample
         augmented under its own seed, so a resumed run sees what an uninterrupted one would
         (README "Fault tolerance"). Another ``DATALOADER.SAMPLER_TRAIN`` gets Detectron2's
@@ -334,7 +329,7 @@ def parse_args(argv=None):
 
     ``--num-gpus N``: N processes per machine (``--num-machines``, ``--machine-rank``,
     ``--dist-url`` as in Detectron2), one per GPU with NCCL where CUDA is available, else N
-    CPU processes over gloo, each with 1/N of the CPU threads (``queryinst.launch``).
+    CPU processes over gloo, each with 1/N of the CPU threads (``queryinst.engine.launch``).
     Started by torchrun or srun, the process joins that job instead, and these flags are
     a usage error (the launcher has already decided the processes)."""
     return add_dataset_argument(default_argument_parser()).parse_args(argv)
@@ -377,8 +372,9 @@ if __name__ == "__main__":
     except LaunchEnvError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         sys.exit(2)
-    # Unusable MODEL.WEIGHTS, a misspelled key or a dataset that cannot be read (e.g. no
+    # Unusable MODEL.WEIGHTS (or one refused because it would run code), a config that is not
+    # plain yaml, a misspelled key or a dataset that cannot be read (e.g. no
     # Cityscapes folder): the message says what is wrong and what to pass instead.
-    except (CheckpointError, UnknownConfigKeyError, ConfigValueTypeError,
+    except (CheckpointError, UnknownConfigKeyError, ConfigValueTypeError, ConfigFileError,
             DatasetFormatError, MissingPackageError) as e:
         sys.exit(f"ERROR: {e}")

@@ -34,7 +34,11 @@ that hint). Inputs are checked before the model is loaded.
 Exported models (``tools/export_model.py``): ``--exported DIR/model.onnx`` (onnxruntime) or
 ``DIR/model.ts`` (TorchScript) replaces ``--config-file`` and ``--opts``; the settings and
 class names come from ``DIR/model.json``; video frames are drawn without tracking
-(``--no-tracking`` is required for videos and the webcam).
+(``--no-tracking`` is required for videos and the webcam). A ``.ts`` file is TorchScript:
+loading and running it runs the code stored in it, so use ``.ts`` files you made yourself
+and prefer ``.onnx`` (a graph of operators, no code) for files from others. Everything else
+the demo reads (``MODEL.WEIGHTS``, the yaml config) is read without running code from it
+(``queryinst.checkpoint.safe_load``, ``queryinst.config_loading``).
 
 Class names come from the metadata of ``DATASETS.TEST[0]``. ``MODEL.DEVICE`` defaults to
 "cuda" where CUDA is available and "cpu" otherwise; the config file and ``--opts`` override
@@ -78,6 +82,7 @@ from predictor import DEFAULT_CONFIDENCE_THRESHOLD, VisualizationDemo  # noqa: E
 
 from queryinst.checkpoint import CheckpointError  # noqa: E402
 from queryinst.config_loading import (  # noqa: E402
+    ConfigFileError,
     ConfigValueTypeError,
     UnknownConfigKeyError,
     device_note,
@@ -112,7 +117,9 @@ def get_parser() -> argparse.ArgumentParser:
     model.add_argument("--config-file", metavar="FILE", help="a yaml config")
     model.add_argument("--exported", metavar="FILE",
                        help="instead of --config-file: a model.onnx or model.ts written by "
-                            "tools/export_model.py (its model.json beside it)")
+                            "tools/export_model.py (its model.json beside it); a .ts file "
+                            "is TorchScript and runs the code stored in it: use your own, "
+                            "prefer .onnx for files from others")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", metavar="PATH",
                         help="image files, directories or quoted glob patterns")
@@ -381,7 +388,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _run_inputs(demo, args, files, errors, capture)
     try:
         cfg = setup_cfg(args)
-    except (UnknownConfigKeyError, ConfigValueTypeError) as exc:  # a command-line error
+    except (UnknownConfigKeyError, ConfigValueTypeError, ConfigFileError) as exc:  # a usage error
         _error(str(exc))
         return 2
     d2_logger.info(device_note(cfg.MODEL.DEVICE))

@@ -3,7 +3,7 @@
 The model runs through Detectron2's ``DefaultPredictor`` (weights from ``MODEL.WEIGHTS``,
 which may also be an official MMDetection/QueryInst ``.pth``, converted on load; test-time
 resize ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, input format ``INPUT.FORMAT``); or, given an exported ``model.onnx`` / ``model.ts``, through
-``queryinst.exported_predictor.ExportedPredictor`` (same input and output); drawing
+``queryinst.export.predictor.ExportedPredictor`` (same input and output); drawing
 is Detectron2's ``Visualizer`` (masks, boxes, class names and scores), enlarged for small
 images (:func:`draw_scale`).
 
@@ -26,7 +26,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from queryinst.checkpoint import QueryInstCheckpointer
-from queryinst.exported_predictor import ExportedPredictor
+from queryinst.export.predictor import ExportedPredictor
 from queryinst.video import draw_tracked_frame, use_query_tracker
 
 __all__ = ["DEFAULT_CONFIDENCE_THRESHOLD", "DRAW_SHORT_SIDE", "QueryInstPredictor",
@@ -123,7 +123,7 @@ class VisualizationDemo:
 
         exported: instead of ``cfg``'s PyTorch model, an exported ``model.onnx`` /
             ``model.ts`` (``tools/export_model.py``), run by
-            ``queryinst.exported_predictor.ExportedPredictor``; ``cfg`` is then unused (None)
+            ``queryinst.export.predictor.ExportedPredictor``; ``cfg`` is then unused (None)
             and the class names come from the export's ``model.json``. No tracking (the
             tracker needs the model's queries, which the graph does not return).
 

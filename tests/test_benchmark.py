@@ -19,6 +19,9 @@ from conftest import load_script
 from detectron2 import model_zoo
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_backbone, build_model
+from qi_bench import measure, runner  # tools/qi_bench (setup.cfg puts tools/ on the path)
+from qi_bench import models as bench_models
+from qi_bench.report import COLUMNS
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,8 +116,8 @@ def test_table_has_a_row_per_model(short_run):
     for row, m in zip(rows, report["models"]):
         cells = row.split()
         assert cells[0] == m["name"]
-        assert len(cells) == len(bench.COLUMNS)
-        dets = [h for h, _, _ in bench.COLUMNS].index("dets/img")
+        assert len(cells) == len(COLUMNS)
+        dets = [h for h, _, _ in COLUMNS].index("dets/img")
         assert cells[1] == "R50" and cells[dets] == str(TOPK)
         assert cells[-1] == f"{m['train_peak_mem_mib']:.0f}"
 
@@ -139,7 +142,7 @@ def test_flops_of_toy_module_match_hand_count():
         torch.rand(1, 3, 10, 10), torch.rand(2, 5, 4), torch.rand(2, 4, 6), torch.rand(2, 5, 16)
     )
     with torch.no_grad():
-        flops = bench.count_flops(model, inputs)
+        flops = measure.count_flops(model, inputs)
         by_module = flops.by_module()
         total = flops.total()
     conv = 8 * 3 * 3 * 3 * 10 * 10  # out channels x in channels x kernel x positions
@@ -161,7 +164,7 @@ def test_calibration_normalises_every_frozen_bn_input():
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     inputs = [{"image": torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)}]
-    assert bench.calibrate_frozen_bn(model, inputs) == sum(
+    assert measure.calibrate_frozen_bn(model, inputs) == sum(
         isinstance(m, FrozenBatchNorm2d) for m in model.modules()
     )
     outputs = []
@@ -212,16 +215,16 @@ def test_baselines_take_queryinsts_inference_layout():
     """On the CPU QueryInst's inference runs every conv channels-last (INFERENCE_MEMORY_FORMAT
     auto); a baseline then gets channels-last weights in all its convs (heads too), and none
     with QueryInst's layout set to contiguous."""
-    qcfg = bench.queryinst_cfg(BASE_CONFIG, ["MODEL.RESNETS.DEPTH", "18",
+    qcfg = bench_models.queryinst_cfg(BASE_CONFIG, ["MODEL.RESNETS.DEPTH", "18",
                                              "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"], "cpu")
-    assert bench.queryinst_infers_channels_last(qcfg, "cpu")
-    assert not bench.queryinst_infers_channels_last(qcfg, "cuda")
-    cand = bench.Candidate("mask_rcnn_R_18_FPN",
-                           bench.baseline_cfg("mask_rcnn_R_18_FPN", qcfg, "cpu"), None)
+    assert runner.queryinst_infers_channels_last(qcfg, "cpu")
+    assert not runner.queryinst_infers_channels_last(qcfg, "cuda")
+    cand = bench_models.Candidate("mask_rcnn_R_18_FPN",
+                                 bench_models.baseline_cfg("mask_rcnn_R_18_FPN", qcfg, "cpu"), None)
     image = torch.zeros(3, 64, 64, dtype=torch.uint8)
     inputs = [{"image": image, "height": 64, "width": 64}]
     for layout in (True, False):
-        model = bench.Bench(cand, inputs, 0, False, layout).model
+        model = bench_models.Bench(cand, inputs, 0, False, layout).model
         convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1]
         assert any("roi_heads" in n for n, m in model.named_modules() if m in convs)
         assert all((c.weight.stride(1) == 1) == layout for c in convs)
@@ -230,7 +233,7 @@ def test_baselines_take_queryinsts_inference_layout():
 def test_timed_calls_alternate_between_models():
     calls = []
     fns = [lambda: calls.append("a"), lambda: calls.append("b")]
-    times = bench.interleaved_times(fns, iters=3, warmup=1, device="cpu")
+    times = measure.interleaved_times(fns, iters=3, warmup=1, device="cpu")
     assert calls == ["a", "b"] * 4  # one warm-up round, then three timed rounds
     assert [len(t) for t in times] == [3, 3] and all(x >= 0 for t in times for x in t)
 
@@ -297,7 +300,7 @@ def test_also_config_measures_mobilenet_beside_r50_without_resnet_baselines():
         ("queryinst", "R50"), ("queryinst MNV2_FPN_1x_coco", "MNV2")]
     assert models[1]["resnet_depth"] is None
     # Same heads and queries: the parameter difference is the backbone's alone.
-    r50, mnv2 = (bench.queryinst_cfg(f, opts, "cpu") for f in (BASE_CONFIG, MNV2_COCO))
+    r50, mnv2 = (bench_models.queryinst_cfg(f, opts, "cpu") for f in (BASE_CONFIG, MNV2_COCO))
     diff = sum(p.numel() for p in build_backbone(r50).parameters()) - sum(
         p.numel() for p in build_backbone(mnv2).parameters())
     assert models[0]["params"] - models[1]["params"] == diff

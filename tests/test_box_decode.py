@@ -9,7 +9,7 @@ import math
 import torch
 from detectron2.modeling.box_regression import Box2BoxTransform
 
-from queryinst.roi_heads import clamp_size_deltas
+from queryinst.modeling.roi_heads.roi_heads import clamp_size_deltas
 
 CLAMP = math.log(1000.0 / 16)
 

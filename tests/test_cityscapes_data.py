@@ -35,7 +35,7 @@ from queryinst.data import (
 )
 from queryinst.data import bundled_sources as src
 from queryinst.evaluation import CityscapesAPEvaluator
-from queryinst.video import builtin as video_builtin
+from queryinst.video.data import builtin as video_builtin
 
 # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")

@@ -17,7 +17,7 @@ from detectron2.modeling import build_model
 from torchvision.models import mobilenet_v2
 
 from queryinst import add_queryinst_config
-from queryinst.config_loading import device_note, merge_config
+from queryinst.config_loading import device_note, merge_config, merge_config_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import train_net  # noqa: E402
@@ -63,7 +63,7 @@ R101_EXTRA_PARAMS = 17 * (1024 * 256 + 256 * 256 * 9 + 256 * 1024)
 def _load(path, opts=()):
     cfg = get_cfg()
     add_queryinst_config(cfg)
-    cfg.merge_from_file(path)
+    merge_config_file(cfg, path)  # yaml.safe_load only, as every entry point reads configs
     cfg.merge_from_list(list(opts))
     return cfg
 
@@ -322,8 +322,8 @@ def test_cityscapes_configs(name, one_torch_thread, monkeypatch):
     from detectron2.data import MetadataCatalog
     from detectron2.evaluation import DatasetEvaluators
 
-    from queryinst import evaluation
-    from queryinst.class_init import class_init_from_config
+    from queryinst.checkpoint.class_init import class_init_from_config
+    from queryinst.evaluation import build as evaluation
 
     depth = CITYSCAPES[name]
     cfg = _load(os.path.join(CONFIGS, "cityscapes", name))

@@ -1,4 +1,4 @@
-"""Custom COCO datasets with train_net.py: --dataset, the checks against the config, the README.
+"""Custom COCO datasets with train_net.py: --dataset, the checks against the config, the docs' recipe.
 
 The data are generated: squares (category 1) and triangles (category 2) as polygons on small
 images. Training runs use test_train_net's reduced model for 2 iterations on the CPU.
@@ -92,12 +92,12 @@ def registered(tmp_path):
         MetadataCatalog.remove(name)
 
 
-# ---- the README recipe, end to end -----------------------------------------------------------
+# ---- the documented recipe, end to end -------------------------------------------------------
 
 def _readme_recipe():
-    """The command of README.md's "Custom datasets" section, as an argv list."""
-    with open(os.path.join(REPO, "README.md")) as f:
-        section = f.read().split("### Custom datasets", 1)[1]
+    """The command of docs/datasets.md's "Custom datasets" section, as an argv list."""
+    with open(os.path.join(REPO, "docs", "datasets.md")) as f:
+        section = f.read().split("## Custom datasets", 1)[1]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     return shlex.split(block.replace("\\\n", " "))
 

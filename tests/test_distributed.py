@@ -1,6 +1,6 @@
 """Distributed training on the CPU: two gloo processes against one process (the truth).
 
-The two processes are started three ways (fixture ``two_processes``): ``queryinst.launch``
+The two processes are started three ways (fixture ``two_processes``): ``queryinst.engine.launch``
 as ``train_net.py --num-gpus 2`` does without CUDA; as two machines of one process each
 (``--num-machines 2 --machine-rank 0|1 --dist-url tcp://127.0.0.1:PORT``); and by torchrun
 with two nodes (``--nnodes 2 --nproc-per-node 1``), the process joining with ``run_in_env``.
@@ -15,7 +15,7 @@ images; the same model in this process gets both images. What must agree, and wh
   and 1 matches);
 - gradients: DDP averages the two processes' gradients, i.e. the gradient of that mean;
   hence the same optimiser step (full-model clipping included) and the same parameters
-  after it. The step is the project's SGD (``queryinst.solver``), not AdamW: AdamW's first
+  after it. The step is the project's SGD (``queryinst.engine.solver``), not AdamW: AdamW's first
   step is lr * g / (|g| + eps) per element, which turns gradients that are zero but for
   rounding (e.g. the attention's key bias, to which softmax is invariant: |g| ~ 1e-9) into
   steps of about +-lr whose sign is the rounding's; those elements differ between any two
@@ -46,9 +46,9 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils import comm
 
 from queryinst import DynamicMaskHead
-from queryinst.launch import create_ddp_model, launch, threads_per_worker, worker_note
-from queryinst.losses import num_matched_across_processes
-from queryinst.solver import build_optimizer
+from queryinst.engine.launch import create_ddp_model, launch, threads_per_worker, worker_note
+from queryinst.modeling.criterion import num_matched_across_processes
+from queryinst.engine.solver import build_optimizer
 
 import test_model  # its small_cfg (tests/ is on sys.path, as for conftest)
 from conftest import run_together
@@ -167,13 +167,13 @@ def _free_port() -> int:
 
 
 # Two "machines" on this host, one process each, each started by its own command: through
-# queryinst.launch (train_net.py --num-machines 2 --machine-rank R --dist-url ...), or by
+# queryinst.engine.launch (train_net.py --num-machines 2 --machine-rank R --dist-url ...), or by
 # torchrun --nnodes 2 --nproc-per-node 1 (the process joins with run_in_env).
 _MACHINE = """
 import sys
 sys.path.insert(0, {tests!r})
 import test_distributed
-from queryinst.launch import launch
+from queryinst.engine.launch import launch
 launch(test_distributed._worker, 1, num_machines=2, machine_rank=int(sys.argv[1]),
        dist_url=sys.argv[2], args=(sys.argv[3],), backend="gloo")
 """
@@ -181,7 +181,7 @@ _TORCHRUN_NODE = """
 import sys
 sys.path.insert(0, {tests!r})
 import test_distributed
-from queryinst.launch import distributed_env, run_in_env
+from queryinst.engine.launch import distributed_env, run_in_env
 run_in_env(test_distributed._worker, distributed_env(), args=(sys.argv[1],), backend="gloo")
 """
 

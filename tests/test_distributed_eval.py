@@ -29,7 +29,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm
 
-from queryinst.launch import launch
+from queryinst.engine.launch import launch
 from queryinst.video import YTVISEvaluator
 from queryinst.video.structures import VideoTrack
 

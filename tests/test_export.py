@@ -1,5 +1,5 @@
-"""ONNX and TorchScript export (queryinst/export.py, tools/export_model.py) and the predictor of
-exported models (queryinst/exported_predictor.py, demo/demo.py --exported).
+"""ONNX and TorchScript export (queryinst/export/exporter.py, tools/export_model.py) and the
+predictor of exported models (queryinst/export/predictor.py, demo/demo.py --exported).
 
 The truth is the PyTorch model itself: the same weights run through ``QueryInst.inference``
 (the CPU's default pooler, not the exported graph's RoIAlign) and through Detectron2's
@@ -26,7 +26,7 @@ from detectron2.modeling import build_model
 from queryinst import add_queryinst_config
 from queryinst.checkpoint import QueryInstCheckpointer
 from queryinst.export import ExportableQueryInst, ExportError, check_exportable
-from queryinst.exported_predictor import ExportedPredictor
+from queryinst.export.predictor import ExportedPredictor
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 CONFIG = os.path.join(ROOT, "configs", "bundled", "queryinst_MNV2_FPN_nuclei.yaml")

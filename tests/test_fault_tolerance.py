@@ -21,7 +21,7 @@ from torch import nn
 
 from queryinst import QueryInstDatasetMapper
 from queryinst.checkpoint import QueryInstCheckpointer
-from queryinst.train_loader import ResumableTrainingSampler, SeededMapDataset
+from queryinst.data.train_loader import ResumableTrainingSampler, SeededMapDataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)

@@ -13,9 +13,9 @@ import torch
 from detectron2.layers import NaiveSyncBatchNorm
 from torch import nn
 
-from queryinst.box_head import DIIHead
-from queryinst.dynamic_conv import DynamicConv
-from queryinst.mask_head import DynamicMaskHead
+from queryinst.modeling.roi_heads.box_head import DIIHead
+from queryinst.modeling.roi_heads.dynamic_conv import DynamicConv
+from queryinst.modeling.roi_heads.mask_head import DynamicMaskHead
 
 # Small sizes keep the behavioural tests fast; full sizes are used for counts and init.
 SMALL_BOX = dict(

@@ -1,4 +1,4 @@
-"""Inference speed-ups (queryinst/fast_inference.py): folded BatchNorm, channels-last
+"""Inference speed-ups (queryinst/modeling/fast_inference.py): folded BatchNorm, channels-last
 convolution weights (INFERENCE_MEMORY_FORMAT) and INFERENCE_DTYPE.
 
 Truth comes from outside the code under test:
@@ -30,15 +30,15 @@ from detectron2.modeling import build_model
 from torch import nn
 
 from queryinst import add_queryinst_config
-from queryinst import fast_inference
+from queryinst.modeling import fast_inference
 from queryinst.export import ExportError, check_exportable
-from queryinst.fast_inference import (
+from queryinst.modeling.fast_inference import (
     InferenceWeights,
     bf16_supported,
     conv_bn_pairs,
     resolve_memory_format,
 )
-from queryinst.pooling import FlatMaps
+from queryinst.modeling.roi_heads.pooling import FlatMaps
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 MNV2 = os.path.join(ROOT, "configs", "bundled", "queryinst_MNV2_FPN_nuclei.yaml")

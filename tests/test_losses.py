@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from queryinst.losses import (
+from queryinst.modeling.criterion import (
     QueryInstCriterion,
     dice_loss,
     focal_loss,
@@ -14,7 +14,7 @@ from queryinst.losses import (
     l1_box_loss,
     num_matched_across_processes,
 )
-from queryinst.matcher import HungarianMatcher
+from queryinst.modeling.matcher import HungarianMatcher
 
 
 def _criterion(num_classes=3):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from queryinst.matcher import HungarianMatcher, match_cost_matrix
+from queryinst.modeling.matcher import HungarianMatcher, match_cost_matrix
 
 
 def _giou(a, b):

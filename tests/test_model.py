@@ -32,7 +32,7 @@ from detectron2.structures import BitMasks, Boxes, ImageList, Instances, Polygon
 from torch import nn
 
 from queryinst import add_queryinst_config, queryinst_postprocess
-from queryinst.roi_heads import mask_targets_in_boxes
+from queryinst.modeling.roi_heads.roi_heads import mask_targets_in_boxes
 
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "Base-QueryInst.yaml"
 

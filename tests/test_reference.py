@@ -20,6 +20,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import load_script
+from qi_bench import models as bench_models
+from qi_bench import parity, runner
+from qi_bench import reference as check  # tools/ is on pytest's path (setup.cfg)
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +30,7 @@ BASE_CONFIG = str(ROOT / "configs" / "Base-QueryInst.yaml")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
-check = load_script("tools/reference_check.py", "queryinst_reference_check")
+check_script = load_script("tools/reference_check.py", "queryinst_reference_check")
 ref_script = load_script("tools/reference/mmdet_queryinst.py", "queryinst_mmdet_reference")
 standin = load_script("tools/reference/mmcv_ext_standin.py", "queryinst_mmcv_ext_standin")
 
@@ -48,18 +51,18 @@ def test_missing_venv_is_an_error_that_says_how_to_set_it_up(tmp_path, capsys):
     with pytest.raises(check.ReferenceError, match="tools/reference/setup.sh") as e:
         check.reference_python(str(venv))
     assert str(venv) in str(e.value)
-    assert check.main(["--no-setup", "--venv", str(venv), "--variant", "100"]) == 2
+    assert check_script.main(["--no-setup", "--venv", str(venv), "--variant", "100"]) == 2
     err = capsys.readouterr().err
     assert "reference_check.py: error: no reference venv at" in err and str(venv) in err
 
 
 def test_bad_arguments_are_refused_naming_the_flag(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        check.main(["--image", str(tmp_path / "missing.jpg")])
+        check_script.main(["--image", str(tmp_path / "missing.jpg")])
     assert e.value.code == 2
     assert "--image" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        check.main(["--variant", "200"])
+        check_script.main(["--variant", "200"])
     assert "invalid choice" in capsys.readouterr().err
 
 
@@ -142,7 +145,6 @@ def test_server_that_dies_or_misanswers_is_an_error(tmp_path, monkeypatch):
 
 
 def test_dump_contract_names_what_is_missing():
-    parity = load_script("tools/parity_check.py", "queryinst_parity_check")
     names = parity.required_arrays(6)
     assert "stage5_attn_feats" in names and "stage6_attn_feats" not in names
     assert {"input_tensor", "det_sort_order", "topk_inds", "versions_json"} <= set(names)
@@ -258,13 +260,13 @@ bench = load_script("tools/benchmark.py", "queryinst_benchmark_ref")
 
 
 def test_benchmark_reference_needs_a_matching_config(capsys):
-    cfg = bench.queryinst_cfg(BASE_CONFIG, [], "cpu")
-    assert bench.reference_variant(cfg) == "100"
+    cfg = bench_models.queryinst_cfg(BASE_CONFIG, [], "cpu")
+    assert bench_models.reference_variant(cfg) == "100"
     for opts, what in ((["MODEL.QUERYINST.NUM_PROPOSALS", "50"], "100 or 300 queries"),
                        (["MODEL.QUERYINST.NUM_CLASSES", "8"], "80 classes"),
                        (["MODEL.RESNETS.DEPTH", "101"], "ResNet-50")):
         with pytest.raises(ValueError, match=what):
-            bench.reference_variant(bench.queryinst_cfg(BASE_CONFIG, opts, "cpu"))
+            bench_models.reference_variant(bench_models.queryinst_cfg(BASE_CONFIG, opts, "cpu"))
     with pytest.raises(SystemExit):
         bench.parse_args(["--config-file", BASE_CONFIG, "--reference", "--device", "cuda"])
     assert "--device cpu" in capsys.readouterr().err
@@ -294,9 +296,9 @@ def test_benchmark_times_the_reference_in_the_same_rounds(monkeypatch):
 
     def fake_start(args, qcfg, images, workdir):
         seen["images"] = images
-        return bench.ReferenceBench(server, "100"), qcfg
+        return bench_models.ReferenceBench(server, "100"), qcfg
 
-    monkeypatch.setattr(bench, "start_reference", fake_start)
+    monkeypatch.setattr(runner, "start_reference", fake_start)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         report = bench.main(["--config-file", BASE_CONFIG, "--baselines", "none", "--reference",
@@ -331,7 +333,7 @@ def test_reference_set_up_from_the_index_and_parity_passes(tmp_path):
             pytest.skip(f"the package index is unreachable, the reference cannot be set up: {e}")
         raise
     out = tmp_path / "run"
-    assert check.main(["--no-setup", "--out-dir", str(out)]) == 0
+    assert check_script.main(["--no-setup", "--out-dir", str(out)]) == 0
     # The checkpoint is exercised: no constant tensor, no identity BN statistics.
     sd = torch.load(out / "reference_100.pth", map_location="cpu", weights_only=True)["state_dict"]
     constant = [k for k, t in sd.items()

@@ -17,6 +17,7 @@ import platform
 import pytest
 from conftest import load_script
 from detectron2.config import get_cfg
+from qi_bench import results  # tools/qi_bench (setup.cfg puts tools/ on the path)
 
 from queryinst import add_queryinst_config
 
@@ -107,13 +108,13 @@ def test_table_of_finished_runs(tool, tmp_path, capsys):
 
 
 def test_summarise_matches_hand_computed_values(tool):
-    s = tool.summarise(MASK)
+    s = results.summarise(MASK)
     assert s["n"] == 4
     assert s["mean"] == pytest.approx(34.6)
     assert s["std"] == pytest.approx(math.sqrt(79.94 / 3))
     assert (s["min"], s["max"]) == (28.6, 40.9)
     # COCO gives NaN AP for a run without detections: left out, and n says so
-    s = tool.summarise([20.0, math.nan, 26.0])
+    s = results.summarise([20.0, math.nan, 26.0])
     assert s["n"] == 2 and s["mean"] == pytest.approx(23.0)
     assert s["std"] == pytest.approx(math.sqrt(18.0))
 
@@ -154,7 +155,7 @@ def test_seeds_are_launched_once_and_resumed(tool, tmp_path, monkeypatch, capsys
         write_run(run_dir, seed, 26.0, 40.9)
         return 0
 
-    monkeypatch.setattr(tool, "launch", fake_launch)
+    monkeypatch.setattr(results, "launch", fake_launch)
     out = tmp_path / "table.md"
     argv = ["--seeds", "0", "1", "--runs-root", str(root), "--out", str(out),
             "--config-file", CONFIG, "TEST.EVAL_PERIOD", "100"]
@@ -186,7 +187,7 @@ def test_run_demo_entry_launches_the_demo_script(tool, tmp_path, monkeypatch):
         write_run(run_dir, 5, 24.0, 35.9)
         return 0
 
-    monkeypatch.setattr(tool, "launch", fake_launch)
+    monkeypatch.setattr(results, "launch", fake_launch)
     root = tmp_path / "runs"
     argv = ["--seeds", "5", "--entry", "run_demo", "--runs-root", str(root),
             "--out", str(tmp_path / "t.md")]
@@ -198,7 +199,7 @@ def test_run_demo_entry_launches_the_demo_script(tool, tmp_path, monkeypatch):
 
 
 def test_failed_run_stops_without_a_table(tool, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(tool, "launch", lambda cmd, run_dir: 1)
+    monkeypatch.setattr(results, "launch", lambda cmd, run_dir: 1)
     root, out = tmp_path / "runs", tmp_path / "table.md"
     argv = ["--seeds", "3", "--runs-root", str(root), "--out", str(out), "--config-file", CONFIG]
 
@@ -212,7 +213,7 @@ def test_failed_run_stops_without_a_table(tool, tmp_path, monkeypatch, capsys):
 def test_directory_of_another_seed_is_not_resumed(tool, tmp_path, monkeypatch, capsys):
     root = tmp_path / "runs"
     write_run(root / "seed2", 7, 20.0, 30.0, finished=False)
-    monkeypatch.setattr(tool, "launch", lambda cmd, run_dir: pytest.fail("must not launch"))
+    monkeypatch.setattr(results, "launch", lambda cmd, run_dir: pytest.fail("must not launch"))
     argv = ["--seeds", "2", "--runs-root", str(root), "--out", str(tmp_path / "t.md"),
             "--config-file", CONFIG]
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import run_together
-from queryinst.launch import DistEnv, LaunchEnvError, distributed_env, elastic_restart_count
+from queryinst.engine.launch import DistEnv, LaunchEnvError, distributed_env, elastic_restart_count
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "bundled", "queryinst_R50_FPN_nuclei.yaml")

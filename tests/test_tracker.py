@@ -1,5 +1,5 @@
-"""Online trackers (queryinst/video/tracker.py, docs/method.md §6.2) on synthetic detections:
-identities under permutation, births, deaths, occlusion gaps, one-to-one assignment against
+"""Online trackers (queryinst/video/modeling/tracker.py, docs/method.md §6.2) on synthetic
+detections: identities under permutation, births, deaths, occlusion gaps, one-to-one assignment against
 brute force, the association score and the track summaries computed by hand."""
 
 import itertools
@@ -12,7 +12,7 @@ from detectron2.config import get_cfg
 from detectron2.structures import Boxes, Instances
 
 from queryinst import add_queryinst_config
-from queryinst.video.tracker import (
+from queryinst.video.modeling.tracker import (
     TRACKER_REGISTRY,
     EmbeddingTracker,
     QueryCosineTracker,

@@ -1,4 +1,4 @@
-"""train_net.py (training, --resume, --eval-only) and queryinst.solver (docs/method.md §2).
+"""train_net.py (training, --resume, --eval-only) and queryinst.engine.solver (docs/method.md §2).
 
 The training tests use a reduced model on 128-pixel nuclei tiles (CPU, a few iterations);
 they check the plumbing, not accuracy.
@@ -20,7 +20,7 @@ from detectron2.engine import default_argument_parser
 from torch import nn
 
 from queryinst import add_queryinst_config
-from queryinst.solver import build_optimizer, split_backbone_param_groups
+from queryinst.engine.solver import build_optimizer, split_backbone_param_groups
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)

@@ -18,8 +18,12 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from queryinst.pooling import FlatMaps, MatrixROIPooler
-from queryinst.roi_heads import clamp_size_deltas, mask_targets_in_boxes, pool_stage_boxes
+from queryinst.modeling.roi_heads.pooling import FlatMaps, MatrixROIPooler
+from queryinst.modeling.roi_heads.roi_heads import (
+    clamp_size_deltas,
+    mask_targets_in_boxes,
+    pool_stage_boxes,
+)
 from test_model import small_cfg
 
 SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from queryinst.data import DatasetFormatError, download_package
 from queryinst.data import bundled_sources as src
-from queryinst.video import builtin as vb
+from queryinst.video.data import builtin as vb
 
 # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")

@@ -8,8 +8,8 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 
-from queryinst.video.meta_arch import one_detection_per_query
-from queryinst.video.track_head import TrackHead, track_match_loss, track_match_targets
+from queryinst.video.modeling.meta_arch import one_detection_per_query
+from queryinst.video.modeling.track_head import TrackHead, track_match_loss, track_match_targets
 from test_model import random_image, small_cfg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

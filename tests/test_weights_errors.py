@@ -315,7 +315,7 @@ def test_converter_gives_one_error_line(bad_files, kind, tmp_path, capsys):
     path = bad_files.get(kind, str(tmp_path / "missing.pth"))
     assert converter.main(["--input", path, "--output", str(tmp_path / "out.pth")]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {path}: ") and len(err.splitlines()) == 1
+    assert err.startswith(f"ERROR: {path}: ") and len(err.splitlines()) == 1
     assert "weights_only" not in err
     assert not os.path.exists(tmp_path / "out.pth")
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import load_script, uncompressed_rle
 
-from queryinst.video.evaluation import (YTVISEvaluator, results_from_tracks,
+from queryinst.video.evaluation.evaluator import (YTVISEvaluator, results_from_tracks,
                                         write_submission)
 from queryinst.video.structures import VideoTrack
-from queryinst.video.ytvis_metric import (evaluate_ytvis, identity_switches,
+from queryinst.video.evaluation.ytvis_metric import (evaluate_ytvis, identity_switches,
                                           spatio_temporal_iou, to_rle)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,9 +11,11 @@ no memory, no time), and writes ``{"model": state_dict, "__author__": ...,
 "matching_heuristics": False}``, which ``DetectionCheckpointer`` loads. Use the printed
 values as config overrides (or a config with the same values) with the converted file.
 
-Exit status 0 on success; 1 with one ``error: <file>: ...`` line when the input is missing,
-not a readable checkpoint (truncated, corrupt, not a PyTorch file) or not an official
-QueryInst checkpoint, or the output cannot be written.
+Exit status 0 on success; 1 with one ``ERROR: <file>: ...`` line when the input is missing,
+not a readable checkpoint (truncated, corrupt, not a PyTorch file), refused because it names
+Python functions or classes that could run code (``queryinst.checkpoint.safe_load``; nothing in it is
+run), not an official QueryInst checkpoint, or the output cannot be written; or when
+``--config`` is not plain yaml (read with ``yaml.safe_load`` only).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from queryinst.checkpoint import (
     convert_official_checkpoint,
     format_config_summary,
 )
+from queryinst.config_loading import ConfigFileError, merge_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +46,7 @@ def model_state_for(config_file: str):
     def build(detected):
         cfg = get_cfg()
         add_queryinst_config(cfg)
-        cfg.merge_from_file(config_file)
+        merge_config_file(cfg, config_file)  # yaml.safe_load only
         cfg.merge_from_list(config_as_opts(detected) + ["MODEL.DEVICE", "meta"])
         with torch.device("meta"):
             return build_model(cfg).state_dict()
@@ -63,11 +66,12 @@ def main(argv=None) -> int:
         converted, detected = convert_official_checkpoint(
             args.input, args.output, build_model_state=model_state_for(args.config)
         )
-    except CheckpointError as e:  # unreadable, missing, or not an official checkpoint
-        print(f"error: {e}", file=sys.stderr)
+    # unreadable, refused, missing, or not an official checkpoint; a --config not plain yaml
+    except (CheckpointError, ConfigFileError) as e:
+        print(f"ERROR: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # e.g. --output in a folder that does not exist
-        print(f"error: cannot write {args.output}: {e}", file=sys.stderr)
+        print(f"ERROR: cannot write {args.output}: {e}", file=sys.stderr)
         return 1
     n = sum(v.numel() for k, v in converted.items() if not k.endswith("num_batches_tracked"))
     print(f"converted {args.input}\n  -> {args.output}: {len(converted)} tensors, "

@@ -168,8 +168,10 @@ def _child(run: str, json_file: str, image_root: str, workers: int, batch: int, 
 
         _count_loads(loads)
         register_coco_instances("scale_train", {}, json_file, image_root)
-        cfg = get_cfg()
-        cfg.merge_from_file(model_zoo.get_config_file(
+        sys.path.insert(0, os.path.join(REPO, "projects", "QueryInst"))
+        from queryinst.config_loading import merge_config_file  # yaml.safe_load only
+
+        cfg = merge_config_file(get_cfg(), model_zoo.get_config_file(
             "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"))
         cfg.merge_from_list(common)
         cfg.freeze()

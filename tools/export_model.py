@@ -7,11 +7,11 @@
 
 Writes ``--output``/``model.onnx`` (or ``model.ts``), ``model.json`` beside it (input format,
 test sizes, score threshold, class names of ``DATASETS.TEST[0]``, output names, opset: all
-that ``queryinst.exported_predictor.ExportedPredictor`` and ``demo/demo.py --exported`` need)
+that ``queryinst.export.predictor.ExportedPredictor`` and ``demo/demo.py --exported`` need)
 and ``config.yaml`` (the full config, for the record). The graph takes one image
 (float32 (3, H, W) in ``INPUT.FORMAT``, 0-255, resized by the test transform, H and W
 dynamic) and returns ``pred_boxes``, ``scores``, ``pred_classes`` and ``pred_masks``; see
-``queryinst/export.py`` and README "Export (ONNX / TorchScript)".
+``queryinst/export/exporter.py`` and README "Export (ONNX / TorchScript)".
 
 The model is traced on one sample input: ``--sample-image`` resized as at test time, or by
 default a random image of ``INPUT.MIN_SIZE_TEST`` x ``INPUT.MIN_SIZE_TEST`` pixels (the
@@ -41,6 +41,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from queryinst.checkpoint import CheckpointError, QueryInstCheckpointer  # noqa: E402
 from queryinst.config_loading import (  # noqa: E402
+    ConfigFileError,
     ConfigValueTypeError,
     UnknownConfigKeyError,
     inference_config,
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     try:
         cfg = inference_config(args.config_file, args.opts)
         check_exportable(cfg, args.format, args.opset)
-    except (UnknownConfigKeyError, ConfigValueTypeError, ExportError) as exc:
+    except (UnknownConfigKeyError, ConfigValueTypeError, ConfigFileError, ExportError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 2
     try:

@@ -32,7 +32,7 @@ from queryinst.data import (  # noqa: E402
     register_bundled_datasets,
     write_cityscapes_sample,
 )
-from queryinst.video.builtin import (  # noqa: E402
+from queryinst.video.data.builtin import (  # noqa: E402
     BUNDLED_VIDEO_DATASETS,
     prepare_bundled_video_datasets,
     register_bundled_video_datasets,

@@ -55,7 +55,7 @@ from queryinst import add_queryinst_config  # noqa: E402
 from queryinst.checkpoint import QueryInstCheckpointer  # noqa: E402
 from queryinst.config_loading import merge_config  # noqa: E402
 from queryinst import video  # noqa: E402
-from queryinst.video.pseudo_video import NUCLEI_VIDEO_FRAME  # noqa: E402
+from queryinst.video.data.pseudo_video import NUCLEI_VIDEO_FRAME  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join("configs", "bundled", "queryinst_MNV2_FPN_nuclei.yaml")
 VIDEO_DATASET = "nuclei_dsb_video_val"  # the held-out pseudo-video

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         results = _load_json(args.results_json, "results json")
         if not isinstance(results, list):
             raise ValueError(f"results json {args.results_json} must hold a list of results")
-        from queryinst.video.ytvis_metric import evaluate_ytvis, identity_switches
+        from queryinst.video.evaluation.ytvis_metric import evaluate_ytvis, identity_switches
 
         try:
             metrics, table = evaluate_ytvis(gt, results)

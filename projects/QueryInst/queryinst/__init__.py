@@ -7,18 +7,20 @@ bundled datasets, and the video model ``QueryInstVIS`` with its datasets (``quer
 """
 # First: imports Detectron2 without its torch.jit.script warnings (see the module).
 from . import _quiet_imports  # noqa: F401  (isort: skip)
-from .box_head import DIIHead
 from .config import add_queryinst_config
-from .dataset_mapper import QueryInstDatasetMapper, RandomSelect, build_train_augmentation
-from .detector import QueryInst, queryinst_postprocess
-from .dynamic_conv import DynamicConv
-from .losses import QueryInstCriterion
-from .mask_head import DynamicMaskHead
-from .matcher import HungarianMatcher
-from .proposals import LearnableProposals
-from .roi_heads import QueryInstROIHeads, StageOutput
-from . import backbone as _  # noqa: F401  (registration only)
-from . import mobilenet as _mobilenet  # noqa: F401  (registration only)
+from .data.dataset_mapper import QueryInstDatasetMapper, RandomSelect, build_train_augmentation
+from .modeling import (  # importing registers the model parts and backbones
+    DIIHead,
+    DynamicConv,
+    DynamicMaskHead,
+    HungarianMatcher,
+    LearnableProposals,
+    QueryInst,
+    QueryInstCriterion,
+    QueryInstROIHeads,
+    StageOutput,
+    queryinst_postprocess,
+)
 from . import data  # noqa: F401  (registers the bundled datasets; no IO)
 from . import video  # noqa: F401  (QueryInstVIS, trackers, video datasets; no IO)
 

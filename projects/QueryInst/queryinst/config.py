@@ -46,7 +46,7 @@ def add_queryinst_config(cfg: CN) -> None:
     _C.SCALE_CLAMP = math.log(1000.0 / 16)  # box clamp: |dw|, |dh| <= log(1000/16) ~ 4.135
     # Initial foreground probability of every class logit (docs/method.md §2.3).
     _C.PRIOR_PROB = 0.01
-    # Fine-tuning MODEL.WEIGHTS to other classes (queryinst/class_init.py, docs/method.md
+    # Fine-tuning MODEL.WEIGHTS to other classes (queryinst/checkpoint/class_init.py, docs/method.md
     # §7), e.g. COCO -> Cityscapes: per class of this model, in order, the name of the
     # checkpoint class whose classifier and mask-logit rows it starts from; "" = the usual
     # initialisation. Applied when the checkpoint's class count differs from NUM_CLASSES
@@ -84,8 +84,8 @@ def add_queryinst_config(cfg: CN) -> None:
     # (docs/benchmark.md). This is the layout of training too; inference on the CPU is
     # channels-last anyway (INFERENCE_MEMORY_FORMAT). Off by default, as in Detectron2.
     _C.CHANNELS_LAST = False
-    # Inference speed-ups (queryinst/fast_inference.py; README "Fast inference"; measured in
-    # docs/benchmark.md). None of the three applies in training or changes state_dict().
+    # Inference speed-ups (queryinst/modeling/fast_inference.py; README "Fast inference";
+    # measured in docs/benchmark.md). None of the three applies in training or changes state_dict().
     # Fold each BatchNorm with fixed statistics (FrozenBN, and BN in eval mode) into the conv
     # before it for the duration of an inference call (backbone and mask head): the same
     # outputs up to float rounding, one conv instead of conv + norm.
@@ -101,8 +101,8 @@ def add_queryinst_config(cfg: CN) -> None:
     # box decoding, score sigmoid / top-k and mask pasting stay float32.
     _C.INFERENCE_DTYPE = "float32"
 
-    # MobileNetV2 bottom-up network (queryinst/mobilenet.py), used with MODEL.BACKBONE.NAME
-    # "build_mobilenetv2_fpn_p2_p5_backbone" and MODEL.FPN.IN_FEATURES = OUT_FEATURES.
+    # MobileNetV2 bottom-up network (queryinst/modeling/backbone/mobilenet.py), used with
+    # MODEL.BACKBONE.NAME "build_mobilenetv2_fpn_p2_p5_backbone" and MODEL.FPN.IN_FEATURES = OUT_FEATURES.
     # ImageNet weights: MODEL.WEIGHTS "queryinst://ImageNetPretrained/MobileNetV2".
     cfg.MODEL.MOBILENET = CN()
     # torchvision's channel width multiplier; the ImageNet weights exist for 1.0 only.
@@ -115,7 +115,7 @@ def add_queryinst_config(cfg: CN) -> None:
     # stride-2 blocks) and stages 2..k (no gradient, FrozenBN). 2 = Detectron2's default.
     cfg.MODEL.MOBILENET.FREEZE_AT = 2
 
-    # Optimiser (docs/method.md §2); read by queryinst.solver.build_optimizer.
+    # Optimiser (docs/method.md §2); read by queryinst.engine.solver.build_optimizer.
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" (paper) or "SGD"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0  # backbone lr factor (MMDetection's recipe: 0.1)
     # Periodic checkpoints (model_<iter>.pth) kept on disk, newest first; 0 keeps all

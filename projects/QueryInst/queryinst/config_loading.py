@@ -1,19 +1,26 @@
-"""Loading a config for the entry points: the default device and key-typo hints.
+"""Loading a config for the entry points: safe yaml, the default device and key-typo hints.
 
-``train_net.py``, ``demo/demo.py`` and ``tools/run_demo.py`` build their configs with
-:func:`merge_config`, so they pick the device the same way and explain a misspelled key.
+``train_net.py``, ``demo/demo.py`` and the tools build their configs with :func:`merge_config`
+(or read a yaml file with :func:`merge_config_file`), so they pick the device the same way,
+explain a misspelled key, and never run code from a config: yaml files, their ``_BASE_``
+files included, are read with ``yaml.safe_load`` only (a python tag is a
+:class:`ConfigFileError`, where Detectron2's ``merge_from_file`` would fall back to fvcore's
+unsafe loader, which runs it).
 """
 from __future__ import annotations
 
+import copy
 import difflib
+import os
 import re
 from typing import Iterable, Optional
 
 import torch
+import yaml
 from detectron2.config import CfgNode
 
-__all__ = ["ConfigValueTypeError", "UnknownConfigKeyError", "default_device", "device_note",
-           "inference_config", "merge_config"]
+__all__ = ["ConfigFileError", "ConfigValueTypeError", "UnknownConfigKeyError", "default_device",
+           "device_note", "inference_config", "merge_config", "merge_config_file"]
 
 # yacs's messages: merge_from_file raises KeyError("Non-existent config key: A.B"),
 # merge_from_list AssertionError("Non-existent key: A.B").
@@ -121,11 +128,12 @@ def merge_config(cfg: CfgNode, config_file: Optional[str] = None,
             or in ``opts``; a ``KeyError`` and an ``AssertionError``, as yacs raises.
         ConfigValueTypeError: a value of another type than the key's default (a
             ``ValueError``, as yacs raises), naming the key, the source and the fix.
+        ConfigFileError: a yaml file that is not plain yaml (:func:`merge_config_file`).
     """
     cfg.MODEL.DEVICE = default_device()
     steps = []
     if config_file:
-        steps.append((cfg.merge_from_file, config_file, config_file))
+        steps.append((lambda path: merge_config_file(cfg, path), config_file, config_file))
     opts = list(opts)
     if opts:
         steps.append((cfg.merge_from_list, opts, "the command-line options"))
@@ -152,12 +160,12 @@ def inference_config(config_file: Optional[str], opts: Iterable[str] = ()) -> Cf
     (``queryinst.checkpoint.official_config_opts``).
 
     Raises:
-        UnknownConfigKeyError, ConfigValueTypeError: as :func:`merge_config`.
+        UnknownConfigKeyError, ConfigValueTypeError, ConfigFileError: as :func:`merge_config`.
     """
     # Imported here: the config and checkpoint modules import Detectron2's model code.
     from detectron2.config import get_cfg
 
-    from .checkpoint import official_config_opts
+    from .checkpoint.checkpointer import official_config_opts
     from .config import add_queryinst_config
 
     cfg = get_cfg()
@@ -183,3 +191,77 @@ def _type_message(match: "re.Match", source: str) -> str:
     example = f" ({given}.0)" if (key_type, given_type) == ("float", "int") else ""
     return (f"{key} holds a {key_type} (default {default}), but it is {given} (type "
             f"{given_type}) in {source}: write a {key_type}{example}")
+
+
+# Detectron2's own model zoo writes RetinaNet's anchor sizes as a python tag that evaluates
+# this expression (Base-RetinaNet.yaml). Exactly this text, in a file of the installed
+# Detectron2 model zoo, is read as its value, computed here once; nothing is evaluated.
+_EVAL_TAG = "tag:yaml.org,2002:python/object/apply:eval"
+_MODEL_ZOO_EXPRESSIONS = {
+    "[[x, x * 2**(1.0/3), x * 2**(2.0/3) ] for x in [32, 64, 128, 256, 512 ]]":
+        [[x, x * 2 ** (1.0 / 3), x * 2 ** (2.0 / 3)] for x in [32, 64, 128, 256, 512]],
+}
+
+
+def _model_zoo_dir() -> str:
+    import detectron2
+
+    return os.path.join(os.path.dirname(os.path.abspath(detectron2.__file__)), "model_zoo", "")
+
+
+def _model_zoo_expression(loader: yaml.SafeLoader, node: yaml.Node):
+    """The value of a known Detectron2 model-zoo expression; anything else is refused as
+    ``yaml.safe_load`` refuses it (``ConstructorError``)."""
+    if isinstance(node, yaml.SequenceNode) and len(node.value) == 1 \
+            and isinstance(node.value[0], yaml.ScalarNode) \
+            and node.value[0].value in _MODEL_ZOO_EXPRESSIONS \
+            and os.path.abspath(node.start_mark.name).startswith(_model_zoo_dir()):
+        return copy.deepcopy(_MODEL_ZOO_EXPRESSIONS[node.value[0].value])
+    return loader.construct_undefined(node)
+
+
+# fvcore reads every config with yaml.safe_load: this one tag is taught to its SafeLoader.
+yaml.SafeLoader.add_constructor(_EVAL_TAG, _model_zoo_expression)
+
+
+class ConfigFileError(ValueError):
+    """A yaml config that is not plain yaml: a python tag (``!!python/object/apply:...``,
+    which an unsafe yaml loader would run), another tag, or a syntax error. The message is one
+    line: ``<file>: line N: ...``, naming the ``_BASE_`` file where the problem lies."""
+
+
+def _yaml_problem(config_file: str, exc: yaml.YAMLError) -> str:
+    """The one-line :class:`ConfigFileError` message for ``exc`` raised reading ``config_file``."""
+    mark = getattr(exc, "problem_mark", None)
+    where = config_file
+    if mark is not None and mark.name and not mark.name.startswith("<"):
+        where = mark.name  # a _BASE_ file
+    line = f": line {mark.line + 1}" if mark is not None else ""
+    base = f", a _BASE_ of {config_file}" if where != config_file else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    tag = re.search(r"tag '([^']+)'", problem)
+    if isinstance(exc, yaml.constructor.ConstructorError) and tag:
+        tag = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+        if tag.startswith("!!python/"):
+            return f"{where}{line}: python objects are not allowed in configs ({tag}{base})"
+        return f"{where}{line}: yaml tags are not allowed in configs ({tag}{base})"
+    return f"{where}{line}: not a valid yaml file ({problem}{base})"
+
+
+def merge_config_file(cfg: CfgNode, config_file: str) -> CfgNode:
+    """``cfg.merge_from_file(config_file)`` reading the file and its ``_BASE_`` files with
+    ``yaml.safe_load`` only (``allow_unsafe=False``: fvcore's fallback to its unsafe
+    loader, which runs python tags, is never reached).
+
+    Returns:
+        CfgNode: ``cfg``.
+
+    Raises:
+        ConfigFileError: the file or a ``_BASE_`` file is not plain yaml (python objects,
+            other tags, a syntax error); one line naming the file and the line.
+    """
+    try:
+        cfg.merge_from_file(config_file, allow_unsafe=False)
+    except yaml.YAMLError as exc:
+        raise ConfigFileError(_yaml_problem(config_file, exc)) from None
+    return cfg

@@ -1,5 +1,6 @@
 """Datasets: checked COCO-format loading, config checks, image reading, bundled datasets,
-Cityscapes (a real sample in its layout, a check of its files).
+Cityscapes (a real sample in its layout, a check of its files); the dataset mapper and the
+resumable training loader.
 
 Importing this package registers the bundled datasets (``nuclei_dsb_train``,
 ``nuclei_dsb_val``, ``voc_mini``) with Detectron2; nothing is read or downloaded until one
@@ -20,6 +21,7 @@ from .coco_format import (
     register_coco_instances_checked,
     validate_coco_instances,
 )
+from .dataset_mapper import QueryInstDatasetMapper, build_train_augmentation
 from .dataset_option import (
     DatasetSpec,
     add_dataset_argument,
@@ -33,6 +35,7 @@ from .package_files import (
     package_cache_dir,
     read_package_files,
 )
+from .train_loader import build_resumable_train_loader
 
 __all__ = [
     "BUNDLED_DATASETS",
@@ -41,7 +44,10 @@ __all__ = [
     "DatasetSpec",
     "MissingPackageError",
     "PackageFetchError",
+    "QueryInstDatasetMapper",
     "add_dataset_argument",
+    "build_resumable_train_loader",
+    "build_train_augmentation",
     "check_cityscapes_dataset",
     "check_config_datasets",
     "check_dataset",

@@ -183,7 +183,7 @@ def write_cityscapes_sample(root: str) -> dict:
         _require_cityscapesscripts("building the Cityscapes sample")
         from cityscapesscripts.preparation.json2labelImg import json2labelImg
 
-        from ..video.builtin import LABELME_VIDEO_DIR, fetch_labelme_video_source
+        from ..video.data.builtin import LABELME_VIDEO_DIR, fetch_labelme_video_source
 
         source = fetch_labelme_video_source()
         images, jsons = _sample_files(source["labelme_jsons"], source["frames"],

@@ -31,7 +31,7 @@ class PackageFetchError(RuntimeError):
 
 def cache_root() -> str:
     """``$QUERYINST_CACHE``, default ``~/.cache/queryinst``: the root of the project's download
-    caches (``packages/`` here, ``weights/`` in :mod:`queryinst.pretrained`)."""
+    caches (``packages/`` here, ``weights/`` in :mod:`queryinst.checkpoint.pretrained`)."""
     return os.environ.get("QUERYINST_CACHE", os.path.expanduser("~/.cache/queryinst"))
 
 

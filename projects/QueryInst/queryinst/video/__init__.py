@@ -8,26 +8,23 @@ similarity (MinVIS). Importing registers the meta-architecture ``QueryInstVIS``,
 """
 from .config import add_queryinst_vis_config, use_query_tracker
 from .structures import VideoTrack, encode_mask, tracks_to_json
-from .tracker import (
+from .modeling import (
     TRACKER_REGISTRY,
     EmbeddingTracker,
     OnlineTracker,
     QueryCosineTracker,
+    QueryInstVIS,
+    TrackHead,
     build_tracker,
 )
-from .track_head import TrackHead
-from .meta_arch import QueryInstVIS
-from .dataset_mapper import YTVISDatasetMapper, sample_frame_pair
-from .build import (
+from .data.dataset_mapper import YTVISDatasetMapper, sample_frame_pair
+from .data.build import (
     build_vis_test_loader,
     build_vis_train_loader,
     check_video_model,
     is_video_dataset,
 )
-from .evaluation import YTVISEvaluator, results_from_tracks, track_dataset, write_submission
-from .ytvis_metric import evaluate_ytvis, identity_switches
-from .visualization import draw_tracked_frame, frame_instances, save_gif, track_color
-from .ytvis import (
+from .data.ytvis import (
     PREDEFINED_YTVIS_SPLITS,
     YTVIS_2019_CATEGORIES,
     YTVIS_2021_CATEGORIES,
@@ -36,11 +33,20 @@ from .ytvis import (
     register_ytvis_instances,
     ytvis_metadata,
 )
-from .builtin import (
+from .data.builtin import (
     BUNDLED_VIDEO_DATASETS,
     prepare_bundled_video_datasets,
     register_bundled_video_datasets,
 )
+from .evaluation import (
+    YTVISEvaluator,
+    evaluate_ytvis,
+    identity_switches,
+    results_from_tracks,
+    track_dataset,
+    write_submission,
+)
+from .visualization import draw_tracked_frame, frame_instances, save_gif, track_color
 
 register_all_ytvis()  # the predefined YouTube-VIS splits under $DETECTRON2_DATASETS; no IO
 

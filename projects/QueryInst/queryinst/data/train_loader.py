@@ -1,0 +1,217 @@
+"""A training data stream that a resumed run continues, and the random state it checkpoints.
+
+Detectron2 0.6's training loader (``build_detection_train_loader`` with ``TrainingSampler``)
+restarts its index stream at the first shuffle on every start, ``--resume`` included, and its
+augmentations draw from each process's (or DataLoader worker's) global NumPy RNG, whose state
+is not checkpointed. A run killed at iteration k and resumed therefore trained on other images
+with other flips and scales than an uninterrupted run.
+
+Here the stream is a function of ``cfg.SEED`` and the stream position alone:
+
+- :class:`ResumableTrainingSampler` yields the same infinite stream of dataset indices as
+  ``TrainingSampler(size, seed=seed)`` (one ``torch.randperm`` per pass), each with its
+  position in the stream, and can start at any position: a run resumed at iteration k starts
+  at ``k * SOLVER.IMS_PER_BATCH`` (:func:`stream_start`).
+- :class:`SeededMapDataset` maps the sample at position p with Python's, NumPy's and torch's
+  global RNGs seeded from (seed, p), and puts the caller's RNG states back afterwards. The
+  augmentation of a sample therefore depends neither on the worker that maps it nor on
+  ``DATALOADER.NUM_WORKERS`` nor on a resume; two positions never share a seed (NumPy's
+  ``SeedSequence`` of the pair), so workers cannot duplicate augmentations.
+- :func:`rng_state` / :func:`set_rng_state`: the main process's RNG states in a form that
+  ``torch.load(weights_only=True)`` reads (tensors, ints, tuples), for the checkpoint.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from typing import Callable, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from detectron2.data import DatasetFromList, get_detection_dataset_dicts
+from detectron2.data.build import build_batch_data_loader
+from detectron2.utils import comm
+from torch.utils.data import Dataset, Sampler
+
+__all__ = ["ResumableTrainingSampler", "SeededMapDataset", "build_resumable_train_loader",
+           "rng_state", "set_rng_state", "sample_seed", "stream_start", "train_stream_seed"]
+
+logger = logging.getLogger(__name__)
+
+
+def train_stream_seed(cfg) -> int:
+    """The seed of the training stream: ``cfg.SEED`` when >= 0, else one drawn now and shared
+    by all processes (Detectron2's ``comm.shared_random_seed``; a resumed run then draws
+    another, so only a fixed ``SEED`` resumes the same stream)."""
+    return int(cfg.SEED) if cfg.SEED >= 0 else int(comm.shared_random_seed())
+
+
+def stream_start(start_iter: int, total_batch_size: int) -> int:
+    """Stream position of the first sample of iteration ``start_iter`` (0-based): every
+    iteration takes ``total_batch_size`` consecutive positions (all processes together)."""
+    return start_iter * total_batch_size
+
+
+def sample_seed(seed: int, position: int) -> int:
+    """The 32-bit seed of the sample at ``position`` of the stream of ``seed`` (NumPy's
+    ``SeedSequence([seed, position])``: distinct pairs give independent seeds)."""
+    return int(np.random.SeedSequence([seed, position]).generate_state(1)[0])
+
+
+class ResumableTrainingSampler(Sampler):
+    """Detectron2's ``TrainingSampler`` stream from any position, with the positions.
+
+    The stream is ``randperm(size) + randperm(size) + ...`` drawn from a ``torch.Generator``
+    seeded with ``seed`` (exactly ``TrainingSampler(size, shuffle=True, seed=seed)``'s
+    indices); process ``rank`` of ``world_size`` takes positions ``start + rank``,
+    ``start + rank + world_size``, ... . Items are ``(position, index)`` pairs for
+    :class:`SeededMapDataset`.
+
+    Args:
+        size (int): number of dataset dicts (> 0).
+        seed (int): the shuffle's seed, the same in every process.
+        start (int): first stream position (>= 0), :func:`stream_start` on resume.
+
+    Raises:
+        ValueError: ``size`` <= 0 or ``start`` < 0.
+    """
+
+    def __init__(self, size: int, seed: int, start: int = 0):
+        if size <= 0:
+            raise ValueError(f"ResumableTrainingSampler: size must be > 0, got {size}")
+        if start < 0:
+            raise ValueError(f"ResumableTrainingSampler: start must be >= 0, got {start}")
+        self._size, self._seed, self._start = int(size), int(seed), int(start)
+        self._rank, self._world_size = comm.get_rank(), comm.get_world_size()
+
+    def _stream(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self._seed)
+        while True:
+            yield from torch.randperm(self._size, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        # Skipping whole passes draws (and drops) their permutations: the generator's state
+        # must advance exactly as in the uninterrupted stream.
+        positions = enumerate(self._stream())
+        yield from itertools.islice(positions, self._start + self._rank, None, self._world_size)
+
+
+class SeededMapDataset(Dataset):
+    """``dataset[(position, index)]``: ``mapper(dataset_dicts[index])`` under per-sample seeds.
+
+    During the call, Python's ``random``, NumPy's global RNG and torch's CPU RNG are seeded
+    with :func:`sample_seed` ``(seed, position)``; the caller's states are restored after it,
+    so mapping in the main process (``NUM_WORKERS`` 0) does not disturb the model's RNG.
+
+    Args:
+        dataset_dicts: Detectron2 dataset dicts.
+        mapper: dict -> mapped dict (e.g. ``QueryInstDatasetMapper``); must not return None.
+        seed (int): the stream's seed.
+
+    Raises (on access):
+        ValueError: the mapper returned None (Detectron2's ``MapDataset`` would silently
+            train on another, random image instead; this stream must stay a function of the
+            position).
+    """
+
+    def __init__(self, dataset_dicts: Sequence[dict], mapper: Callable[[dict], dict],
+                 seed: int):
+        self._dicts, self._mapper, self._seed = dataset_dicts, mapper, int(seed)
+
+    def __len__(self) -> int:
+        return len(self._dicts)
+
+    def __getitem__(self, item: Tuple[int, int]) -> dict:
+        position, index = item
+        saved = rng_state(cuda=False)
+        s = sample_seed(self._seed, position)
+        random.seed(s)
+        np.random.seed(s)
+        torch.random.default_generator.manual_seed(s)  # CPU only: CUDA's is not restored
+        try:
+            data = self._mapper(self._dicts[index])
+        finally:
+            set_rng_state(saved)
+        if data is None:
+            raise ValueError(f"the training mapper returned None for "
+                             f"{self._dicts[index].get('file_name', index)!r}")
+        return data
+
+
+def build_resumable_train_loader(cfg, mapper: Callable[[dict], dict], seed: int,
+                                 start_iter: int = 0):
+    """Detectron2's training loader, but over :class:`ResumableTrainingSampler` and
+    :class:`SeededMapDataset`, starting at iteration ``start_iter``.
+
+    Same dataset dicts (``DATASETS.TRAIN``, ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``), batching
+    (``SOLVER.IMS_PER_BATCH`` over all processes, ``DATALOADER.ASPECT_RATIO_GROUPING``) and
+    workers (``DATALOADER.NUM_WORKERS``, Detectron2's ``worker_init_reset_seed``) as
+    ``build_detection_train_loader``; only ``DATALOADER.SAMPLER_TRAIN: TrainingSampler``.
+
+    Args:
+        cfg: the config.
+        mapper: the training mapper.
+        seed (int): :func:`train_stream_seed`.
+        start_iter (int): the first iteration this loader serves (0, or the resumed one).
+
+    Returns:
+        iterable of list[dict]: per process, batches of ``IMS_PER_BATCH / world_size`` dicts.
+
+    Raises:
+        ValueError: ``DATALOADER.SAMPLER_TRAIN`` is not ``TrainingSampler``.
+    """
+    if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+        raise ValueError(f"build_resumable_train_loader: only DATALOADER.SAMPLER_TRAIN "
+                         f"'TrainingSampler', got {cfg.DATALOADER.SAMPLER_TRAIN!r}")
+    dicts = get_detection_dataset_dicts(
+        cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        min_keypoints=(cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
+                       if cfg.MODEL.KEYPOINT_ON else 0),
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+    )
+    start = stream_start(start_iter, cfg.SOLVER.IMS_PER_BATCH)
+    logger.info("Training stream: seed %d, from iteration %d (sample %d)", seed, start_iter,
+                start)
+    # Serialised once into one numpy buffer, as Detectron2's loader does: DataLoader
+    # workers then share it copy-on-read (a list of dicts would be copied page by page into
+    # every worker as reference counts change).
+    dicts = DatasetFromList(dicts, copy=False, serialize=True)
+    return build_batch_data_loader(
+        SeededMapDataset(dicts, mapper, seed),
+        ResumableTrainingSampler(len(dicts), seed, start),
+        cfg.SOLVER.IMS_PER_BATCH,
+        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+    )
+
+
+def rng_state(cuda: bool = True) -> dict:
+    """The process's global RNG states: {"random": tuple, "numpy": {...}, "torch": uint8
+    tensor, and with ``cuda`` where CUDA is initialised "cuda": list of uint8 tensors}.
+    Only tensors, ints, floats and tuples: readable with ``torch.load(weights_only=True)``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "random": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Optional[dict]) -> None:
+    """Inverse of :func:`rng_state` (None: nothing; CUDA states only where CUDA is up)."""
+    if not state:
+        return
+    random.setstate(state["random"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+

@@ -1,0 +1,14 @@
+"""Export to ONNX or TorchScript and the predictor that runs the exported graph."""
+from .exporter import (
+    EXPORT_FORMATS,
+    MIN_ONNX_OPSET,
+    ExportableQueryInst,
+    ExportError,
+    check_exportable,
+    export_info_path,
+    export_model,
+    output_names,
+)
+from .predictor import ExportedPredictor
+
+__all__ = [k for k in globals() if not k.startswith("_")]  # as Detectron2's modeling/

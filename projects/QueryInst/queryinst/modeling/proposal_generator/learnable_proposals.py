@@ -1,0 +1,77 @@
+"""Learnable proposal boxes and proposal features (the initial object queries).
+
+docs/method.md §1.2 (MMDetection calls this module ``EmbeddingRPNHead``); paper
+section 3.1, following Sparse R-CNN. Registered as a Detectron2 proposal generator, so the
+meta-architecture hands its output to the ROI heads like any other proposals.
+"""
+from __future__ import annotations
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers.wrappers import shapes_to_tensor
+from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import Tensor, nn
+from torchvision.ops import box_convert
+
+__all__ = ["LearnableProposals"]
+
+
+@PROPOSAL_GENERATOR_REGISTRY.register()
+class LearnableProposals(nn.Module):
+    """N learnable boxes and N learnable D-dim features, the same for every image.
+
+    Attributes:
+        init_proposal_boxes (nn.Embedding): weight (N, 4), normalised (cx, cy, w, h),
+            initialised to (0.5, 0.5, 1, 1), the whole image.
+        init_proposal_features (nn.Embedding): weight (N, D), PyTorch's default N(0, 1) init.
+    """
+
+    @configurable
+    def __init__(self, *, num_proposals: int = 100, hidden_dim: int = 256):
+        """
+        Args:
+            num_proposals: N, object queries per image (100 or 300 in the paper).
+            hidden_dim: D, channels of the proposal features.
+        """
+        super().__init__()
+        self.init_proposal_boxes = nn.Embedding(num_proposals, 4)
+        self.init_proposal_features = nn.Embedding(num_proposals, hidden_dim)
+        with torch.no_grad():
+            self.init_proposal_boxes.weight[:, :2] = 0.5
+            self.init_proposal_boxes.weight[:, 2:] = 1.0
+
+    @classmethod
+    def from_config(cls, cfg, input_shape=None):
+        return {
+            "num_proposals": cfg.MODEL.QUERYINST.NUM_PROPOSALS,
+            "hidden_dim": cfg.MODEL.QUERYINST.HIDDEN_DIM,
+        }
+
+    def forward(
+        self, images: ImageList, features: dict[str, Tensor], gt_instances=None
+    ) -> tuple[list[Instances], dict]:
+        """Turn the learnt boxes into absolute boxes for each image.
+
+        Args:
+            images: the batch; ``images.image_sizes`` are the (h, w) before padding, which
+                scale the normalised boxes (docs/method.md §1: scaled before padding).
+            features: unused (the proposals do not depend on the image).
+            gt_instances: unused.
+
+        Returns:
+            list[Instances]: per image, ``proposal_boxes`` (Boxes, (N, 4) absolute xyxy
+            pixels of the resized, unpadded image) and ``proposal_features`` (float (N, D)).
+            dict: empty (no proposal losses).
+        """
+        boxes = box_convert(self.init_proposal_boxes.weight, "cxcywh", "xyxy")
+        proposals = []
+        for h, w in images.image_sizes:
+            inst = Instances((h, w))
+            # shapes_to_tensor: h, w are ints, or scalar tensors in a traced graph
+            # (queryinst/export/exporter.py), where this keeps the scale a function of the input.
+            scale = shapes_to_tensor([w, h, w, h], device=boxes.device).to(boxes.dtype)
+            inst.proposal_boxes = Boxes(boxes * scale)
+            inst.proposal_features = self.init_proposal_features.weight
+            proposals.append(inst)
+        return proposals, {}
