@@ -117,7 +117,7 @@ from queryinst.checkpoint import (  # noqa: E402
     detect_official_config,
     load_official_state_dict,
 )
-from queryinst.config_loading import merge_config  # noqa: E402
+from queryinst.config_loading import CONFIG_ERRORS, merge_config  # noqa: E402
 from queryinst.fast_inference import resolve_memory_format  # noqa: E402
 from queryinst.solver import build_optimizer as build_queryinst_optimizer  # noqa: E402
 
@@ -921,4 +921,7 @@ def _run(args, stack: contextlib.ExitStack) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CONFIG_ERRORS as e:  # a missing --config-file, a misspelled key: one line
+        sys.exit(f"ERROR: {e}")

@@ -12,6 +12,7 @@ Everything but the graph comes from the ``model.json`` written beside it by
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -25,6 +26,8 @@ from .export import export_info_path
 
 __all__ = ["ExportedPredictor"]
 
+logger = logging.getLogger(__name__)
+
 
 class ExportedPredictor:
     """``DefaultPredictor`` for an exported model file.
@@ -37,7 +40,8 @@ class ExportedPredictor:
 
     Attributes:
         info (dict): the ``model.json``.
-        metadata (Metadata): ``thing_classes`` from the json (empty when it has none).
+        metadata (Metadata): ``thing_classes`` from the json (empty when it has none, with
+            one warning).
         input_format (str): "RGB" or "BGR".
         aug: the ``ResizeShortestEdge`` test transform.
 
@@ -62,6 +66,10 @@ class ExportedPredictor:
         self.aug = T.ResizeShortestEdge([size, size], self.info["max_size_test"])
         classes = self.info.get("thing_classes")
         self.metadata = Metadata(thing_classes=classes) if classes else Metadata()
+        if not classes:
+            logger.warning("%s has no thing_classes: labels show class indices. Export again "
+                           "from a model with class names (train_net.py records them) or "
+                           "with --dataset NAME:JSON:IMAGES for its DATASETS.TEST[0].", info_path)
         self.output_names = self.info["output_names"]
         if path.endswith(".onnx"):
             import onnxruntime as ort
