@@ -31,12 +31,12 @@ def dataset_class_names(name: str) -> Optional[List[str]]:
     ``load_coco_json`` orders them.
 
     Returns:
-        list[str] or None: None for an unregistered dataset or one without class names.
+        list[str] or None: None for an unknown dataset or one without class names.
 
     Raises:
         DatasetFormatError: the json file cannot be read.
     """
-    if name not in DatasetCatalog.list():
+    if name not in DatasetCatalog.list() and name not in MetadataCatalog.list():
         return None
     metadata = MetadataCatalog.get(name)
     classes = metadata.get("thing_classes", None)
@@ -88,10 +88,13 @@ def model_metadata(cfg, checkpoint_names: Optional[Sequence[str]] = None) -> Met
         if metadata.get("thing_classes", None) is not None:
             return metadata
         return Metadata(name=test, thing_classes=names)
-    weights = os.path.basename(cfg.MODEL.WEIGHTS) or "no MODEL.WEIGHTS"
+    weights = (f"{os.path.basename(cfg.MODEL.WEIGHTS)} has none" if cfg.MODEL.WEIGHTS
+               else "MODEL.WEIGHTS is empty")
+    found = (f"'{test}' has {len(names)} for {count}" if names
+             else f"'{test}' has none" if test else "is not set")
     logger.warning(
-        "The model has no class names (MODEL.QUERYINST.CLASS_NAMES is empty, %s has none, "
+        "The model has no class names (MODEL.QUERYINST.CLASS_NAMES is empty, %s, "
         "DATASETS.TEST[0] %s): labels show class indices. Set MODEL.QUERYINST.CLASS_NAMES "
         "\"('name', ...)\" or register the test set with --dataset NAME:JSON:IMAGES.",
-        weights, f"'{test}' has none" if test else "is not set")
+        weights, found)
     return Metadata(name="model")
