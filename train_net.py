@@ -39,12 +39,7 @@ from detectron2.data import (  # noqa: E402
     build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.engine import (  # noqa: E402
-    DefaultTrainer,
-    default_argument_parser,
-    default_setup,
-    hooks,
-)
+from detectron2.engine import DefaultTrainer, default_argument_parser, hooks  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
 
 import queryinst.data  # noqa: E402,F401  (registers the bundled datasets)
@@ -55,18 +50,15 @@ from queryinst.checkpoint import (  # noqa: E402
     class_init_from_config,
     official_config_opts,
 )
-from queryinst.config_loading import (  # noqa: E402
-    ConfigFileError,
-    ConfigValueTypeError,
-    UnknownConfigKeyError,
-    device_note,
-    merge_config,
-)
+from queryinst.config_loading import CONFIG_ERRORS, device_note, merge_config  # noqa: E402
 from queryinst.data import (  # noqa: E402
+    ClassCountError,
     DatasetFormatError,
     MissingPackageError,
     add_dataset_argument,
     check_config_datasets,
+    input_size_note,
+    record_class_names,
     register_dataset_specs,
 )
 from queryinst.data.train_loader import (  # noqa: E402
@@ -78,6 +70,7 @@ from queryinst.data.train_loader import (  # noqa: E402
 from queryinst.engine import (  # noqa: E402
     build_optimizer,
     ddp_on_any_device,
+    default_setup,
     launch,
     with_finite_loss_check,
     worker_note,
@@ -110,8 +103,14 @@ class Trainer(DefaultTrainer):
         with ddp_on_any_device():  # Detectron2 0.6 gives DDP device_ids, refused on the CPU
             super().__init__(cfg)
         self.checkpointer = QueryInstCheckpointer(
-            self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), class_init=class_init
+            self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), class_init=class_init,
+            class_names=cfg.MODEL.QUERYINST.CLASS_NAMES,
         )
+        # The periodic checkpointer (model_<iter>.pth, model_final.pth) was built in
+        # DefaultTrainer.__init__ with Detectron2's checkpointer: give it this one.
+        for hook in self._hooks:
+            if isinstance(hook, hooks.PeriodicCheckpointer):
+                hook.checkpointer = self.checkpointer
         self._resumed_rng = None  # RNG states of a loaded checkpoint, set after the loader
         # A NaN or infinite loss term raises, naming it, before the optimizer step
         # (queryinst.engine.hooks; Detectron2 0.6 checks only the main process's sum).
@@ -218,8 +217,11 @@ class Trainer(DefaultTrainer):
 def setup(args):
     """Build the frozen config from ``args.config_file`` and ``args.opts``.
 
-    Also registers the ``--dataset`` datasets and runs Detectron2's ``default_setup``
-    (logging, OUTPUT_DIR/config.yaml, seed).
+    Also registers the ``--dataset`` datasets, records the class names of
+    ``DATASETS.TRAIN[0]`` in an empty ``MODEL.QUERYINST.CLASS_NAMES`` (training only; so
+    OUTPUT_DIR/config.yaml and the checkpoints carry them to the demo and the export) and
+    runs ``queryinst.engine.defaults.default_setup`` (Detectron2's steps: logging, config.yaml,
+    seed; the environment report and the full config in log.txt only).
     ``MODEL.DEVICE`` defaults to "cuda" where CUDA is available, else "cpu"; the log says
     which. A misspelled key raises with the closest existing key
     (``queryinst.config_loading.merge_config``).
@@ -239,6 +241,8 @@ def setup(args):
     # --eval-only its classes (training fine-tunes it to the config's classes).
     cfg.merge_from_list(official_config_opts(cfg.MODEL.WEIGHTS,
                                               fine_tuning=not getattr(args, "eval_only", False)))
+    if not getattr(args, "eval_only", False):
+        record_class_names(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     logger = logging.getLogger("detectron2")
@@ -264,6 +268,8 @@ def main(args):
             unreadable, not downloadable; with ``--eval-only`` also empty or not filling the
             model (a checkpoint of another config); ``ClassInitError``, one of them, for a
             ``MODEL.QUERYINST.CLASS_INIT_FROM`` that cannot be applied.
+        queryinst.data.ClassCountError: a dataset's class count differs from
+            ``MODEL.QUERYINST.NUM_CLASSES`` (e.g. 1-class data and NUM_CLASSES 2).
         queryinst.data.DatasetFormatError: a dataset of the config cannot be read (e.g. a
             missing Cityscapes folder or gtFine file, named in the message);
             ``MissingPackageError``: a package it needs (cityscapesscripts) is missing.
@@ -273,6 +279,11 @@ def main(args):
     # Class count and masks of every dataset against the model, before anything is trained.
     check_config_datasets(cfg, ("TEST",) if args.eval_only else ("TRAIN", "TEST"))
     check_video_model(cfg)  # video datasets need QueryInstVIS
+    custom = {spec.name for spec in getattr(args, "dataset", None) or []}
+    used = [n for n in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST) if n in custom]
+    note = input_size_note(cfg, used) if used else None
+    if note:  # e.g. 576x720 frames shrunk to the bundled configs' 256 px
+        logging.getLogger("detectron2").warning(note)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         # strict: a partial load or no weights at all is an error (CheckpointError)
@@ -312,9 +323,10 @@ if __name__ == "__main__":
             dist_url=args.dist_url,
             args=(args,),
         )
-    # Unusable MODEL.WEIGHTS (or one refused because it would run code), a config that is not
-    # plain yaml, a misspelled key or a dataset that cannot be read (e.g. no
-    # Cityscapes folder): the message says what is wrong and what to pass instead.
-    except (CheckpointError, UnknownConfigKeyError, ConfigValueTypeError, ConfigFileError,
-            DatasetFormatError, MissingPackageError) as e:
+    # Unusable MODEL.WEIGHTS (or one refused because it would run code), a missing config
+    # file or one that is not plain yaml, a misspelled key, a dataset that cannot
+    # be read (e.g. no Cityscapes folder) or of another class count: the message says what
+    # is wrong and what to pass instead.
+    except (CheckpointError, *CONFIG_ERRORS, ClassCountError, DatasetFormatError,
+            MissingPackageError) as e:
         sys.exit(f"ERROR: {e}")

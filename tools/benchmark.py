@@ -79,6 +79,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "QueryInst"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import queryinst  # noqa: E402,F401  isort: skip  (before Detectron2: no torch.jit warning)
+from queryinst.config_loading import CONFIG_ERRORS  # noqa: E402
 import torch  # noqa: E402
 
 from qi_bench.models import _BASELINE_NAME, BASELINE_ZOO  # noqa: E402
@@ -216,4 +217,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CONFIG_ERRORS as e:  # a missing --config-file, a misspelled key: one line
+        sys.exit(f"ERROR: {e}")

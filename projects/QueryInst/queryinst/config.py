@@ -24,6 +24,9 @@ def add_queryinst_config(cfg: CN) -> None:
     # Detectron2's MODEL.ROI_HEADS.NUM_CLASSES is not read: train_net.py rejects a value other
     # than its default 80 or this one (queryinst.data.check_num_classes_keys).
     _C.NUM_CLASSES = 80  # C: foreground classes; sigmoid scores, no background logit
+    # Names of the C classes, in row order; train_net.py fills it from DATASETS.TRAIN[0]
+    # (saved in OUTPUT_DIR/config.yaml and the checkpoints) for the demo and the export.
+    _C.CLASS_NAMES = ()
     _C.NUM_PROPOSALS = 100  # N: object queries per image (docs/method.md §1: 100 or 300)
     _C.NUM_STAGES = 6  # box stages, each with its own dynamic mask head (docs/method.md §1)
     _C.HIDDEN_DIM = 256  # D: query and FPN/RoI feature channels
