@@ -15,7 +15,7 @@ Examples::
     python train_net.py --config-file ... --num-gpus 2
     # evaluate a checkpoint
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
-    # your own COCO-format data (README "Custom datasets")
+    # your own COCO-format data (docs/datasets.md, "Custom datasets")
     python train_net.py --config-file ... --dataset my_train:train.json:images/ \
         DATASETS.TRAIN "('my_train',)" DATASETS.TEST "()" MODEL.QUERYINST.NUM_CLASSES 3
 """
@@ -124,7 +124,7 @@ class Trainer(DefaultTrainer):
         Images: ``queryinst.data.train_loader.build_resumable_train_loader``, Detectron2's
         ``TrainingSampler`` stream (seed ``SEED``) from iteration ``start_iter``, each sample
         augmented under its own seed, so a resumed run sees what an uninterrupted one would
-        (README "Fault tolerance"). Another ``DATALOADER.SAMPLER_TRAIN`` gets Detectron2's
+        (docs/training.md, "Fault tolerance"). Another ``DATALOADER.SAMPLER_TRAIN`` gets Detectron2's
         loader, which restarts its stream on resume."""
         if cfg.MODEL.META_ARCHITECTURE == "QueryInstVIS":
             return build_vis_train_loader(cfg)

@@ -40,7 +40,7 @@ images of a fixed size, taking turns call by call:
   with the PyTorch models; its row (``exported onnx``) also records the largest score and
   box differences from the PyTorch model's detections of the first image.
 
-Fair comparison (README, "Benchmark"): the baselines get QueryInst's ResNet depth, stride
+Fair comparison (docs/benchmark.md, "Fair comparison rules"): the baselines get QueryInst's ResNet depth, stride
 placement and class count; their score threshold is 0 and ``TEST.DETECTIONS_PER_IMAGE`` is
 QueryInst's top-k, so their mask head also sees 100 detections whatever the random weights
 score. The same threads, input and warm-up hold for all. The default baselines are both

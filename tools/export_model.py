@@ -11,7 +11,7 @@ that ``queryinst.export.predictor.ExportedPredictor`` and ``demo/demo.py --expor
 and ``config.yaml`` (the full config, for the record). The graph takes one image
 (float32 (3, H, W) in ``INPUT.FORMAT``, 0-255, resized by the test transform, H and W
 dynamic) and returns ``pred_boxes``, ``scores``, ``pred_classes`` and ``pred_masks``; see
-``queryinst/export/exporter.py`` and README "Export (ONNX / TorchScript)".
+``queryinst/export/exporter.py`` and docs/deployment.md.
 
 The model is traced on one sample input: ``--sample-image`` resized as at test time, or by
 default a random image of ``INPUT.MIN_SIZE_TEST`` x ``INPUT.MIN_SIZE_TEST`` pixels (the

@@ -87,7 +87,7 @@ def add_queryinst_config(cfg: CN) -> None:
     # (docs/benchmark.md). This is the layout of training too; inference on the CPU is
     # channels-last anyway (INFERENCE_MEMORY_FORMAT). Off by default, as in Detectron2.
     _C.CHANNELS_LAST = False
-    # Inference speed-ups (queryinst/modeling/fast_inference.py; README "Fast inference";
+    # Inference speed-ups (queryinst/modeling/fast_inference.py; docs/deployment.md;
     # measured in docs/benchmark.md). None of the three applies in training or changes state_dict().
     # Fold each BatchNorm with fixed statistics (FrozenBN, and BN in eval mode) into the conv
     # before it for the duration of an inference call (backbone and mask head): the same

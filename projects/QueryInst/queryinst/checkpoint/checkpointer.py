@@ -192,7 +192,7 @@ def _download_url(path: str) -> str:
 _UNTRAINED = (
     "MODEL.WEIGHTS is empty: the model would keep its random initialisation, and its "
     "detections would mean nothing. Set MODEL.WEIGHTS to a trained checkpoint "
-    "(model_final.pth of a training run, or an official .pth, see the README)"
+    "(model_final.pth of a training run, or an official .pth, see docs/official_weights.md)"
 )
 
 
