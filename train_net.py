@@ -18,7 +18,7 @@ Examples::
     torchrun --nnodes 1 --nproc-per-node 2 --max-restarts 1 train_net.py --config-file ...
     # evaluate a checkpoint
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
-    # your own COCO-format data (README "Custom datasets")
+    # your own COCO-format data (docs/datasets.md, "Custom datasets")
     python train_net.py --config-file ... --dataset my_train:train.json:images/ \
         DATASETS.TRAIN "('my_train',)" DATASETS.TEST "()" MODEL.QUERYINST.NUM_CLASSES 3
 """
@@ -42,12 +42,7 @@ from detectron2.data import (  # noqa: E402
     build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.engine import (  # noqa: E402
-    DefaultTrainer,
-    default_argument_parser,
-    default_setup,
-    hooks,
-)
+from detectron2.engine import DefaultTrainer, default_argument_parser, hooks  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
 
 import queryinst.data  # noqa: E402,F401  (registers the bundled datasets)
@@ -58,18 +53,15 @@ from queryinst.checkpoint import (  # noqa: E402
     class_init_from_config,
     official_config_opts,
 )
-from queryinst.config_loading import (  # noqa: E402
-    ConfigFileError,
-    ConfigValueTypeError,
-    UnknownConfigKeyError,
-    device_note,
-    merge_config,
-)
+from queryinst.config_loading import CONFIG_ERRORS, device_note, merge_config  # noqa: E402
 from queryinst.data import (  # noqa: E402
+    ClassCountError,
     DatasetFormatError,
     MissingPackageError,
     add_dataset_argument,
     check_config_datasets,
+    input_size_note,
+    record_class_names,
     register_dataset_specs,
 )
 from queryinst.data.train_loader import (  # noqa: E402
@@ -83,6 +75,7 @@ from queryinst.engine import (  # noqa: E402
     LaunchEnvError,
     build_optimizer,
     ddp_on_any_device,
+    default_setup,
     distributed_env,
     elastic_restart_count,
     launch,
@@ -118,8 +111,14 @@ class Trainer(DefaultTrainer):
         with ddp_on_any_device():  # Detectron2 0.6 gives DDP device_ids, refused on the CPU
             super().__init__(cfg)
         self.checkpointer = QueryInstCheckpointer(
-            self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), class_init=class_init
+            self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), class_init=class_init,
+            class_names=cfg.MODEL.QUERYINST.CLASS_NAMES,
         )
+        # The periodic checkpointer (model_<iter>.pth, model_final.pth) was built in
+        # DefaultTrainer.__init__ with Detectron2's checkpointer: give it this one.
+        for hook in self._hooks:
+            if isinstance(hook, hooks.PeriodicCheckpointer):
+                hook.checkpointer = self.checkpointer
         self._resumed_rng = None  # RNG states of a loaded checkpoint, set after the loader
         # A NaN or infinite loss term raises, naming it, before the optimizer step
         # (queryinst.engine.hooks; Detectron2 0.6 checks only the main process's sum).
@@ -133,7 +132,7 @@ class Trainer(DefaultTrainer):
         Images: ``queryinst.data.train_loader.build_resumable_train_loader``, Detectron2's
         ``TrainingSampler`` stream (seed ``SEED``) from iteration ``start_iter``, each sample
         augmented under its own seed, so a resumed run sees what an uninterrupted one would
-        (README "Fault tolerance"). Another ``DATALOADER.SAMPLER_TRAIN`` gets Detectron2's
+        (docs/training.md, "Fault tolerance"). Another ``DATALOADER.SAMPLER_TRAIN`` gets Detectron2's
         loader, which restarts its stream on resume."""
         if cfg.MODEL.META_ARCHITECTURE == "QueryInstVIS":
             return build_vis_train_loader(cfg)
@@ -239,8 +238,11 @@ class Trainer(DefaultTrainer):
 def setup(args):
     """Build the frozen config from ``args.config_file`` and ``args.opts``.
 
-    Also registers the ``--dataset`` datasets and runs Detectron2's ``default_setup``
-    (logging, OUTPUT_DIR/config.yaml, seed).
+    Also registers the ``--dataset`` datasets, records the class names of
+    ``DATASETS.TRAIN[0]`` in an empty ``MODEL.QUERYINST.CLASS_NAMES`` (training only; so
+    OUTPUT_DIR/config.yaml and the checkpoints carry them to the demo and the export) and
+    runs ``queryinst.engine.defaults.default_setup`` (Detectron2's steps: logging, config.yaml,
+    seed; the environment report and the full config in log.txt only).
     ``MODEL.DEVICE`` defaults to "cuda" where CUDA is available, else "cpu"; the log says
     which. A misspelled key raises with the closest existing key
     (``queryinst.config_loading.merge_config``).
@@ -261,6 +263,8 @@ def setup(args):
     # --eval-only its classes (training fine-tunes it to the config's classes).
     cfg.merge_from_list(official_config_opts(cfg.MODEL.WEIGHTS,
                                               fine_tuning=not getattr(args, "eval_only", False)))
+    if not getattr(args, "eval_only", False):
+        record_class_names(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     logger = logging.getLogger("detectron2")
@@ -290,6 +294,8 @@ def main(args):
             unreadable, not downloadable; with ``--eval-only`` also empty or not filling the
             model (a checkpoint of another config); ``ClassInitError``, one of them, for a
             ``MODEL.QUERYINST.CLASS_INIT_FROM`` that cannot be applied.
+        queryinst.data.ClassCountError: a dataset's class count differs from
+            ``MODEL.QUERYINST.NUM_CLASSES`` (e.g. 1-class data and NUM_CLASSES 2).
         queryinst.data.DatasetFormatError: a dataset of the config cannot be read (e.g. a
             missing Cityscapes folder or gtFine file, named in the message);
             ``MissingPackageError``: a package it needs (cityscapesscripts) is missing.
@@ -299,6 +305,11 @@ def main(args):
     # Class count and masks of every dataset against the model, before anything is trained.
     check_config_datasets(cfg, ("TEST",) if args.eval_only else ("TRAIN", "TEST"))
     check_video_model(cfg)  # video datasets need QueryInstVIS
+    custom = {spec.name for spec in getattr(args, "dataset", None) or []}
+    used = [n for n in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST) if n in custom]
+    note = input_size_note(cfg, used) if used else None
+    if note:  # e.g. 576x720 frames shrunk to the bundled configs' 256 px
+        logging.getLogger("detectron2").warning(note)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         # strict: a partial load or no weights at all is an error (CheckpointError)
@@ -372,9 +383,10 @@ if __name__ == "__main__":
     except LaunchEnvError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         sys.exit(2)
-    # Unusable MODEL.WEIGHTS (or one refused because it would run code), a config that is not
-    # plain yaml, a misspelled key or a dataset that cannot be read (e.g. no
-    # Cityscapes folder): the message says what is wrong and what to pass instead.
-    except (CheckpointError, UnknownConfigKeyError, ConfigValueTypeError, ConfigFileError,
-            DatasetFormatError, MissingPackageError) as e:
+    # Unusable MODEL.WEIGHTS (or one refused because it would run code), a missing config
+    # file or one that is not plain yaml, a misspelled key, a dataset that cannot
+    # be read (e.g. no Cityscapes folder) or of another class count: the message says what
+    # is wrong and what to pass instead.
+    except (CheckpointError, *CONFIG_ERRORS, ClassCountError, DatasetFormatError,
+            MissingPackageError) as e:
         sys.exit(f"ERROR: {e}")

@@ -40,7 +40,10 @@ and prefer ``.onnx`` (a graph of operators, no code) for files from others. Ever
 the demo reads (``MODEL.WEIGHTS``, the yaml config) is read without running code from it
 (``queryinst.checkpoint.safe_load``, ``queryinst.config_loading``).
 
-Class names come from the metadata of ``DATASETS.TEST[0]``. ``MODEL.DEVICE`` defaults to
+Class names are the model's: ``MODEL.QUERYINST.CLASS_NAMES`` (``train_net.py`` writes them into
+its ``config.yaml``), else those stored in the ``MODEL.WEIGHTS`` checkpoint, else the metadata
+of ``DATASETS.TEST[0]`` (``--dataset NAME:JSON:IMAGES`` registers a COCO json as in
+``train_net.py``); without any, one warning and class indices. ``MODEL.DEVICE`` defaults to
 "cuda" where CUDA is available and "cpu" otherwise; the config file and ``--opts`` override
 it.
 
@@ -51,7 +54,10 @@ cannot be used (unreadable, not downloadable, or a checkpoint of another config:
 ``ERROR:`` line; an empty ``MODEL.WEIGHTS`` only gets an "UNTRAINED MODEL" warning), 2 for
 command-line errors (also: a ``--confidence-threshold`` outside [0, 1], an image file as
 ``--output`` for several inputs, a misspelled config key: one ``ERROR:`` line with the closest
-key). Without a terminal (logs, CI) there is no progress bar, only the result lines.
+key, a ``--config-file`` that does not exist: one ``ERROR:`` line with the nearest config files).
+Without a terminal (logs, CI) there is no progress bar and no colour codes, only the result
+lines. Without ``--output`` each result line ends in "no --output: nothing written"; the video
+line names the frame size and the size the model ran at (the test resize).
 """
 from __future__ import annotations
 
@@ -81,14 +87,13 @@ from tqdm import tqdm  # noqa: E402
 from predictor import DEFAULT_CONFIDENCE_THRESHOLD, VisualizationDemo  # noqa: E402
 
 from queryinst.checkpoint import CheckpointError  # noqa: E402
-from queryinst.config_loading import (  # noqa: E402
-    ConfigFileError,
-    ConfigValueTypeError,
-    UnknownConfigKeyError,
-    device_note,
-    inference_config,
+from queryinst.config_loading import CONFIG_ERRORS, device_note, inference_config  # noqa: E402
+from queryinst.data import (  # noqa: E402
+    add_dataset_argument,
+    read_image,  # 16-bit and float images too
+    register_dataset_specs,
 )
-from queryinst.data import read_image  # noqa: E402  (16-bit and float images too)
+from queryinst.engine.defaults import console_color  # noqa: E402
 from queryinst.video import tracks_to_json  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -98,6 +103,8 @@ WINDOW_NAME = "QueryInst"
 _CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z][A-Z0-9_]*)+$")
 # What reading a missing, truncated or non-image file raises (PIL, Detectron2's read_image).
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# The end of a result line when there is no --output.
+NOTHING_WRITTEN = "no --output: nothing written"
 
 
 def _unit_interval(text: str) -> float:
@@ -137,7 +144,8 @@ def get_parser() -> argparse.ArgumentParser:
                         help="video/webcam: draw each frame on its own, without tracks")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="config overrides, KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth")
-    return parser
+    # e.g. the test set of a training run's config.yaml, for its class names
+    return add_dataset_argument(parser)
 
 
 def _looks_like_key(token: str) -> bool:
@@ -263,7 +271,8 @@ def run_images(demo: VisualizationDemo, files: List[str], output: Optional[str],
         instances = demo.predict(image)
         seconds = time.perf_counter() - start
         tqdm.write(f"{path}: {len(instances)} detections with score >= "
-                   f"{demo.confidence_threshold:g} in {seconds:.2f}s")
+                   f"{demo.confidence_threshold:g} in {seconds:.2f}s"
+                   + ("" if out_path else f"; {NOTHING_WRITTEN}"))
         if out_path is not None:
             drawn = demo.draw(image, instances)
             if not cv2.imwrite(out_path, drawn):
@@ -301,13 +310,14 @@ def run_stream(demo: VisualizationDemo, capture: cv2.VideoCapture, name: str,
     """
     fps = capture.get(cv2.CAP_PROP_FPS) or 30.0
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-    writer, out_path, frames, detections = None, None, 0, 0
+    writer, out_path, frames, detections, size = None, None, 0, 0, None
     start = time.perf_counter()
     try:
         for instances, drawn in tqdm(demo.run_on_frames(_frames(capture)), total=total,
                                      desc=os.path.basename(name), unit="frame", disable=None):
             frames += 1
             detections += len(instances)
+            size = size or drawn.shape[:2]  # frames are drawn at their own size
             if output is not None:
                 if writer is None:
                     out_path = _video_output_path(output, name)
@@ -332,9 +342,11 @@ def run_stream(demo: VisualizationDemo, capture: cv2.VideoCapture, name: str,
         _error(f"{name}: no frame could be read (not a video, or corrupt)")
         return 1
     seconds = time.perf_counter() - start
+    run_h, run_w = demo.input_size(*size)
     tqdm.write(f"{name}: {frames} frames, {detections} detections with score >= "
-               f"{demo.confidence_threshold:g}, {seconds:.2f}s ({frames / seconds:.1f} frames/s)"
-               + (f" -> {out_path}" if out_path else ""))
+               f"{demo.confidence_threshold:g}, {seconds:.2f}s ({frames / seconds:.1f} frames/s); "
+               f"frames of {size[0]}x{size[1]} run at {run_h}x{run_w} (INPUT.MIN_SIZE_TEST / "
+               "MAX_SIZE_TEST)" + (f" -> {out_path}" if out_path else f"; {NOTHING_WRITTEN}"))
     return 0
 
 
@@ -374,9 +386,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             _error(f"{args.video_input}: cannot open the video")
             return 1
 
-    setup_logger(name="fvcore")
-    setup_logger(name="queryinst")  # e.g. the "UNTRAINED MODEL" warning, with its level
-    d2_logger = setup_logger()
+    color = console_color()  # no colour codes in a pipe or a file
+    setup_logger(name="fvcore", color=color)
+    setup_logger(name="queryinst", color=color)  # e.g. "UNTRAINED MODEL", with its level
+    d2_logger = setup_logger(color=color)
     if args.exported:
         try:
             demo = VisualizationDemo(None, confidence_threshold=args.confidence_threshold,
@@ -387,8 +400,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         d2_logger.info(f"running the exported model {args.exported} on the CPU")
         return _run_inputs(demo, args, files, errors, capture)
     try:
+        register_dataset_specs(args.dataset)  # e.g. the test set named in a config.yaml
+    except ValueError as exc:  # a --dataset name taken by another dataset
+        _error(str(exc))
+        return 2
+    try:
         cfg = setup_cfg(args)
-    except (UnknownConfigKeyError, ConfigValueTypeError, ConfigFileError) as exc:  # a usage error
+    except CONFIG_ERRORS as exc:  # a command-line error
         _error(str(exc))
         return 2
     d2_logger.info(device_note(cfg.MODEL.DEVICE))

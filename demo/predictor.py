@@ -26,11 +26,12 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from queryinst.checkpoint import QueryInstCheckpointer
+from queryinst.data import model_metadata
 from queryinst.export.predictor import ExportedPredictor
 from queryinst.video import draw_tracked_frame, use_query_tracker
 
 __all__ = ["DEFAULT_CONFIDENCE_THRESHOLD", "DRAW_SHORT_SIDE", "QueryInstPredictor",
-           "VisualizationDemo", "demo_metadata", "draw_scale"]
+           "VisualizationDemo", "draw_scale"]
 
 logger = logging.getLogger("queryinst.demo")
 
@@ -52,23 +53,14 @@ def draw_scale(height: int, width: int) -> int:
     return max(1, DRAW_SHORT_SIDE // max(1, min(height, width)))
 
 
-def demo_metadata(cfg):
-    """Class names to draw with: the metadata of ``cfg.DATASETS.TEST[0]``.
-
-    Falls back to ``MetadataCatalog.get("__unused")`` (no class names: the Visualizer then
-    writes class indices) when ``DATASETS.TEST`` is empty.
-    """
-    name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
-    return MetadataCatalog.get(name)
-
-
 class QueryInstPredictor(DefaultPredictor):
     """Detectron2's ``DefaultPredictor`` (``__call__``: BGR image -> ``{"instances": ...}``),
     with the weights loaded by ``QueryInstCheckpointer(strict=True)``.
 
     ``DefaultPredictor.__init__`` is not called: it would load ``MODEL.WEIGHTS`` with a plain
     ``DetectionCheckpointer`` (no official files, partial loads allowed) and log "No
-    checkpoint found" when it is empty. The attributes are the same.
+    checkpoint found" when it is empty. The attributes are the same, plus ``class_names``:
+    the names stored in the checkpoint (``train_net.py`` writes them), or None.
 
     Raises:
         queryinst.checkpoint.CheckpointError: the weights cannot be used (see the module).
@@ -80,8 +72,10 @@ class QueryInstPredictor(DefaultPredictor):
         self.model.eval()
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+        self.class_names = None
         if cfg.MODEL.WEIGHTS:
-            QueryInstCheckpointer(self.model, strict=True).load(cfg.MODEL.WEIGHTS)
+            extra = QueryInstCheckpointer(self.model, strict=True).load(cfg.MODEL.WEIGHTS)
+            self.class_names = extra.get("class_names")
         else:
             logger.warning("UNTRAINED MODEL: MODEL.WEIGHTS is empty, the weights are random "
                            "and the detections below mean nothing. Pass a trained "
@@ -147,10 +141,18 @@ class VisualizationDemo:
             self.predictor = ExportedPredictor(exported)
             self.metadata = self.predictor.metadata
             return
-        self.metadata = demo_metadata(cfg)
         self.predictor = QueryInstPredictor(use_query_tracker(cfg) if tracking else cfg)
+        # The model's class names: config, checkpoint, else DATASETS.TEST[0]'s metadata.
+        self.metadata = model_metadata(cfg, self.predictor.class_names)
         if tracking:
             self.predictor.model.tracker.keep_masks = keep_track_masks
+
+    def input_size(self, height: int, width: int) -> Tuple[int, int]:
+        """(height, width) at which the model sees an image of this size: the test resize
+        (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, Detectron2's ``ResizeShortestEdge``)."""
+        aug = self.predictor.aug
+        return T.ResizeShortestEdge.get_output_shape(height, width, aug.short_edge_length[0],
+                                                     aug.max_size)
 
     def predict(self, image_bgr: np.ndarray) -> Instances:
         """Detections of one image above the threshold, on the CPU.

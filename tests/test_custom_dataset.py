@@ -109,8 +109,10 @@ def test_readme_recipe_trains_and_evaluates(tmp_path):
     argv = _readme_recipe()
     assert argv[:2] == ["python", "train_net.py"]
     out_dir = tmp_path / "out"
+    # Later options win: the reduced model, our folder, random weights (the ImageNet weights'
+    # download and conversion are tested in test_mobilenet.py).
     argv = [sys.executable, os.path.join(REPO, "train_net.py"), *argv[2:], *QUICK,
-            "OUTPUT_DIR", str(out_dir)]  # later options win: the reduced model, our folder
+            "MODEL.WEIGHTS", "", "OUTPUT_DIR", str(out_dir)]
     argv = [a.replace("my_data/", f"{data}/") for a in argv]
     argv = [os.path.join(REPO, a) if a.startswith("configs/") else a for a in argv]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # as one_torch_thread, in the subprocess

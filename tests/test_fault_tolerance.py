@@ -1,4 +1,4 @@
-"""Fault tolerance (README "Fault tolerance"): atomic checkpoints, a resume that ends with
+"""Fault tolerance (docs/training.md, "Fault tolerance"): atomic checkpoints, a resume that ends with
 the weights of an uninterrupted run, a NaN loss that stops training before the optimizer step,
 and DataLoader workers (seeding, no duplicated augmentations, a corrupt image named).
 

@@ -5,7 +5,7 @@ The default suite never installs the reference: it tests the project-side logic 
 location, error messages, the subprocess protocol against a stand-in process, the dump
 contract, the benchmark's reference row) and the parts of the reference's own code that need
 no MMDetection (weight exercising, BN calibration, the RoIAlign stand-in). The slow test sets
-the reference up from the package index and runs the whole parity check, as the README says.
+the reference up from the package index and runs the whole parity check, as docs/official_weights.md says.
 """
 from __future__ import annotations
 

@@ -342,6 +342,11 @@ def test_run_demo_writes_figures_and_resumes(tmp_path, capsys):
     )
 
     run_demo.main(argv)  # a finished run is resumed at its end: evaluated again, not retrained
+    # Issue 24 item 8: the re-run says which model it reused, not "wall time: 0.0 min".
+    printed = capsys.readouterr().out
+    final = os.path.join(out_dir, "model_final.pth")
+    assert f"[demo] reused the trained model {final} (a finished run of {MAX_ITER} " in printed
+    assert "training + evaluation wall time" not in printed
     with open(os.path.join(out_dir, "log.txt")) as f:
         starts = [line for line in f if "Starting training from iteration" in line]
     assert [s.split()[-1] for s in starts] == ["0", str(MAX_ITER)]

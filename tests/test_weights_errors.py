@@ -342,11 +342,12 @@ def test_loading_weights_says_so_only(run_dir, logs):
 
 
 def test_demo_predictor_messages(demo, run_dir, logs):
-    demo.VisualizationDemo(make_cfg(*TRAINED_AS, "MODEL.WEIGHTS",
+    named = ["MODEL.QUERYINST.CLASS_NAMES", "('nucleus',)"]  # else a warning about the names
+    demo.VisualizationDemo(make_cfg(*TRAINED_AS, *named, "MODEL.WEIGHTS",
                                     str(run_dir / "model_final.pth")))
     assert not any("No checkpoint found" in m for m in _messages(logs))
     logs.clear()
-    demo.VisualizationDemo(make_cfg(*TRAINED_AS))  # MODEL.WEIGHTS ""
+    demo.VisualizationDemo(make_cfg(*TRAINED_AS, *named))  # MODEL.WEIGHTS ""
     messages = _messages(logs)
     assert len(messages) == 1 and messages[0].startswith("UNTRAINED MODEL: MODEL.WEIGHTS is")
 

@@ -40,7 +40,7 @@ images of a fixed size, taking turns call by call:
   with the PyTorch models; its row (``exported onnx``) also records the largest score and
   box differences from the PyTorch model's detections of the first image.
 
-Fair comparison (README, "Benchmark"): the baselines get QueryInst's ResNet depth, stride
+Fair comparison (docs/benchmark.md, "Fair comparison rules"): the baselines get QueryInst's ResNet depth, stride
 placement and class count; their score threshold is 0 and ``TEST.DETECTIONS_PER_IMAGE`` is
 QueryInst's top-k, so their mask head also sees 100 detections whatever the random weights
 score. The same threads, input and warm-up hold for all. The default baselines are both
@@ -79,6 +79,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "QueryInst"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import queryinst  # noqa: E402,F401  isort: skip  (before Detectron2: no torch.jit warning)
+from queryinst.config_loading import CONFIG_ERRORS  # noqa: E402
 import torch  # noqa: E402
 
 from qi_bench.models import _BASELINE_NAME, BASELINE_ZOO  # noqa: E402
@@ -216,4 +217,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CONFIG_ERRORS as e:  # a missing --config-file, a misspelled key: one line
+        sys.exit(f"ERROR: {e}")

@@ -35,7 +35,7 @@ from queryinst.checkpoint import (
     convert_official_checkpoint,
     format_config_summary,
 )
-from queryinst.config_loading import ConfigFileError, merge_config_file
+from queryinst.config_loading import ConfigFileError, merge_config_file, missing_config_message
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,6 +62,9 @@ def main(argv=None) -> int:
                    help="config the converted tensors are checked against (plus the detected "
                         "values)")
     args = p.parse_args(argv)
+    if not os.path.isfile(args.config):
+        print(f"ERROR: --config {missing_config_message(args.config)}", file=sys.stderr)
+        return 2
     try:
         converted, detected = convert_official_checkpoint(
             args.input, args.output, build_model_state=model_state_for(args.config)

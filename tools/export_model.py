@@ -6,12 +6,12 @@
     python demo/demo.py --exported exported/model.onnx --input photo.jpg --output out/
 
 Writes ``--output``/``model.onnx`` (or ``model.ts``), ``model.json`` beside it (input format,
-test sizes, score threshold, class names of ``DATASETS.TEST[0]``, output names, opset: all
+test sizes, score threshold, the model's class names, output names, opset: all
 that ``queryinst.export.predictor.ExportedPredictor`` and ``demo/demo.py --exported`` need)
 and ``config.yaml`` (the full config, for the record). The graph takes one image
 (float32 (3, H, W) in ``INPUT.FORMAT``, 0-255, resized by the test transform, H and W
 dynamic) and returns ``pred_boxes``, ``scores``, ``pred_classes`` and ``pred_masks``; see
-``queryinst/export/exporter.py`` and README "Export (ONNX / TorchScript)".
+``queryinst/export/exporter.py`` and docs/deployment.md.
 
 The model is traced on one sample input: ``--sample-image`` resized as at test time, or by
 default a random image of ``INPUT.MIN_SIZE_TEST`` x ``INPUT.MIN_SIZE_TEST`` pixels (the
@@ -21,7 +21,13 @@ is converted on load); an empty one exports the untrained model with a warning.
 
 Exit status 0 on success; 1 with one ``ERROR:`` line for unusable weights or a sample image
 that cannot be read; 2 for command-line errors, including a setting the export does not
-support (the line names the key or flag and the fix, e.g. ``--opset 11``).
+support (the line names the key or flag and the fix, e.g. ``--opset 11``), and a
+``--config-file`` that does not exist (with the nearest config files).
+
+Class names: ``MODEL.QUERYINST.CLASS_NAMES`` (``train_net.py`` writes them into its
+``config.yaml``), else those stored in the checkpoint, else the metadata of
+``DATASETS.TEST[0]`` (``--dataset NAME:JSON:IMAGES`` registers a COCO json, as in
+``train_net.py``); without any, one warning and ``"thing_classes": null``.
 """
 from __future__ import annotations
 
@@ -34,19 +40,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "QueryInst"))
 import queryinst  # noqa: E402,F401  isort: skip  (before Detectron2: no torch.jit warning)
 import torch  # noqa: E402
-from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from queryinst.checkpoint import CheckpointError, QueryInstCheckpointer  # noqa: E402
-from queryinst.config_loading import (  # noqa: E402
-    ConfigFileError,
-    ConfigValueTypeError,
-    UnknownConfigKeyError,
-    inference_config,
+from queryinst.config_loading import CONFIG_ERRORS, inference_config  # noqa: E402
+from queryinst.data import (  # noqa: E402
+    add_dataset_argument,
+    model_metadata,
+    read_image,
+    register_dataset_specs,
 )
-from queryinst.data import read_image  # noqa: E402
 from queryinst.export import (  # noqa: E402
     EXPORT_FORMATS,
     MIN_ONNX_OPSET,
@@ -54,6 +59,7 @@ from queryinst.export import (  # noqa: E402
     check_exportable,
     export_model,
 )
+from queryinst.engine.defaults import console_color  # noqa: E402
 
 logger = logging.getLogger("queryinst.export")
 DEFAULT_OPSET = 17
@@ -70,6 +76,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="image to trace with (default: a random MIN_SIZE_TEST square)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, >= {MIN_ONNX_OPSET} (default {DEFAULT_OPSET})")
+    add_dataset_argument(p)  # before the KEY VALUE pairs
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                    help="config overrides, e.g. MODEL.WEIGHTS model_final.pth")
     return p
@@ -90,12 +97,17 @@ def sample_input(cfg, image_path: str | None) -> torch.Tensor:
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
-    setup_logger(name="queryinst")
-    setup_logger()
+    setup_logger(name="queryinst", color=console_color())
+    setup_logger(color=console_color())
+    try:
+        register_dataset_specs(args.dataset)
+    except ValueError as exc:  # a --dataset name taken by another dataset
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 2
     try:
         cfg = inference_config(args.config_file, args.opts)
         check_exportable(cfg, args.format, args.opset)
-    except (UnknownConfigKeyError, ConfigValueTypeError, ConfigFileError, ExportError) as exc:
+    except (*CONFIG_ERRORS, ExportError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 2
     try:
@@ -105,17 +117,17 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     model = build_model(cfg).eval()
+    extra = {}
     if cfg.MODEL.WEIGHTS:
         try:
-            QueryInstCheckpointer(model, strict=True).load(cfg.MODEL.WEIGHTS)
+            extra = QueryInstCheckpointer(model, strict=True).load(cfg.MODEL.WEIGHTS)
         except CheckpointError as exc:
             print(f"ERROR: {exc}", file=sys.stderr)
             return 1
     else:
         logger.warning("UNTRAINED MODEL: MODEL.WEIGHTS is empty, exporting random weights")
-    classes = None
-    if len(cfg.DATASETS.TEST):
-        classes = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes")
+    # The model's class names (config, checkpoint, else DATASETS.TEST[0]), for model.json.
+    classes = model_metadata(cfg, extra.get("class_names")).get("thing_classes", None)
     path = export_model(model, cfg, args.format, args.output, sample, opset=args.opset,
                         thing_classes=classes)
     with open(os.path.join(args.output, "config.yaml"), "w") as f:

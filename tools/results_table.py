@@ -82,7 +82,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--out is required with --runs")
     if args.seeds and not os.path.isfile(os.path.join(REPO, args.config_file)) \
             and not os.path.isfile(args.config_file):
-        p.error(f"--config-file {args.config_file}: no such file")
+        sys.path.insert(0, os.path.join(REPO, "projects", "QueryInst"))
+        from queryinst.config_loading import missing_config_message  # only on this path
+
+        print(f"ERROR: --config-file {missing_config_message(args.config_file)}",
+              file=sys.stderr)
+        sys.exit(2)
     if len(args.opts) % 2:
         p.error(f"config overrides come in KEY VALUE pairs, got {args.opts}")
     args.runs_root = args.runs_root or os.path.join("output", "results", name)

@@ -5,7 +5,8 @@
    MobileNetV2-FPN from ImageNet weights; ``queryinst_R50_FPN_nuclei.yaml`` is the ResNet-50
    one trained from scratch) with ``train_net.main`` in this process. A re-run resumes from
    ``OUTPUT_DIR/last_checkpoint`` (Detectron2's ``resume_or_load(resume=True)``); a finished
-   run is only evaluated again.
+   run (``last_checkpoint`` naming ``model_final.pth``) is only evaluated again, and the
+   run says which trained model it reused instead of a training time.
 2. Evaluates on the config's first test set (``nuclei_dsb_val``: the held-out quadrant):
    COCO box and mask AP.
 3. Writes ``OUTPUT_DIR/val_predictions.png``: ground truth (left) and the detections with
@@ -53,7 +54,7 @@ from predictor import draw_scale  # noqa: E402
 
 from queryinst import add_queryinst_config  # noqa: E402
 from queryinst.checkpoint import QueryInstCheckpointer  # noqa: E402
-from queryinst.config_loading import merge_config  # noqa: E402
+from queryinst.config_loading import CONFIG_ERRORS, merge_config  # noqa: E402
 from queryinst import video  # noqa: E402
 from queryinst.video.data.pseudo_video import NUCLEI_VIDEO_FRAME  # noqa: E402
 
@@ -223,6 +224,27 @@ def track_video(cfg, weights: str, dataset_name: str, out_dir: str,
     return results, gif
 
 
+def finished_checkpoint(out_dir: str) -> str | None:
+    """The ``model_final.pth`` of a finished training run in ``out_dir`` (its
+    ``last_checkpoint`` names it, and it exists), else None: a new or interrupted run."""
+    checkpointer = DetectionCheckpointer(None, save_dir=out_dir)
+    if not checkpointer.has_checkpoint():
+        return None
+    path = checkpointer.get_checkpoint_file()
+    return path if os.path.basename(path) == "model_final.pth" and os.path.isfile(path) else None
+
+
+def timing_line(cfg, seconds: float, reused: str | None) -> str:
+    """The run's time line: training + evaluation, or, when ``reused`` (a finished run's
+    checkpoint, :func:`finished_checkpoint`) was only evaluated again, what was reused."""
+    if reused:
+        return (f"[demo] reused the trained model {reused} (a finished run of "
+                f"{cfg.SOLVER.MAX_ITER} iterations: not trained again; delete "
+                f"{cfg.OUTPUT_DIR} to retrain); evaluation wall time {seconds:.0f} s")
+    return (f"[demo] training + evaluation wall time: {seconds / 60:.1f} min "
+            f"({cfg.SOLVER.MAX_ITER} iterations, batch {cfg.SOLVER.IMS_PER_BATCH})")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE")
@@ -243,6 +265,11 @@ def main(argv=None) -> dict:
         dict: the evaluation results, {"bbox": {"AP": ...}, "segm": {"AP": ...}}.
     """
     args = parse_args(argv)
+    cfg = get_cfg()
+    add_queryinst_config(cfg)
+    merge_config(cfg, args.config_file, args.opts)
+    out_dir = cfg.OUTPUT_DIR
+    reused = finished_checkpoint(out_dir)
     train_args = default_argument_parser().parse_args(
         ["--config-file", args.config_file, "--resume", *args.opts]
     )
@@ -251,10 +278,6 @@ def main(argv=None) -> dict:
     results = train_net.main(train_args)
     elapsed = time.perf_counter() - start
 
-    cfg = get_cfg()
-    add_queryinst_config(cfg)
-    merge_config(cfg, args.config_file, args.opts)
-    out_dir = cfg.OUTPUT_DIR
     dataset = cfg.DATASETS.TEST[0]
     checkpointer = DetectionCheckpointer(None, save_dir=out_dir)  # only to find the last checkpoint
     weights = checkpointer.get_checkpoint_file()
@@ -267,8 +290,7 @@ def main(argv=None) -> dict:
     losses_png = os.path.join(out_dir, "losses.png")
     plotted = plot_losses(os.path.join(out_dir, "metrics.json"), losses_png)
 
-    print(f"\n[demo] training + evaluation wall time: {elapsed / 60:.1f} min "
-          f"({cfg.SOLVER.MAX_ITER} iterations, batch {cfg.SOLVER.IMS_PER_BATCH})")
+    print("\n" + timing_line(cfg, elapsed, reused))
     print(f"[demo] outputs in {out_dir}/:")
     print(f"  checkpoint        {weights}")
     print(f"  log, metrics      {os.path.join(out_dir, 'log.txt')}, "
@@ -296,4 +318,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CONFIG_ERRORS as e:  # a missing --config-file, a misspelled key: one line
+        sys.exit(f"ERROR: {e}")

@@ -189,6 +189,32 @@ def summarise(values: list[float]) -> dict:
             "min": min(finite), "max": max(finite)}
 
 
+def cpu_model() -> str:
+    """The CPU's model name: ``lscpu``'s "Model name", else ``platform.processor()``, else
+    the "model name" of ``/proc/cpuinfo``, else "unknown". Results depend on it: the same
+    seed and thread count give other digits on another CPU kind (other SIMD kernels)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True,
+                             env=dict(os.environ, LC_ALL="C")).stdout
+        for line in out.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model name" and value.strip():
+                return value.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    if platform.processor():
+        return platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def versions() -> dict:
     """Versions of this process's Python, torch, torchvision, detectron2 (with its build) and
     numpy, the platform and the git commit of this checkout (``-dirty`` with local changes)."""
@@ -217,6 +243,7 @@ def versions() -> dict:
         "detectron2": dist("detectron2") + (" (compiled ops detectron2._C)" if compiled
                                             else " (pure Python, no detectron2._C)"),
         "numpy": dist("numpy"),
+        "CPU model": cpu_model(),
         "platform": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
         "git commit": commit,
     }
@@ -247,7 +274,9 @@ def render(runs: list[Run], command: str, env: dict, now: datetime.datetime,
         f"Written by `tools/results_table.py` on {now.strftime('%Y-%m-%d %H:%M UTC')}; "
         "regenerate it with the command below rather than editing it. COCO AP in percent "
         f"on `{runs[0].dataset}` after {runs[0].max_iter} iterations; the runs differ only in "
-        "`SEED` (-1: Detectron2 drew a random seed).",
+        "`SEED` (-1: Detectron2 drew a random seed). Measured on "
+        f"{env.get('CPU model', 'an unrecorded CPU')}: a seed gives the same digits only on "
+        "the same CPU model and thread count.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

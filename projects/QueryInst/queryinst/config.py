@@ -24,6 +24,9 @@ def add_queryinst_config(cfg: CN) -> None:
     # Detectron2's MODEL.ROI_HEADS.NUM_CLASSES is not read: train_net.py rejects a value other
     # than its default 80 or this one (queryinst.data.check_num_classes_keys).
     _C.NUM_CLASSES = 80  # C: foreground classes; sigmoid scores, no background logit
+    # Names of the C classes, in row order; train_net.py fills it from DATASETS.TRAIN[0]
+    # (saved in OUTPUT_DIR/config.yaml and the checkpoints) for the demo and the export.
+    _C.CLASS_NAMES = ()
     _C.NUM_PROPOSALS = 100  # N: object queries per image (docs/method.md §1: 100 or 300)
     _C.NUM_STAGES = 6  # box stages, each with its own dynamic mask head (docs/method.md §1)
     _C.HIDDEN_DIM = 256  # D: query and FPN/RoI feature channels
@@ -84,7 +87,7 @@ def add_queryinst_config(cfg: CN) -> None:
     # (docs/benchmark.md). This is the layout of training too; inference on the CPU is
     # channels-last anyway (INFERENCE_MEMORY_FORMAT). Off by default, as in Detectron2.
     _C.CHANNELS_LAST = False
-    # Inference speed-ups (queryinst/modeling/fast_inference.py; README "Fast inference";
+    # Inference speed-ups (queryinst/modeling/fast_inference.py; docs/deployment.md;
     # measured in docs/benchmark.md). None of the three applies in training or changes state_dict().
     # Fold each BatchNorm with fixed statistics (FrozenBN, and BN in eval mode) into the conv
     # before it for the duration of an inference call (backbone and mask head): the same

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import glob
 import os
 import re
 from typing import Iterable, Optional
@@ -19,8 +20,9 @@ import torch
 import yaml
 from detectron2.config import CfgNode
 
-__all__ = ["ConfigFileError", "ConfigValueTypeError", "UnknownConfigKeyError", "default_device",
-           "device_note", "inference_config", "merge_config", "merge_config_file"]
+__all__ = ["CONFIG_ERRORS", "ConfigFileError", "ConfigFileNotFoundError",
+           "ConfigValueTypeError", "UnknownConfigKeyError", "default_device", "device_note",
+           "inference_config", "merge_config", "merge_config_file", "missing_config_message"]
 
 # yacs's messages: merge_from_file raises KeyError("Non-existent config key: A.B"),
 # merge_from_list AssertionError("Non-existent key: A.B").
@@ -124,12 +126,15 @@ def merge_config(cfg: CfgNode, config_file: Optional[str] = None,
         CfgNode: ``cfg``.
 
     Raises:
+        ConfigFileNotFoundError: ``config_file`` (or a ``_BASE_`` file) does not exist.
         UnknownConfigKeyError: an unknown key in the yaml file (or a file it inherits from)
             or in ``opts``; a ``KeyError`` and an ``AssertionError``, as yacs raises.
         ConfigValueTypeError: a value of another type than the key's default (a
             ``ValueError``, as yacs raises), naming the key, the source and the fix.
         ConfigFileError: a yaml file that is not plain yaml (:func:`merge_config_file`).
     """
+    if config_file and not os.path.isfile(config_file):
+        raise ConfigFileNotFoundError(missing_config_message(config_file))
     cfg.MODEL.DEVICE = default_device()
     steps = []
     if config_file:
@@ -141,6 +146,9 @@ def merge_config(cfg: CfgNode, config_file: Optional[str] = None,
         try:
             merge(value)
         except (KeyError, AssertionError) as exc:
+            missing = _MISSING_FILE.search(str(exc))  # a _BASE_ file that does not exist
+            if missing:
+                raise ConfigFileNotFoundError(missing_config_message(missing.group(1))) from None
             hinted = _with_hint(cfg, exc, source)
             if hinted is None:
                 raise
@@ -160,7 +168,8 @@ def inference_config(config_file: Optional[str], opts: Iterable[str] = ()) -> Cf
     (``queryinst.checkpoint.official_config_opts``).
 
     Raises:
-        UnknownConfigKeyError, ConfigValueTypeError, ConfigFileError: as :func:`merge_config`.
+        ConfigFileNotFoundError, UnknownConfigKeyError, ConfigValueTypeError, ConfigFileError:
+            as :func:`merge_config`.
     """
     # Imported here: the config and checkpoint modules import Detectron2's model code.
     from detectron2.config import get_cfg
@@ -265,3 +274,48 @@ def merge_config_file(cfg: CfgNode, config_file: str) -> CfgNode:
     except yaml.YAMLError as exc:
         raise ConfigFileError(_yaml_problem(config_file, exc)) from None
     return cfg
+
+
+# ---- a config file that does not exist ----------------------------------------------------
+
+# Detectron2's CfgNode.merge_from_file (also for a _BASE_ file): AssertionError with this text.
+_MISSING_FILE = re.compile(r"Config file '(.+)' does not exist")
+# The repository's configs/ folder (queryinst/ -> QueryInst/ -> projects/ -> the checkout).
+_CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
+                            "configs")
+
+
+class ConfigFileNotFoundError(FileNotFoundError):
+    """A config file (``--config-file`` or a ``_BASE_``) that does not exist; the message
+    names it and the closest existing config files."""
+
+    def __str__(self) -> str:  # FileNotFoundError's str() would add "[Errno ...]"
+        return str(self.args[0]) if self.args else ""
+
+
+def missing_config_message(path: str, n: int = 3) -> str:
+    """"<path>: config file does not exist; nearest: a.yaml, b.yaml, c.yaml".
+
+    The ``n`` yaml files of the repository's ``configs/`` (and of the folder ``path`` names,
+    if it exists) whose file names are closest to ``path``'s (``difflib``), shown relative to
+    the working directory when inside it; ``Base-*`` files only for a ``Base-*`` path.
+    """
+    folders = {os.path.normpath(_CONFIGS_DIR)}
+    if os.path.isdir(os.path.dirname(path) or "."):
+        folders.add(os.path.normpath(os.path.dirname(path) or "."))
+    files = sorted({os.path.abspath(f) for d in folders
+                    for f in glob.glob(os.path.join(d, "**", "*.yaml"), recursive=True)})
+    base = os.path.basename(path).startswith("Base-")  # Base-*: inherited, not run as such
+    by_name = {}
+    for f in files:
+        if os.path.basename(f).startswith("Base-") == base:
+            shown = os.path.relpath(f)
+            by_name.setdefault(os.path.basename(f), f if shown.startswith("..") else shown)
+    nearest = difflib.get_close_matches(os.path.basename(path), list(by_name), n=n, cutoff=0)
+    hint = f"; nearest: {', '.join(by_name[k] for k in nearest)}" if nearest else ""
+    return f"{path}: config file does not exist{hint}"
+
+
+# What entry points print as one ERROR: line when loading a config.
+CONFIG_ERRORS = (ConfigFileNotFoundError, ConfigFileError, UnknownConfigKeyError,
+                 ConfigValueTypeError)

@@ -192,7 +192,7 @@ def _download_url(path: str) -> str:
 _UNTRAINED = (
     "MODEL.WEIGHTS is empty: the model would keep its random initialisation, and its "
     "detections would mean nothing. Set MODEL.WEIGHTS to a trained checkpoint "
-    "(model_final.pth of a training run, or an official .pth, see the README)"
+    "(model_final.pth of a training run, or an official .pth, see docs/official_weights.md)"
 )
 
 
@@ -239,23 +239,29 @@ class QueryInstCheckpointer(DetectionCheckpointer):
             checkpoint with another class count gives the model's class-specific tensors
             (:func:`queryinst.checkpoint.class_init.remap_class_rows`, from
             ``MODEL.QUERYINST.CLASS_INIT_FROM``); None drops those tensors instead.
+        class_names: the model's class names (``MODEL.QUERYINST.CLASS_NAMES``), saved
+            in every checkpoint under "class_names" (when not empty); :meth:`load` returns
+            them with the other non-model entries.
     """
 
     def __init__(self, model, save_dir: str = "", *, strict: bool = False,
-                 class_init: Optional[ClassInit] = None, **kwargs):
+                 class_init: Optional[ClassInit] = None, class_names=(), **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self.strict = strict
         self.class_init = class_init
+        self.class_names = list(class_names)
         self._source = ""  # the path as given (a URL stays a URL), for messages
 
     # fvcore's Checkpointer.save and tag_last_checkpoint write straight into the final
     # files: a process killed mid-write left a truncated model_*.pth, or a last_checkpoint
     # naming it (or empty), and --resume then failed on it. Same files, written atomically.
     def save(self, name: str, **kwargs: Any) -> None:
-        """Write ``save_dir/<name>.pth`` (model, checkpointables, ``kwargs``) atomically,
-        then point ``save_dir/last_checkpoint`` at it, atomically too (:func:`write_atomically`).
+        """Write ``save_dir/<name>.pth`` (model, checkpointables, "class_names", ``kwargs``)
+        atomically, then point ``save_dir/last_checkpoint`` at it, atomically too
+        (:func:`write_atomically`).
 
-        Same content and file names as fvcore's ``Checkpointer.save``; nothing is written
+        Same content and file names as fvcore's ``Checkpointer.save`` (plus "class_names");
+        nothing is written
         without a ``save_dir`` or off the main process (``save_to_disk`` False).
         """
         if not self.save_dir or not self.save_to_disk:
@@ -263,6 +269,8 @@ class QueryInstCheckpointer(DetectionCheckpointer):
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
+        if self.class_names:
+            data["class_names"] = self.class_names
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)

@@ -13,7 +13,14 @@ from .builtin import (
     prepare_bundled_datasets,
     register_bundled_datasets,
 )
-from .checks import check_config_datasets, check_dataset, check_num_classes_keys
+from .checks import (
+    ClassCountError,
+    check_config_datasets,
+    check_dataset,
+    check_num_classes_keys,
+    input_size_note,
+)
+from .class_names import dataset_class_names, model_metadata, record_class_names
 from .cityscapes import MissingPackageError, check_cityscapes_dataset, write_cityscapes_sample
 from .coco_format import (
     DatasetFormatError,
@@ -40,6 +47,7 @@ from .train_loader import build_resumable_train_loader
 __all__ = [
     "BUNDLED_DATASETS",
     "BundledDataset",
+    "ClassCountError",
     "DatasetFormatError",
     "DatasetSpec",
     "MissingPackageError",
@@ -52,14 +60,18 @@ __all__ = [
     "check_config_datasets",
     "check_dataset",
     "check_num_classes_keys",
+    "dataset_class_names",
     "datasets_root",
     "download_package",
+    "input_size_note",
     "load_coco_instances",
+    "model_metadata",
     "package_cache_dir",
     "parse_dataset_spec",
     "prepare_bundled_datasets",
     "read_image",
     "read_package_files",
+    "record_class_names",
     "write_cityscapes_sample",
     "register_bundled_datasets",
     "register_coco_instances_checked",

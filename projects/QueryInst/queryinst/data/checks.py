@@ -9,19 +9,28 @@ Cityscapes dataset without its files a bare ``AssertionError`` in Detectron2's l
 from __future__ import annotations
 
 import logging
-from typing import Iterable, List
+import math
+import statistics
+from typing import Iterable, List, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.transforms import ResizeShortestEdge
 
 from .cityscapes import check_cityscapes_dataset
-from .coco_format import DatasetFormatError
+from .coco_format import DatasetFormatError, _read_json
 
-__all__ = ["DETECTRON2_NUM_CLASSES", "check_config_datasets", "check_dataset",
-           "check_num_classes_keys", "keep_for_next_get"]
+__all__ = ["DETECTRON2_NUM_CLASSES", "ClassCountError", "check_config_datasets",
+           "check_dataset", "check_num_classes_keys", "input_size_note", "keep_for_next_get"]
 
 logger = logging.getLogger(__name__)
 
 DETECTRON2_NUM_CLASSES = 80  # Detectron2's default MODEL.ROI_HEADS.NUM_CLASSES
+
+
+class ClassCountError(ValueError):
+    """The config's class count (or class names) does not fit a dataset or another key;
+    the message names both numbers, the dataset or key and the fix. Entry points print it as
+    one ``ERROR:`` line."""
 
 
 def check_num_classes_keys(cfg) -> None:
@@ -31,12 +40,20 @@ def check_num_classes_keys(cfg) -> None:
     ``MODEL.ROI_HEADS.NUM_CLASSES`` may stay at Detectron2's default (80) or equal
     ``MODEL.QUERYINST.NUM_CLASSES``; any other value is an error.
 
+    Also: a non-empty ``MODEL.QUERYINST.CLASS_NAMES`` must have one name per class.
+
     Raises:
-        ValueError: naming both keys and values, and the key to set.
+        ClassCountError: naming both keys and values, and the key to set.
     """
     roi, ours = cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.QUERYINST.NUM_CLASSES
+    names = cfg.MODEL.QUERYINST.CLASS_NAMES
+    if names and len(names) != ours:
+        raise ClassCountError(
+            f"MODEL.QUERYINST.CLASS_NAMES has {_classes(len(names))} but "
+            f"MODEL.QUERYINST.NUM_CLASSES is {ours}: give one name per class, or leave "
+            f"CLASS_NAMES empty to take those of DATASETS.TRAIN[0].")
     if roi not in (DETECTRON2_NUM_CLASSES, ours):
-        raise ValueError(
+        raise ClassCountError(
             f"MODEL.ROI_HEADS.NUM_CLASSES is {roi} but MODEL.QUERYINST.NUM_CLASSES is {ours}: "
             f"QueryInst's class count is MODEL.QUERYINST.NUM_CLASSES (MODEL.ROI_HEADS."
             f"NUM_CLASSES is not read). Set MODEL.QUERYINST.NUM_CLASSES {roi}, and leave "
@@ -75,7 +92,8 @@ def check_dataset(cfg, name: str, key: str = "DATASETS.TRAIN") -> None:
 
     Raises:
         KeyError: ``name`` is not registered.
-        ValueError: the class counts differ (naming both numbers, the dataset and the keys).
+        ClassCountError: the class counts differ (naming both numbers, the dataset and the
+            keys); a ``ValueError``.
         DatasetFormatError: ``MODEL.MASK_ON`` and annotations without "segmentation"
             (naming the json file, the count and the two ways out); for a Cityscapes
             dataset, missing folders or gtFine files.
@@ -112,7 +130,7 @@ def check_dataset(cfg, name: str, key: str = "DATASETS.TRAIN") -> None:
                    f"--dataset my_val:JSON:IMAGES {key} \"('my_val',)\"), or {key} \"()\" "
                    f"to skip evaluation; if the model is meant to have {_classes(len(classes))}, "
                    f"set MODEL.QUERYINST.NUM_CLASSES {len(classes)}.")
-        raise ValueError(
+        raise ClassCountError(
             f"{_where(name)}, named in {key}, has {_classes(len(classes))} ({shown}) but "
             f"MODEL.QUERYINST.NUM_CLASSES is {num_classes}. {fix} Every dataset of "
             f"DATASETS.TRAIN and DATASETS.TEST must have the model's classes.")
@@ -182,9 +200,77 @@ def check_config_datasets(cfg, splits: Iterable[str] = ("TRAIN", "TEST")) -> Non
         splits: "TRAIN" and / or "TEST" (``--eval-only``: "TEST" alone).
 
     Raises:
-        KeyError, ValueError, DatasetFormatError: see :func:`check_dataset`.
+        KeyError, ClassCountError, DatasetFormatError: see :func:`check_dataset`.
     """
     check_num_classes_keys(cfg)
     for split in splits:
         for name in cfg.DATASETS[split]:
             check_dataset(cfg, name, key=f"DATASETS.{split}")
+
+
+# How far the test resize may scale a dataset's typical image before train_net.py says so.
+# The paper's multi-scale training draws shorter sides from 480 to 800 px (a factor 1.67
+# end to end, about 1.3 either way from its middle), so a model sees objects at sizes within
+# roughly 1.5x of each other; scaling the images by more than that (e.g. 576 px microscopy
+# frames shrunk to the bundled configs' 256 px: 2.25x) changes object sizes beyond what the
+# augmentation covers, and small objects lose most of their pixels.
+FAR_SCALE = 1.5
+
+
+def _median_size(names: Iterable[str]):
+    """(height, width): the median over the images of the COCO json files of ``names``
+    (their "images" entries; nothing else is read), or None without any."""
+    heights, widths = [], []
+    for name in names:
+        json_file = MetadataCatalog.get(name).get("json_file", None)
+        if not json_file:
+            continue
+        for image in _read_json(json_file, lists=("images",), nonempty=())["images"]:
+            if isinstance(image, dict) and image.get("height") and image.get("width"):
+                heights.append(image["height"])
+                widths.append(image["width"])
+    if not heights:
+        return None
+    return int(statistics.median(heights)), int(statistics.median(widths))
+
+
+def input_size_note(cfg, names: Iterable[str]) -> Optional[str]:
+    """One line when the config's resize scales the median image of datasets ``names`` by
+    more than :data:`FAR_SCALE` (either way), in training or at test time; else None.
+
+    The resized size is Detectron2's ``ResizeShortestEdge.get_output_shape`` with
+    ``INPUT.MIN_SIZE_TRAIN`` (its choice closest to the image's own size) /
+    ``MAX_SIZE_TRAIN`` and ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``.
+
+    Args:
+        cfg: the config.
+        names: registered COCO-json datasets (``train_net.py --dataset``).
+
+    Returns:
+        str or None: the median size, the sizes used, the factor and the keys to set.
+    """
+    names = list(names)
+    size = _median_size(names)
+    if size is None:
+        return None
+    h, w = size
+    inp = cfg.INPUT
+
+    def scaled(short, max_size):
+        newh, neww = ResizeShortestEdge.get_output_shape(h, w, short, max_size)
+        return newh / h, (newh, neww)
+
+    train = min((scaled(s, inp.MAX_SIZE_TRAIN) for s in inp.MIN_SIZE_TRAIN if s > 0),
+                key=lambda r: abs(math.log(r[0])),
+                default=(1.0, (h, w)))
+    test = scaled(inp.MIN_SIZE_TEST, inp.MAX_SIZE_TEST) if inp.MIN_SIZE_TEST > 0 else train
+    worst = max(train[0], 1 / train[0], test[0], 1 / test[0])
+    if worst <= FAR_SCALE:
+        return None
+    short, long = min(h, w), max(h, w)
+    return (f"the median image of {', '.join(repr(n) for n in names)} is {h}x{w} (HxW), "
+            f"resized to {train[1][0]}x{train[1][1]} in training (INPUT.MIN_SIZE_TRAIN "
+            f"{tuple(inp.MIN_SIZE_TRAIN)}) and {test[1][0]}x{test[1][1]} at test time "
+            f"(INPUT.MIN_SIZE_TEST {inp.MIN_SIZE_TEST}), up to {worst:.2f}x off its own size; "
+            f"to keep it: INPUT.MIN_SIZE_TRAIN \"({short},)\" INPUT.MIN_SIZE_TEST {short} "
+            f"INPUT.MAX_SIZE_TRAIN {long} INPUT.MAX_SIZE_TEST {long}")

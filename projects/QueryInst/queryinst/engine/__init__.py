@@ -1,4 +1,5 @@
 """Training: processes (CPU gloo or GPU NCCL), the optimiser and the trainer's hooks."""
+from .defaults import default_setup
 from .hooks import (
     FiniteLossAMPTrainer,
     FiniteLossTrainer,

@@ -17,6 +17,7 @@ operators that onnxruntime runs without Python code.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -29,6 +30,8 @@ from ..modeling.meta_arch.queryinst import queryinst_postprocess
 from .exporter import export_info_path
 
 __all__ = ["ExportedPredictor"]
+
+logger = logging.getLogger(__name__)
 
 
 class ExportedPredictor:
@@ -43,7 +46,8 @@ class ExportedPredictor:
 
     Attributes:
         info (dict): the ``model.json``.
-        metadata (Metadata): ``thing_classes`` from the json (empty when it has none).
+        metadata (Metadata): ``thing_classes`` from the json (empty when it has none, with
+            one warning).
         input_format (str): "RGB" or "BGR".
         aug: the ``ResizeShortestEdge`` test transform.
 
@@ -68,6 +72,10 @@ class ExportedPredictor:
         self.aug = T.ResizeShortestEdge([size, size], self.info["max_size_test"])
         classes = self.info.get("thing_classes")
         self.metadata = Metadata(thing_classes=classes) if classes else Metadata()
+        if not classes:
+            logger.warning("%s has no thing_classes: labels show class indices. Export again "
+                           "from a model with class names (train_net.py records them) or "
+                           "with --dataset NAME:JSON:IMAGES for its DATASETS.TEST[0].", info_path)
         self.output_names = self.info["output_names"]
         if path.endswith(".onnx"):
             import onnxruntime as ort

@@ -2,7 +2,7 @@
 weights, reduced-precision autocast.
 
 None changes the method (docs/method.md) or what is trained or saved; all apply inside
-``QueryInst.inference`` only (README, "Fast inference"; measurements in docs/benchmark.md,
+``QueryInst.inference`` only (docs/deployment.md; measurements in docs/benchmark.md,
 "Fast CPU inference").
 
 - :class:`InferenceWeights` (``MODEL.QUERYINST.FUSE_BN_INFERENCE`` and

@@ -87,7 +87,7 @@ class QueryInst(GeneralizedRCNN):
     "instances" holding ``pred_boxes``, ``scores``, ``pred_classes``, ``query_indices`` and
     ``pred_masks`` (bool (R, height, width)) when masks are on.
 
-    Inference speed-ups (``queryinst.modeling.fast_inference``; README, "Fast inference"): BatchNorm
+    Inference speed-ups (``queryinst.modeling.fast_inference``; docs/deployment.md): BatchNorm
     folded into the convolutions for the call (``fuse_bn_inference``), convolution weights in
     ``inference_memory_format`` and autocast to ``inference_dtype``; training uses none.
     """
