@@ -21,9 +21,9 @@ Detectron2's ``DefaultTrainer`` with its model zoo's
 
 Example::
 
-    python tools/make_coco_scale_json.py --out /tmp/coco_scale
-    python tools/data_scale_benchmark.py --json /tmp/coco_scale/annotations.json \\
-        --images /tmp/coco_scale/images --output /tmp/coco_scale/benchmark.json
+    python tools/make_coco_scale_json.py --out output/coco_scale
+    python tools/data_scale_benchmark.py --json output/coco_scale/annotations.json \\
+        --images output/coco_scale/images --output output/coco_scale/benchmark.json
 """
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ Images are not stored per entry: every entry of a size names one shared JPEG of 
 
 Example::
 
-    python tools/make_coco_scale_json.py --out /tmp/coco_scale            # full size
-    python tools/make_coco_scale_json.py --out /tmp/coco5k --images 5000  # instances scale
+    python tools/make_coco_scale_json.py --out output/coco_scale            # full size
+    python tools/make_coco_scale_json.py --out output/coco5k --images 5000  # instances scale
 """
 from __future__ import annotations
 
