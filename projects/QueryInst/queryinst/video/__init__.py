@@ -7,7 +7,7 @@ similarity (MinVIS). Importing registers the meta-architecture ``QueryInstVIS``,
 (no IO).
 """
 from .config import add_queryinst_vis_config, use_query_tracker
-from .structures import VideoTrack, encode_mask, tracks_to_json
+from .structures import VideoTrack, decode_mask, encode_mask, tracks_to_json
 from .tracker import (
     TRACKER_REGISTRY,
     EmbeddingTracker,
@@ -26,7 +26,7 @@ from .build import (
 )
 from .evaluation import YTVISEvaluator, results_from_tracks, track_dataset, write_submission
 from .ytvis_metric import evaluate_ytvis, identity_switches
-from .visualization import draw_tracked_frame, frame_instances, save_gif, track_color
+from .visualization import draw_tracked_frame, frame_instances, save_gif, save_mp4, track_color
 from .ytvis import (
     PREDEFINED_YTVIS_SPLITS,
     YTVIS_2019_CATEGORIES,
@@ -64,6 +64,7 @@ __all__ = [
     "build_vis_train_loader",
     "check_video_model",
     "draw_tracked_frame",
+    "decode_mask",
     "encode_mask",
     "evaluate_ytvis",
     "frame_instances",
@@ -77,6 +78,7 @@ __all__ = [
     "results_from_tracks",
     "sample_frame_pair",
     "save_gif",
+    "save_mp4",
     "track_color",
     "track_dataset",
     "tracks_to_json",
