@@ -180,3 +180,32 @@ def test_demo_config_trains_on_train_frames_only():
                  [])
     assert tuple(cfg.DATASETS.TRAIN) == ("ctc_psc_video_train",)
     assert cfg.TEST.EVAL_PERIOD in (0, cfg.SOLVER.MAX_ITER)
+
+
+def test_convert_ctc_tool(epicure, tmp_path, capsys):
+    """tools/convert_ctc.py on files in the CTC layout: jsons that load; a bad input is one
+    ERROR line naming the file, exit status 1."""
+    import tifffile
+    from conftest import load_script
+
+    tool = load_script("tools/convert_ctc.py", "convert_ctc")
+    (tmp_path / "01").mkdir()
+    (tmp_path / "01_ST").mkdir()
+    for t, (frame, labels) in enumerate(zip(epicure["frames"], epicure["labels"])):
+        tifffile.imwrite(tmp_path / "01" / f"t{t:03d}.tif", frame)
+        tifffile.imwrite(tmp_path / "01_ST" / f"man_seg{t:03d}.tif", labels)
+    out = tmp_path / "out"
+    argv = ["--frames", str(tmp_path / "01" / "t*.tif"),
+            "--labels", str(tmp_path / "01_ST" / "man_seg*.tif"), "--out", str(out)]
+    assert tool.main(argv) == 0
+    videos = load_ytvis_json(str(out / "annotations" / "video_val.json"), str(out / "images"))
+    assert videos[0]["length"] == 4  # t007-t010
+    assert len(load_coco_instances(str(out / "annotations" / "train.json"),
+                                   str(out / "images"))) == 7
+    capsys.readouterr()
+    os.remove(tmp_path / "01_ST" / "man_seg010.tif")
+    assert tool.main(argv + ["--out", str(tmp_path / "bad")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ERROR: ") and err.count("\n") == 1
+    assert "man_seg000.tif: 10 label images but 11 frames" in err
+    assert not (tmp_path / "bad").exists()
