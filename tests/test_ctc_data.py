@@ -176,8 +176,8 @@ def test_demo_config_trains_on_train_frames_only():
 
     cfg = get_cfg()
     add_queryinst_config(cfg)
-    merge_config(cfg, os.path.join(ROOT, "configs", "bundled", "queryinst_vis_MNV2_FPN_ctc_psc.yaml"),
-                 [])
+    merge_config(cfg, os.path.join(ROOT, "configs", "bundled",
+                                   "queryinst_vis_MNV2_FPN_ctc_psc.yaml"), [])
     assert tuple(cfg.DATASETS.TRAIN) == ("ctc_psc_video_train",)
     assert cfg.TEST.EVAL_PERIOD in (0, cfg.SOLVER.MAX_ITER)
 

@@ -136,8 +136,8 @@ def label_ids(labels: np.ndarray, file_name: str) -> np.ndarray:
         finite = np.isfinite(labels)
         if not finite.all() or not np.array_equal(labels, np.round(labels)):
             bad = labels[~finite | (labels != np.round(labels))][0]
-            raise DatasetFormatError(f"{file_name}: float label value {float(bad)!r} is not a whole "
-                                     "number; label images must hold integer cell ids")
+            raise DatasetFormatError(f"{file_name}: float label value {float(bad)!r} is not a "
+                                     "whole number; label images must hold integer cell ids")
     elif labels.dtype.kind not in "iub":
         raise DatasetFormatError(f"{file_name}: label image of dtype {labels.dtype}; expected "
                                  "integers (or floats holding integers)")
