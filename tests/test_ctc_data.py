@@ -209,3 +209,19 @@ def test_convert_ctc_tool(epicure, tmp_path, capsys):
     assert err.startswith("ERROR: ") and err.count("\n") == 1
     assert "man_seg000.tif: 10 label images but 11 frames" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_bundled_video_sets_load_with_their_counts():
+    """The registered video splits load (validated YouTube-VIS) with the recorded counts and
+    share their frames with the image splits of the same name."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    for folder, val_frames in (("ctc_psc", 15), ("ecoli_colony", 16)):
+        for split in ("train", "val"):
+            videos = DatasetCatalog.get(f"{folder}_video_{split}")
+            meta = MetadataCatalog.get(f"{folder}_video_{split}")
+            assert len(videos) == 1 and meta.evaluator_type == "ytvis"
+            assert sum(len(f) for f in videos[0]["annotations"]) == meta.track_frame_count
+            images = DatasetCatalog.get(f"{folder}_{split}")
+            assert [d["file_name"] for d in images] == videos[0]["file_names"]
+        assert len(DatasetCatalog.get(f"{folder}_video_val")[0]["file_names"]) == val_frames
