@@ -31,7 +31,8 @@ from queryinst.data import package_files
 # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
 
-NAMES = ("nuclei_dsb_train", "nuclei_dsb_val", "voc_mini")
+NAMES = ("nuclei_dsb_train", "nuclei_dsb_val", "voc_mini", "ctc_psc_train", "ctc_psc_val",
+         "ecoli_colony_train", "ecoli_colony_val")
 
 
 @pytest.fixture(scope="session")

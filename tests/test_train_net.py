@@ -313,7 +313,8 @@ def test_run_demo_refuses_a_threshold_outside_0_1(capsys):
 def test_run_demo_writes_figures_and_resumes(tmp_path, capsys):
     run_demo = _load_run_demo()
     out_dir = str(tmp_path / "demo")
-    argv = ["--score-threshold", "0.0", *TINY, "OUTPUT_DIR", out_dir]
+    # the nuclei image job (one --config-file away from make demo's real-video job)
+    argv = ["--config-file", CONFIG, "--score-threshold", "0.0", *TINY, "OUTPUT_DIR", out_dir]
     results = run_demo.main(argv)
     assert {"bbox", "segm"} <= set(results) and isinstance(results["segm"]["AP"], float)
     for name in ("val_predictions.png", "losses.png", "model_final.pth"):
@@ -350,6 +351,30 @@ def test_run_demo_writes_figures_and_resumes(tmp_path, capsys):
     with open(os.path.join(out_dir, "log.txt")) as f:
         starts = [line for line in f if "Starting training from iteration" in line]
     assert [s.split()[-1] for s in starts] == ["0", str(MAX_ITER)]
+
+
+def test_run_demo_real_video_job(tmp_path, capsys):
+    """make demo's default config (QueryInstVIS on the PSC time-lapse), 2 iterations of a
+    narrowed random-init model: frame AP on ctc_psc_val, the held-out clip tracked, scored
+    (1109 GT track-frames in t035-t049) and written as MP4 and GIF (15 frames each)."""
+    run_demo = _load_run_demo()
+    out_dir = str(tmp_path / "psc")
+    argv = ["--score-threshold", "0.0", "MODEL.WEIGHTS", "", "SOLVER.MAX_ITER", "2",
+            "TEST.EVAL_PERIOD", "2", "MODEL.QUERYINST.NUM_PROPOSALS", "20",
+            "MODEL.QUERYINST.TEST_TOPK", "20", "MODEL.QUERYINST.NUM_STAGES", "1",
+            "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "256", "OUTPUT_DIR", out_dir]
+    results = run_demo.main(argv)
+    assert {"bbox", "segm"} <= set(results)
+    printed = capsys.readouterr().out
+    assert re.search(r"\[demo\] ctc_psc_val mask AP [\d.]+  AP50", printed)
+    match = re.search(r"\[demo\] ctc_psc_video_val VIS AP ([\d.]+)  AP50 ([\d.]+)  "
+                      r"ID switches (\d+) \(of (\d+) GT track-frames\)", printed)
+    assert match and int(match.group(4)) == 1109
+    mp4 = cv2.VideoCapture(os.path.join(out_dir, "video", "tracks.mp4"))
+    assert mp4.get(cv2.CAP_PROP_FRAME_COUNT) == 15
+    assert (mp4.get(cv2.CAP_PROP_FRAME_WIDTH), mp4.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (700, 536)
+    with Image.open(os.path.join(out_dir, "video", "tracks.gif")) as gif:
+        assert gif.n_frames == 15 and gif.size == (700, 536)
 
 
 # ---------------------------------------------------------------- QueryInstVIS (issue 12)

@@ -1,29 +1,33 @@
 #!/usr/bin/env python3
-"""``make demo``: train QueryInst on the bundled nuclei tiles, evaluate, and draw the results.
+"""``make demo``: train QueryInst-VIS on real time-lapse video, evaluate the held-out clip, draw it.
 
-1. Trains a bundled config (default ``configs/bundled/queryinst_MNV2_FPN_nuclei.yaml``:
-   MobileNetV2-FPN from ImageNet weights; ``queryinst_R50_FPN_nuclei.yaml`` is the ResNet-50
-   one trained from scratch) with ``train_net.main`` in this process. A re-run resumes from
-   ``OUTPUT_DIR/last_checkpoint`` (Detectron2's ``resume_or_load(resume=True)``); a finished
-   run (``last_checkpoint`` naming ``model_final.pth``) is only evaluated again, and the
-   run says which trained model it reused instead of a training time.
-2. Evaluates on the config's first test set (``nuclei_dsb_val``: the held-out quadrant):
-   COCO box and mask AP.
+1. Trains a bundled config with ``train_net.main`` in this process. The default,
+   ``configs/bundled/queryinst_vis_MNV2_FPN_ctc_psc.yaml``, is QueryInstVIS (MobileNetV2-FPN
+   from ImageNet weights, track head, ``EmbeddingTracker``) on frame pairs of the Cell
+   Tracking Challenge PhC-C2DL-PSC sequence's first 35 frames (``ctc_psc_video_train``). A
+   re-run resumes from ``OUTPUT_DIR/last_checkpoint`` (Detectron2's
+   ``resume_or_load(resume=True)``); a finished run (``last_checkpoint`` naming
+   ``model_final.pth``) is only evaluated again, and the run says which trained model it
+   reused instead of a training time.
+2. Evaluates the config's image test set (``ctc_psc_val``: the 15 held-out frames, never
+   trained on) after the last iteration: COCO box and mask AP (``COCOEvaluator``).
 3. Writes ``OUTPUT_DIR/val_predictions.png``: ground truth (left) and the detections with
-   score >= ``--score-threshold`` (right) on the held-out tile, drawn by Detectron2's
-   ``Visualizer`` enlarged as ``demo/demo.py`` draws (``predictor.draw_scale``: 4x for the
-   256x256 tile, so that the labels do not cover the nuclei). The default threshold, 0.3,
-   is lower than ``demo/demo.py``'s 0.5 (Detectron2's, for COCO-trained models) because this
-   model, trained for 250 iterations on five tiles, scores most true nuclei between 0.3
-   and 0.6; the run prints the ``demo/demo.py`` command that draws the same detections.
+   score >= ``--score-threshold`` (right) on its first image, drawn by Detectron2's
+   ``Visualizer`` as ``demo/demo.py`` draws (``predictor.draw_scale``). The default
+   threshold, 0.3, is lower than ``demo/demo.py``'s 0.5 (Detectron2's, for COCO-trained
+   models) because these briefly trained models score many true cells between 0.3 and 0.6;
+   the run prints the ``demo/demo.py`` command that draws the same detections.
 4. Writes ``OUTPUT_DIR/losses.png``: total training loss and each stage's loss (the sum of
    its cls, bbox, giou and mask terms) against iteration, from ``OUTPUT_DIR/metrics.json``.
-5. Video (docs/method.md §6): tracks the held-out nuclei pseudo-video
-   (``nuclei_dsb_video_val``, frames at their own 192-px scale) with the model it just
-   trained and the training-free ``QueryCosineTracker`` (this job trains no track head), prints
-   its YouTube-VIS AP, AP50 and identity switches, and writes ``OUTPUT_DIR/video/tracks.gif``:
-   every frame with the tracked detections scoring >= ``--score-threshold``, each track in
-   its own colour with its id (and the submission files, ``results.json``/``.zip``).
+5. Video (docs/method.md §6): tracks the config's video test set (``ctc_psc_video_val``, the
+   same held-out frames as a clip) with the trained model and its tracker, prints its
+   YouTube-VIS AP, AP50 and identity switches (``YTVISEvaluator``), and writes
+   ``OUTPUT_DIR/video/tracks.mp4`` and ``tracks.gif``: every frame with the tracked
+   detections scoring >= ``--score-threshold``, each track in its own colour with its id
+   (and the submission files, ``results.json``/``.zip``). A config without a video test set
+   (an image model, e.g. ``configs/bundled/queryinst_MNV2_FPN_nuclei.yaml``, the former
+   demo) tracks the held-out nuclei pseudo-video (``nuclei_dsb_video_val``, frames at their
+   192-px scale) with the training-free ``QueryCosineTracker`` instead.
 
 Run from the repository root (dataset and output paths are relative to it)::
 
@@ -58,8 +62,8 @@ from queryinst.config_loading import CONFIG_ERRORS, merge_config  # noqa: E402
 from queryinst import video  # noqa: E402
 from queryinst.video.data.pseudo_video import NUCLEI_VIDEO_FRAME  # noqa: E402
 
-DEFAULT_CONFIG = os.path.join("configs", "bundled", "queryinst_MNV2_FPN_nuclei.yaml")
-VIDEO_DATASET = "nuclei_dsb_video_val"  # the held-out pseudo-video
+DEFAULT_CONFIG = os.path.join("configs", "bundled", "queryinst_vis_MNV2_FPN_ctc_psc.yaml")
+PSEUDO_VIDEO_DATASET = "nuclei_dsb_video_val"  # image configs: the held-out pseudo-video
 _STAGE_LOSS = re.compile(r"^s(\d+)_loss_")
 
 
@@ -191,23 +195,38 @@ def pseudo_video_model(cfg, weights: str):
 
 
 def track_video(cfg, weights: str, dataset_name: str, out_dir: str,
-                score_threshold: float) -> tuple[dict, str]:
-    """Track a bundled video with an image model and the training-free tracker; draw a GIF.
+                score_threshold: float) -> tuple[dict, list[str], str]:
+    """Track a video test set and draw its first video as MP4 and GIF.
+
+    A ``QueryInstVIS`` config with ``dataset_name`` among its test sets is tracked as it is
+    (its tracker, ``INPUT.MIN_SIZE_TEST``); an image model's config tracks the pseudo-videos
+    with the training-free ``QueryCosineTracker`` at their own frame size
+    (:func:`pseudo_video_model`).
 
     Args:
-        cfg: the image model's config.
+        cfg: the trained model's config.
         weights: its checkpoint (loaded strictly).
         dataset_name: a registered video dataset whose first video is drawn.
-        out_dir: gets ``tracks.gif`` and the evaluator's ``results.json`` / ``results.zip``.
+        out_dir: gets ``tracks.mp4``, ``tracks.gif`` and the evaluator's ``results.json`` /
+            ``results.zip``.
         score_threshold: drawn detections score at least this.
 
     Returns:
-        (dict, str): ``YTVISEvaluator``'s {"segm": {...}} and the GIF's path.
+        (dict, list[str], str): ``YTVISEvaluator``'s {"segm": {...}}, the drawn files, and
+        the tracker's name.
     """
     from detectron2.data import MetadataCatalog
     from detectron2.data.detection_utils import read_image
+    from detectron2.modeling import build_model
 
-    cfg, model = pseudo_video_model(video.use_query_tracker(cfg), weights)
+    if cfg.MODEL.META_ARCHITECTURE == "QueryInstVIS" and dataset_name in cfg.DATASETS.TEST:
+        model = build_model(cfg).eval()
+        QueryInstCheckpointer(model, strict=True).load(weights)
+        scale, fps = 1, 4
+    else:
+        cfg, model = pseudo_video_model(video.use_query_tracker(cfg), weights)
+        scale, fps = 2, 3
+    os.makedirs(out_dir, exist_ok=True)
     results, kept = video.track_dataset(
         model, video.build_vis_test_loader(cfg, dataset_name),
         video.YTVISEvaluator(dataset_name, output_dir=out_dir, distributed=False))
@@ -218,10 +237,11 @@ def track_video(cfg, weights: str, dataset_name: str, out_dir: str,
         instances = video.frame_instances(output["tracks"], t, output["image_size"])
         instances = instances[instances.scores >= score_threshold]
         frames.append(video.draw_tracked_frame(read_image(file_name, format="RGB"),
-                                               instances, metadata, scale=2))
-    gif = os.path.join(out_dir, "tracks.gif")
-    video.save_gif(frames, gif, fps=3)
-    return results, gif
+                                               instances, metadata, scale=scale))
+    files = [os.path.join(out_dir, "tracks.mp4"), os.path.join(out_dir, "tracks.gif")]
+    video.save_mp4(frames, files[0], fps=fps)
+    video.save_gif(frames, files[1], fps=fps)
+    return results, files, cfg.MODEL.QUERYINST_VIS.TRACKER
 
 
 def finished_checkpoint(out_dir: str) -> str | None:
@@ -270,15 +290,20 @@ def main(argv=None) -> dict:
     merge_config(cfg, args.config_file, args.opts)
     out_dir = cfg.OUTPUT_DIR
     reused = finished_checkpoint(out_dir)
+    # Training evaluates the image test sets; the video one is tracked below (metrics and
+    # the drawn clip from one pass).
+    image_tests = [d for d in cfg.DATASETS.TEST if not video.is_video_dataset(d)]
+    video_tests = [d for d in cfg.DATASETS.TEST if video.is_video_dataset(d)]
+    tests = ["DATASETS.TEST", str(tuple(image_tests))] if video_tests else []
     train_args = default_argument_parser().parse_args(
-        ["--config-file", args.config_file, "--resume", *args.opts]
+        ["--config-file", args.config_file, "--resume", *args.opts, *tests]
     )
     start = time.perf_counter()
     # Resumes (or only evaluates a finished run); Detectron2 evaluates after the last iteration.
     results = train_net.main(train_args)
     elapsed = time.perf_counter() - start
 
-    dataset = cfg.DATASETS.TEST[0]
+    dataset = image_tests[0]
     checkpointer = DetectionCheckpointer(None, save_dir=out_dir)  # only to find the last checkpoint
     weights = checkpointer.get_checkpoint_file()
     if dataset in results:  # several test sets: results by dataset name
@@ -308,12 +333,15 @@ def main(argv=None) -> dict:
             r = results[task]
             print(f"[demo] {dataset} {name} AP {r['AP']:.1f}  AP50 {r['AP50']:.1f}  "
                   f"AP75 {r['AP75']:.1f}")
-    vis, gif = track_video(cfg, weights, VIDEO_DATASET, os.path.join(out_dir, "video"),
-                           args.score_threshold)
+    video_dataset = video_tests[0] if video_tests else PSEUDO_VIDEO_DATASET
+    vis, drawn_files, tracker = track_video(cfg, weights, video_dataset,
+                                            os.path.join(out_dir, "video"), args.score_threshold)
     v = vis["segm"]
-    print(f"[demo] tracked video (QueryCosineTracker, no training): {gif}")
-    print(f"[demo] {VIDEO_DATASET} VIS AP {v['AP']:.1f}  AP50 {v['AP50']:.1f}  "
+    print(f"[demo] tracked video ({tracker}): {', '.join(drawn_files)}")
+    print(f"[demo] {video_dataset} VIS AP {v['AP']:.1f}  AP50 {v['AP50']:.1f}  "
           f"ID switches {v['ID switches']} (of {v['GT track-frames']} GT track-frames)")
+    print(f"[demo] wall time in all (training, evaluation, drawing): "
+          f"{(time.perf_counter() - start) / 60:.1f} min")
     return results
 
 

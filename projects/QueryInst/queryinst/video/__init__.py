@@ -7,7 +7,7 @@ similarity (MinVIS). Importing registers the meta-architecture ``QueryInstVIS``,
 (no IO).
 """
 from .config import add_queryinst_vis_config, use_query_tracker
-from .structures import VideoTrack, encode_mask, tracks_to_json
+from .structures import VideoTrack, decode_mask, encode_mask, tracks_to_json
 from .modeling import (
     TRACKER_REGISTRY,
     EmbeddingTracker,
@@ -46,7 +46,7 @@ from .evaluation import (
     track_dataset,
     write_submission,
 )
-from .visualization import draw_tracked_frame, frame_instances, save_gif, track_color
+from .visualization import draw_tracked_frame, frame_instances, save_gif, save_mp4, track_color
 
 register_all_ytvis()  # the predefined YouTube-VIS splits under $DETECTRON2_DATASETS; no IO
 
@@ -70,6 +70,7 @@ __all__ = [
     "build_vis_train_loader",
     "check_video_model",
     "draw_tracked_frame",
+    "decode_mask",
     "encode_mask",
     "evaluate_ytvis",
     "frame_instances",
@@ -83,6 +84,7 @@ __all__ = [
     "results_from_tracks",
     "sample_frame_pair",
     "save_gif",
+    "save_mp4",
     "track_color",
     "track_dataset",
     "tracks_to_json",

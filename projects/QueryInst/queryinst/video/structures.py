@@ -6,7 +6,7 @@ from typing import List, Optional
 
 from torch import Tensor
 
-__all__ = ["VideoTrack", "encode_mask", "tracks_to_json"]
+__all__ = ["VideoTrack", "decode_mask", "encode_mask", "tracks_to_json"]
 
 
 @dataclass
@@ -19,8 +19,11 @@ class VideoTrack:
         score: mean detection score over the frames where the track is present.
         boxes: T entries, float (4,) absolute xyxy in original-frame pixels, or None where
             the track is absent.
-        masks: T entries, bool (H, W) in original-frame pixels, or None where absent (all
-            None for box-only models).
+        masks: T entries, the frame's (H, W) mask in original-frame pixels as a compressed
+            RLE dict (pycocotools; ``counts`` str, see :func:`encode_mask`, and
+            :func:`decode_mask`), or None where absent (all None for box-only models). RLE
+            keeps long videos in bounded memory: a track of T frames holds T small strings,
+            not T dense masks.
         frame_scores: T entries, the detection score of the frame, or None where absent.
     """
 
@@ -43,7 +46,7 @@ class VideoTrack:
 
 def encode_mask(mask) -> dict:
     """A bool (H, W) mask (tensor or array) as a COCO compressed RLE with ``counts`` as str
-    (json-ready), by pycocotools.
+    (json-ready), by pycocotools. An RLE dict (``size``, ``counts``) is returned as it is.
 
     Raises:
         ValueError: the mask is not 2-D.
@@ -51,6 +54,8 @@ def encode_mask(mask) -> dict:
     import numpy as np
     from pycocotools import mask as mask_util
 
+    if isinstance(mask, dict):
+        return mask
     if hasattr(mask, "detach"):
         mask = mask.detach().cpu().numpy()
     mask = np.asarray(mask)
@@ -59,6 +64,18 @@ def encode_mask(mask) -> dict:
     rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
+
+
+def decode_mask(rle: dict):
+    """The bool (H, W) tensor of a compressed RLE dict (:func:`encode_mask`'s output)."""
+    import numpy as np
+    import torch
+    from pycocotools import mask as mask_util
+
+    counts = rle["counts"]
+    rle = {"size": rle["size"], "counts": counts.encode("ascii") if isinstance(counts, str)
+           else counts}
+    return torch.from_numpy(mask_util.decode(rle).astype(bool))
 
 
 def tracks_to_json(tracks: List[VideoTrack], metadata=None, video: Optional[str] = None) -> dict:

@@ -13,7 +13,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from .structures import VideoTrack
+from .structures import VideoTrack, decode_mask
 
 __all__ = ["track_color", "draw_tracked_frame", "frame_instances", "save_gif"]
 
@@ -49,7 +49,7 @@ def frame_instances(tracks: Sequence[VideoTrack], t: int, image_size) -> Instanc
     inst.pred_classes = torch.tensor([k.category for k in present], dtype=torch.int64)
     inst.track_ids = torch.tensor([k.track_id for k in present], dtype=torch.int64)
     if present and all(k.masks[t] is not None for k in present):
-        inst.pred_masks = torch.stack([k.masks[t].cpu() for k in present])
+        inst.pred_masks = torch.stack([decode_mask(k.masks[t]) for k in present])
     return inst
 
 
@@ -106,3 +106,29 @@ def save_gif(frames_rgb: Sequence[np.ndarray], path: str, fps: float = 4.0) -> N
     images = [Image.fromarray(np.ascontiguousarray(f)) for f in frames_rgb]
     images[0].save(path, save_all=True, append_images=images[1:], loop=0,
                    duration=int(round(1000 / fps)))
+
+
+def save_mp4(frames_rgb: Sequence[np.ndarray], path: str, fps: float = 4.0) -> None:
+    """Write an MP4 video (OpenCV ``VideoWriter``, codec mp4v, as ``demo/demo.py`` writes).
+
+    Args:
+        frames_rgb: uint8 (H, W, 3) RGB frames of one size.
+        path: the .mp4 file.
+        fps: frames per second.
+
+    Raises:
+        ValueError: no frames, or OpenCV cannot open a writer for ``path``.
+    """
+    import cv2
+
+    if not frames_rgb:
+        raise ValueError(f"{path}: no frames to write")
+    height, width = frames_rgb[0].shape[:2]
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    if not writer.isOpened():
+        raise ValueError(f"{path}: OpenCV cannot write an mp4v video here")
+    try:
+        for frame in frames_rgb:
+            writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
+    finally:
+        writer.release()

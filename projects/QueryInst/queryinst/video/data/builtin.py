@@ -3,6 +3,11 @@
 - ``nuclei_dsb_video_train`` / ``nuclei_dsb_video_val``: pseudo-videos, a moving crop window
   over the real nuclei image of the image datasets (synthetic motion, real pixels and labels;
   see ``pseudo_video.py`` and docs/method.md §6.5); 1 class.
+- ``ctc_psc_video_train`` / ``_val`` and ``ecoli_colony_video_train`` / ``_val``: two real
+  time-lapse sequences with real cell identities (Cell Tracking Challenge layout, read by
+  ``queryinst.data.ctc``), split in time: the last 30% of the frames are held out. Built
+  with the image sets ``ctc_psc_*`` / ``ecoli_colony_*`` of ``queryinst.data.builtin``, in
+  the same folders (``<folder>/annotations/video_{train,val}.json``, frames in ``images/``).
 - ``labelme_video_example``: labelme's real 5-frame street clip with its polygon tracks
   (``examples/video_annotation`` of the labelme sdist); classes "car", "track".
 
@@ -28,7 +33,14 @@ import pycocotools.mask as mask_util
 from PIL import Image
 
 from ...data import bundled_sources as src
-from ...data.builtin import datasets_root, register_lazily, write_converted_folder
+from ...data import ctc
+from ...data.builtin import (
+    BUNDLED_DATASETS,
+    datasets_root,
+    register_lazily,
+    write_converted_folder,
+)
+from ...data.builtin import _prepare_folder as _prepare_image_folder
 from ...data.coco_format import DatasetFormatError
 from ...data.package_files import read_package_files
 from .pseudo_video import (
@@ -89,6 +101,15 @@ def _nuclei_split(split: str) -> str:
                "inside the val quadrant x, y in [256, 512), never seen in training"))
 
 
+def _ctc_video(folder: str, split: str, counts: Tuple[int, int, int]) -> BundledVideoDataset:
+    """A CTC sequence's video split: (frames, tracks, track-frames); the rest as its image
+    split in ``queryinst.data.builtin``."""
+    image = BUNDLED_DATASETS[f"{folder}_{split}"]
+    return BundledVideoDataset(f"{folder}_video_{split}", folder, f"annotations/video_{split}.json",
+                               "images", image.thing_classes, 1, *counts, image.split,
+                               image.source, image.license)
+
+
 BUNDLED_VIDEO_DATASETS: Dict[str, BundledVideoDataset] = {d.name: d for d in (
     BundledVideoDataset("nuclei_dsb_video_train", "nuclei_dsb_video", "train.json",
                         "train/JPEGImages", ("nucleus",), 5, 50, 240, 996,
@@ -100,6 +121,9 @@ BUNDLED_VIDEO_DATASETS: Dict[str, BundledVideoDataset] = {d.name: d for d in (
                         ("car", "track"), 1, 5, 3, 15,
                         "the whole clip (a format example of a real video; too small to train)",
                         _LABELME_SOURCE, _LABELME_LICENSE),
+    *(_ctc_video(folder, split, counts) for folder, split, counts in (
+        ("ctc_psc", "train", (35, 81, 2348)), ("ctc_psc", "val", (15, 79, 1109)),
+        ("ecoli_colony", "train", (37, 124, 675)), ("ecoli_colony", "val", (16, 652, 2844)))),
 )}
 
 
@@ -255,6 +279,9 @@ def _spec_counts(spec: BundledVideoDataset) -> Tuple[int, int, int, int]:
 
 
 def _prepare_folder(folder: str, root: str) -> None:
+    if folder in ctc.CTC_BUNDLED:  # built with its image datasets, video jsons first
+        _prepare_image_folder(folder, root)
+        return
     specs = [s for s in BUNDLED_VIDEO_DATASETS.values() if s.folder == folder]
     if all(os.path.isfile(_paths(s, root)[0]) for s in specs):
         return  # already built; the loader checks the counts

@@ -34,7 +34,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchvision.ops import batched_nms, box_iou
 
-from ..structures import VideoTrack
+from ..structures import VideoTrack, encode_mask
 
 __all__ = [
     "TRACKER_REGISTRY",
@@ -138,9 +138,11 @@ class OnlineTracker:
     Attributes:
         uses_track_head: whether ``track_embeddings`` must be track-head embeddings (True)
             or the raw last-stage object queries (False); ``QueryInstVIS`` supplies them.
-        keep_masks: whether ``finish()`` returns the masks (True, default). Set it to False
-            for long streams (a webcam) whose tracks are only drawn frame by frame: the
-            history then holds boxes, scores and classes, and the masks are freed.
+        keep_masks: whether ``finish()`` returns the masks (True, default), kept as
+            compressed RLE (pycocotools) from the moment ``update`` returns: the history
+            grows by the frame's RLE strings plus boxes, scores, classes and ids, never by
+            dense masks or embeddings. Set it to False for endless streams (a webcam) whose
+            tracks are only drawn frame by frame: then no mask is kept at all.
     """
 
     uses_track_head = True
@@ -233,9 +235,10 @@ class OnlineTracker:
         self._boxes: Optional[Tensor] = None
         self._labels: Optional[Tensor] = None
         self._last_seen: List[int] = []
-        # Per frame: the tracked detections as update returned them (with track_ids), their
-        # masks dropped unless keep_masks.
+        # Per frame: the tracked detections' boxes, scores, classes and track_ids, and (if
+        # keep_masks and the frame has masks) their masks as compressed RLE, else None.
         self._history: List[Instances] = []
+        self._history_rles: List[Optional[List[dict]]] = []
 
     @property
     def num_frames(self) -> int:
@@ -359,11 +362,11 @@ class OnlineTracker:
         out = frame[det_idx[torch.as_tensor(kept, dtype=torch.long, device=device)]]
         track_ids = [ids_of[d] for d in kept]
         out.track_ids = torch.as_tensor(track_ids, dtype=torch.int64, device=device)
-        kept_frame = out
-        if not self.keep_masks and out.has("pred_masks"):
-            kept_frame = Instances(out.image_size, **out.get_fields())
-            kept_frame.remove("pred_masks")
-        self._history.append(kept_frame)
+        self._history.append(Instances(out.image_size, pred_boxes=out.pred_boxes,
+                                       scores=out.scores, pred_classes=out.pred_classes,
+                                       track_ids=out.track_ids))
+        self._history_rles.append([encode_mask(m) for m in out.pred_masks]
+                                  if self.keep_masks and out.has("pred_masks") else None)
         self._num_frames = t + 1
         return out
 
@@ -385,9 +388,11 @@ class OnlineTracker:
         """Every track of the frames seen since ``reset()`` (ended ones too), by id.
 
         Each track has T = ``num_frames`` entries in ``boxes`` (float (4,) xyxy px),
-        ``masks`` (bool (H, W); None for every frame if the frames had no ``pred_masks``) and
-        ``frame_scores`` (float), None where it is absent. Boxes and masks are rows of the
-        Instances that ``update`` returned (same values as the input, same device).
+        ``masks`` (compressed RLE dicts of the bool (H, W) masks, see
+        :func:`~queryinst.video.structures.decode_mask`; None for every frame if the frames
+        had no ``pred_masks`` or ``keep_masks`` is False) and ``frame_scores`` (float), None
+        where it is absent. Boxes are rows of the Instances that ``update`` returned (same
+        values as the input, same device); masks decode to exactly the returned masks.
         ``category`` is the class with the largest sum of the track's detection scores (the
         smaller class index on ties); ``score`` is the mean detection score over the frames
         where it is present. The tracker's state is left as it is.
@@ -399,14 +404,13 @@ class OnlineTracker:
             for i in range(self._next_id)
         ]
         votes = [dict() for _ in tracks]
-        for t, out in enumerate(self._history):
-            has_masks = out.has("pred_masks")
+        for t, (out, rles) in enumerate(zip(self._history, self._history_rles)):
             rows = zip(out.track_ids.tolist(), out.scores.tolist(), out.pred_classes.tolist())
             for row, (i, s, c) in enumerate(rows):
                 tr = tracks[i]
                 tr.boxes[t] = out.pred_boxes.tensor[row]
-                if has_masks:
-                    tr.masks[t] = out.pred_masks[row]
+                if rles is not None:
+                    tr.masks[t] = rles[row]
                 tr.frame_scores[t] = s
                 votes[i][c] = votes[i].get(c, 0.0) + s
         for tr, vote in zip(tracks, votes):
