@@ -423,6 +423,18 @@ def test_entry_point_refuses_python_tag_config(tagged_configs, tmp_path, entry, 
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("tool,option", [("tools/run_demo.py", "--config-file"),
+                                         ("tools/benchmark.py", "--config-file"),
+                                         ("tools/vis_report.py", "--vis-config")])
+def test_tools_refuse_python_tag_config(tagged_configs, tool, option):
+    """The tools that take a config stop on a python tag with one line, before training."""
+    direct, _, marker = tagged_configs
+    proc = _run([tool, option, direct])
+    assert proc.returncode == 1
+    _one_error(proc, f"ERROR: {direct}: line 3: {TAG}")
+    assert not marker.exists()
+
+
 def test_converter_refuses_python_tag_config(tagged_configs, official_sd, tmp_path, capsys):
     from conftest import load_script
 

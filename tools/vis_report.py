@@ -53,12 +53,7 @@ from detectron2.evaluation import COCOEvaluator, inference_on_dataset  # noqa: E
 
 from queryinst import QueryInstDatasetMapper, add_queryinst_config  # noqa: E402
 from queryinst import video  # noqa: E402
-from queryinst.config_loading import (  # noqa: E402
-    CONFIG_ERRORS,
-    ConfigFileNotFoundError,
-    merge_config,
-    missing_config_message,
-)
+from queryinst.config_loading import CONFIG_ERRORS, merge_config  # noqa: E402
 from run_demo import pseudo_video_model  # noqa: E402  (tools/, this script's folder)
 
 IMAGE_CONFIG = os.path.join("configs", "bundled", "queryinst_MNV2_FPN_nuclei.yaml")
@@ -247,9 +242,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json-out", metavar="FILE")
     parser.add_argument("--md-out", metavar="FILE")
     args = parser.parse_args(argv)
-    for path in (args.image_config, args.vis_config):  # both, before anything is trained
-        if not os.path.isfile(path):
-            raise ConfigFileNotFoundError(missing_config_message(path))
+    for path in (args.image_config, args.vis_config):  # both read, before anything is trained
+        load_cfg(path)  # a missing file, a python tag, a misspelled key: one ERROR line
 
     image_weights = trained_weights(args.image_config)
     vis_opts = ["MODEL.WEIGHTS", image_weights]
