@@ -14,6 +14,8 @@ import time
 import torch
 from detectron2.utils.analysis import FlopCountAnalysis
 
+from .results import cpu_model
+
 
 def interleaved_times(fns: list, iters: int, warmup: int, device: str) -> list[list[float]]:
     """Wall seconds of ``iters`` calls of each function, after ``warmup`` untimed rounds.
@@ -228,16 +230,10 @@ def release_freed_memory() -> None:
 
 
 def machine_info(device: str) -> dict:
-    """What the numbers were measured on: CPU model and count, torch, Python, and the GPU."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    """What the numbers were measured on: CPU model (:func:`qi_bench.results.cpu_model`) and
+    count, torch, Python, and the GPU."""
     info = {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
