@@ -94,6 +94,83 @@ def test_image_headers_are_read_only_when_asked(tmp_path):
             MetadataCatalog.remove(name)
 
 
+def _varied_coco(tmp_path):
+    """A small json with what load_coco_json treats specially: image ids out of order, an
+    image without annotations, annotations out of image order, category ids neither sorted
+    nor contiguous, compressed and uncompressed RLE, two-part polygons, keypoints, iscrowd,
+    and keys that are dropped (area, id, attributes)."""
+    from PIL import Image
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (20, 10)).save(tmp_path / name)
+    square = [2.0, 2.0, 7.5, 2.0, 7.5, 7.0, 2.0, 7.0]
+    data = {
+        "images": [{"id": 30, "file_name": "c.png", "width": 20, "height": 10},
+                   {"id": 4, "file_name": "a.png", "width": 20, "height": 10, "license": 1},
+                   {"id": 17, "file_name": "b.png", "width": 20, "height": 10}],
+        "categories": [{"id": 9, "name": "nine"}, {"id": 2, "name": "two"},
+                       {"id": 5, "name": "five"}],
+        "annotations": [
+            {"id": 1, "image_id": 30, "category_id": 5, "bbox": [2, 2, 5.5, 5],
+             "segmentation": [square, [10, 1, 14, 1, 14, 4]], "area": 27.5, "iscrowd": 0},
+            {"id": 8, "image_id": 4, "category_id": 9, "bbox": [0, 0, 3, 2], "iscrowd": 1,
+             "segmentation": {"counts": [0, 2, 8, 2, 188], "size": [10, 20]}},
+            {"id": 3, "image_id": 30, "category_id": 2, "bbox": [1, 1, 4, 4],
+             "segmentation": {"counts": "0213", "size": [10, 20]}, "attributes": {"x": 1}},
+            {"id": 5, "image_id": 4, "category_id": 2, "bbox": [3, 3, 2, 2],
+             "segmentation": [square], "keypoints": [3, 4, 2, 0, 0, 0, 5, 6, 1],
+             "num_keypoints": 2},
+        ],
+    }
+    json_path = tmp_path / "varied.json"
+    json_path.write_text(json.dumps(data))
+    return str(json_path), str(tmp_path)
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_loaded_dicts_equal_detectron2s_load_coco_json(tmp_path, named):
+    """load_coco_instances builds its dicts from its own (validated) parse, without
+    pycocotools' COCO: they, and the metadata it sets, equal Detectron2's load_coco_json."""
+    from detectron2.data.datasets import load_coco_json
+    from queryinst.data import load_coco_instances
+    json_path, root = _varied_coco(tmp_path)
+    ours_name, d2_name = ("varied_ours", "varied_d2") if named else (None, None)
+    try:
+        ours = load_coco_instances(json_path, root, ours_name)
+        theirs = load_coco_json(json_path, root, d2_name)
+        assert ours == theirs
+        assert [d["image_id"] for d in ours] == [4, 17, 30]
+        assert [a["bbox"] for a in ours[2]["annotations"]] == [[2, 2, 5.5, 5], [1, 1, 4, 4]]
+        assert ours[0]["annotations"][1]["keypoints"] == [3.5, 4.5, 2, 0.5, 0.5, 0, 5.5, 6.5, 1]
+        assert isinstance(ours[0]["annotations"][0]["segmentation"]["counts"], bytes)
+        if named:
+            for key in ("thing_classes", "thing_dataset_id_to_contiguous_id"):
+                assert (MetadataCatalog.get(ours_name).get(key)
+                        == MetadataCatalog.get(d2_name).get(key)), key
+            assert MetadataCatalog.get(ours_name).thing_classes == ["two", "five", "nine"]
+            assert [a["category_id"] for a in ours[2]["annotations"]] == [1, 0]
+        else:
+            assert [a["category_id"] for a in ours[2]["annotations"]] == [5, 2]
+    finally:
+        for name in (ours_name, d2_name):
+            if name:
+                MetadataCatalog.remove(name)
+
+
+def test_loading_leaves_pycocotools_alone(tmp_path, monkeypatch):
+    """No global is patched while loading (pycocotools' COCO is not thread-safe to swap):
+    loading works with COCO unusable and leaves it as it was."""
+    import pycocotools.coco as pycoco
+    from queryinst.data import load_coco_instances
+
+    def refuse(*a, **k):
+        raise AssertionError("pycocotools.coco.COCO used")
+
+    monkeypatch.setattr(pycoco, "COCO", refuse)
+    json_path, root = _varied_coco(tmp_path)
+    assert len(load_coco_instances(json_path, root)) == 3
+    assert pycoco.COCO is refuse
+
+
 @pytest.mark.slow
 def test_data_path_benchmark_on_5000_images(small_coco):
     """tools/data_scale_benchmark.py: train_net.py and Detectron2's Mask R-CNN each reach
