@@ -74,6 +74,77 @@ def test_checked_training_set_is_read_once(small_coco):
         MetadataCatalog.remove("scale_once")
 
 
+def _count_parses(monkeypatch, json_path):
+    """A list that gets an item at every parse of ``json_path`` (a json.loads of a text of its
+    size: queryinst's reader, and pycocotools' COCO, which Detectron2 uses, both go
+    through it)."""
+    size, parse, parses = os.path.getsize(json_path), json.loads, []
+
+    def counted(text, *a, **k):
+        if len(text) == size:
+            parses.append(1)
+        return parse(text, *a, **k)
+
+    monkeypatch.setattr(json, "loads", counted)
+    return parses
+
+
+@pytest.fixture
+def few_images(tmp_path):
+    """A 12-image json of the generator (80 categories, 640-px images)."""
+    json_path = gen.write(str(tmp_path / "data"), 12, 90)
+    with open(json_path) as f:
+        names = [c["name"] for c in sorted(json.load(f)["categories"], key=lambda c: c["id"])]
+    return json_path, str(tmp_path / "data" / "images"), names
+
+
+def _train_net_args(*argv):
+    from test_train_net import CONFIG, TINY, train_net
+    return train_net, train_net.parse_args(["--config-file", CONFIG, *argv, *TINY,
+                                            "MODEL.QUERYINST.NUM_CLASSES", "80"])
+
+
+def test_train_net_reads_the_training_set_once(few_images, tmp_path, monkeypatch):
+    """train_net.py's path to training parses the json once in all: the check before
+    training, the class names of config.yaml, the size note and the training loader."""
+    json_path, image_root, names = few_images
+    train_net, args = _train_net_args(
+        "--dataset", f"once_train:{json_path}:{image_root}", "DATASETS.TRAIN", "('once_train',)",
+        "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "out"))
+    parses = _count_parses(monkeypatch, json_path)
+    try:
+        cfg = train_net.setup(args, check_datasets=True)
+        loader = train_net.Trainer.build_train_loader(cfg)
+        assert len(parses) == 1
+        assert list(cfg.MODEL.QUERYINST.CLASS_NAMES) == names
+        with open(tmp_path / "out" / "config.yaml") as f:
+            assert f"- {names[-1]}" in f.read()
+        with open(tmp_path / "out" / "log.txt") as f:  # 640-px images tested at 128 px
+            assert "the median image of 'once_train' is " in f.read()
+        assert len(next(iter(loader))) == 1
+        DatasetCatalog.get("once_train")  # handed over once: a later get loads again
+        assert len(parses) == 2
+    finally:
+        DatasetCatalog.remove("once_train")
+        MetadataCatalog.remove("once_train")
+
+
+def test_train_net_eval_only_reads_the_test_set_once(few_images, tmp_path, monkeypatch):
+    """--eval-only: the check of DATASETS.TEST hands its dicts to the test loader."""
+    json_path, image_root, _ = few_images
+    train_net, args = _train_net_args(
+        "--eval-only", "--dataset", f"once_val:{json_path}:{image_root}",
+        "DATASETS.TEST", "('once_val',)", "OUTPUT_DIR", str(tmp_path / "out"))
+    parses = _count_parses(monkeypatch, json_path)
+    try:
+        cfg = train_net.setup(args, check_datasets=True)
+        loader = train_net.Trainer.build_test_loader(cfg, "once_val")
+        assert len(parses) == 1 and len(loader) == 12
+    finally:
+        DatasetCatalog.remove("once_val")
+        MetadataCatalog.remove("once_val")
+
+
 def test_image_headers_are_read_only_when_asked(tmp_path):
     """A file that exists but is no image: loading passes without verify_images (no header
     read), and names the file with it (train_net.py --verify-images)."""
