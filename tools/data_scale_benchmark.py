@@ -13,7 +13,8 @@ batch is in the training loop's hands:
   ``/proc/PID/smaps_rollup``), i.e. what it does not share with the main process;
 - ``dataset_loads``: how often the process parsed the json;
 - ``memory_mb``: the main process's RSS and peak RSS after each ``DatasetCatalog.get``,
-  before and after the model build, after the dicts' serialisation (``DatasetFromList``)
+  before and after the model build, after the dicts' serialisation (``DatasetFromList``,
+  QueryInst's ``SerializedList``)
   and at the first batch (where the peak arises).
 
 The runs: ``queryinst``: ``train_net.py``'s ``main`` (its dataset checks included) with
@@ -31,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -72,7 +74,7 @@ def _timed(owner, name: str, spent: dict, key: str):
             return original(*a, **k)
         finally:
             spent[key] = spent.get(key, 0.0) + time.time() - t
-            _note_memory(f"after {name}")
+            _note_memory(f"after {getattr(owner, '__name__', owner)}.{name}")
 
     setattr(owner, name, timed)
 
@@ -172,6 +174,9 @@ def _child(run: str, json_file: str, image_root: str, workers: int, batch: int, 
         import train_net
 
         _count_loads(loads, json_file)
+        from queryinst.data.train_loader import SerializedList  # its serialisation
+
+        _timed(SerializedList, "__init__", SPENT, "serialize_seconds")
         resume_or_load = train_net.Trainer.resume_or_load
 
         def resume_then_stop(self, resume=True):
@@ -191,10 +196,14 @@ def _child(run: str, json_file: str, image_root: str, workers: int, batch: int, 
 
         _count_loads(loads, json_file)
         register_coco_instances("scale_train", {}, json_file, image_root)
-        sys.path.insert(0, os.path.join(REPO, "projects", "QueryInst"))
-        from queryinst.config_loading import merge_config_file  # yaml.safe_load only
-
-        cfg = merge_config_file(get_cfg(), model_zoo.get_config_file(
+        # queryinst's config reader (yaml.safe_load only), as a lone module: importing the
+        # queryinst package would add its modules (~65 MB) to Detectron2's memory.
+        spec = importlib.util.spec_from_file_location("config_loading", os.path.join(
+            REPO, "projects", "QueryInst", "queryinst", "config_loading.py"))
+        config_loading = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(config_loading)
+        assert not any(m.split(".")[0] == "queryinst" for m in sys.modules)
+        cfg = config_loading.merge_config_file(get_cfg(), model_zoo.get_config_file(
             "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"))
         cfg.merge_from_list(common)
         cfg.freeze()
