@@ -33,7 +33,7 @@ import torch
 from detectron2.data import get_detection_dataset_dicts
 from detectron2.data.build import build_batch_data_loader
 from detectron2.utils import comm
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = ["ResumableTrainingSampler", "SeededMapDataset", "SerializedList",
            "build_resumable_train_loader",
@@ -221,13 +221,23 @@ def build_resumable_train_loader(cfg, mapper: Callable[[dict], dict], seed: int,
     # share it copy-on-read (a list of dicts would be copied page by page into every worker
     # as reference counts change). The list empties as the buffer fills (SerializedList).
     dicts = SerializedList(dicts)
-    return build_batch_data_loader(
+    loader = build_batch_data_loader(
         SeededMapDataset(dicts, mapper, seed),
         ResumableTrainingSampler(len(dicts), seed, start),
         cfg.SOLVER.IMS_PER_BATCH,
         aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
     )
+    # A DataLoader draws its workers' base seed from its generator, by default torch's
+    # global RNG, each time it is iterated. The aspect-ratio-grouped loader iterates its
+    # DataLoader only at the first batch: in a resumed run after the checkpoint's RNG states
+    # were restored, so that extra draw shifted every later random number of the model
+    # (dropout) against the uninterrupted run. A generator of its own leaves the global RNG
+    # to the model; the samples' augmentations are seeded by position (SeededMapDataset).
+    torch_loader = loader if isinstance(loader, DataLoader) else getattr(loader, "dataset", None)
+    if isinstance(torch_loader, DataLoader):
+        torch_loader.generator = torch.Generator().manual_seed(seed)
+    return loader
 
 
 def rng_state(cuda: bool = True) -> dict:
