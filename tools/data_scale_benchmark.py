@@ -74,7 +74,7 @@ def _timed(owner, name: str, spent: dict, key: str):
             return original(*a, **k)
         finally:
             spent[key] = spent.get(key, 0.0) + time.time() - t
-            _note_memory(f"after {getattr(owner, '__name__', owner)}.{name}")
+            _note_memory(f"after {getattr(owner, '__name__', type(owner).__name__)}.{name}")
 
     setattr(owner, name, timed)
 
