@@ -276,9 +276,9 @@ def setup(args, check_datasets: bool = False):
     image_sizes = None
     if check_datasets:
         setup_loggers(cfg.OUTPUT_DIR, comm.get_rank())  # the checks' lines into log.txt too
-        split = ("TEST",) if eval_only else ("TRAIN",)  # the loader that follows
-        image_sizes = check_config_datasets(cfg, ("TEST",) if eval_only else ("TRAIN", "TEST"),
-                                            keep=split)
+        # kept: the datasets whose loader follows (its dicts are the check's)
+        checked, kept = (("TEST",), ("TEST",)) if eval_only else (("TRAIN", "TEST"), ("TRAIN",))
+        image_sizes = check_config_datasets(cfg, checked, keep=kept)
     if not eval_only:
         record_class_names(cfg)  # after the check: the names its load set, no other read
     cfg.freeze()
