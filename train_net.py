@@ -80,6 +80,7 @@ from queryinst.engine import (  # noqa: E402
     elastic_restart_count,
     launch,
     run_in_env,
+    setup_loggers,
     with_finite_loss_check,
     worker_note,
 )
@@ -235,7 +236,7 @@ class Trainer(DefaultTrainer):
             self._resumed_rng = state_dict.get("rng")
 
 
-def setup(args):
+def setup(args, check_datasets: bool = False):
     """Build the frozen config from ``args.config_file`` and ``args.opts``.
 
     Also registers the ``--dataset`` datasets, records the class names of
@@ -247,9 +248,18 @@ def setup(args):
     which. A misspelled key raises with the closest existing key
     (``queryinst.config_loading.merge_config``).
 
+    With ``check_datasets`` (``main``), first the datasets of the config are checked against
+    the model (``queryinst.data.check_config_datasets``: ``DATASETS.TRAIN`` and ``TEST``,
+    with ``--eval-only`` ``TEST`` alone), and each is read once per process: the class names
+    are those the check's load put in the metadata, the loader gets the dicts it loaded,
+    and the note on the ``--dataset`` images' size (``queryinst.data.input_size_note``)
+    takes their sizes from them. Without it, the class names of a ``--dataset`` json are read
+    from its "categories".
+
     Args:
         args (argparse.Namespace): from ``default_argument_parser()`` (``--dataset``
             optional, see ``queryinst.data.add_dataset_argument``).
+        check_datasets (bool): check the datasets (raises as ``main`` documents).
 
     Returns:
         CfgNode: the frozen config.
@@ -259,17 +269,28 @@ def setup(args):
     cfg = get_cfg()
     add_queryinst_config(cfg)
     merge_config(cfg, args.config_file, args.opts)
+    eval_only = getattr(args, "eval_only", False)
     # An official checkpoint in MODEL.WEIGHTS implies its queries / stages / depth, and for
     # --eval-only its classes (training fine-tunes it to the config's classes).
-    cfg.merge_from_list(official_config_opts(cfg.MODEL.WEIGHTS,
-                                              fine_tuning=not getattr(args, "eval_only", False)))
-    if not getattr(args, "eval_only", False):
-        record_class_names(cfg)
+    cfg.merge_from_list(official_config_opts(cfg.MODEL.WEIGHTS, fine_tuning=not eval_only))
+    image_sizes = None
+    if check_datasets:
+        setup_loggers(cfg.OUTPUT_DIR, comm.get_rank())  # the checks' lines into log.txt too
+        # kept: the datasets whose loader follows (its dicts are the check's)
+        checked, kept = (("TEST",), ("TEST",)) if eval_only else (("TRAIN", "TEST"), ("TRAIN",))
+        image_sizes = check_config_datasets(cfg, checked, keep=kept)
+    if not eval_only:
+        record_class_names(cfg)  # after the check: the names its load set, no other read
     cfg.freeze()
     default_setup(cfg, args)
     logger = logging.getLogger("detectron2")
     logger.info(device_note(cfg.MODEL.DEVICE))
     logger.info(worker_note())  # each process's log (log.txt, log.txt.rank1, ...)
+    custom = {spec.name for spec in getattr(args, "dataset", None) or []}
+    used = [n for n in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST) if n in custom]
+    note = input_size_note(cfg, used, image_sizes) if check_datasets and used else None
+    if note:  # e.g. 576x720 frames shrunk to the bundled configs' 256 px
+        logger.warning(note)
     return cfg
 
 
@@ -301,15 +322,10 @@ def main(args):
             ``MissingPackageError``: a package it needs (cityscapesscripts) is missing.
         Run as a script, each is one ``ERROR:`` line and exit status 1.
     """
-    cfg = setup(args)
-    # Class count and masks of every dataset against the model, before anything is trained.
-    check_config_datasets(cfg, ("TEST",) if args.eval_only else ("TRAIN", "TEST"))
+    # Class count and masks of every dataset against the model, before anything is trained;
+    # each dataset read once per process (the loader gets the check's dicts).
+    cfg = setup(args, check_datasets=True)
     check_video_model(cfg)  # video datasets need QueryInstVIS
-    custom = {spec.name for spec in getattr(args, "dataset", None) or []}
-    used = [n for n in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST) if n in custom]
-    note = input_size_note(cfg, used) if used else None
-    if note:  # e.g. 576x720 frames shrunk to the bundled configs' 256 px
-        logging.getLogger("detectron2").warning(note)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         # strict: a partial load or no weights at all is an error (CheckpointError)

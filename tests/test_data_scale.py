@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -74,6 +75,133 @@ def test_checked_training_set_is_read_once(small_coco):
         MetadataCatalog.remove("scale_once")
 
 
+def _count_parses(monkeypatch, json_path):
+    """A list that gets an item at every parse of ``json_path`` (a json.loads of a text of its
+    size: queryinst's reader, and pycocotools' COCO, which Detectron2 uses, both go
+    through it)."""
+    size, parse, parses = os.path.getsize(json_path), json.loads, []
+
+    def counted(text, *a, **k):
+        if len(text) == size:
+            parses.append(1)
+        return parse(text, *a, **k)
+
+    monkeypatch.setattr(json, "loads", counted)
+    return parses
+
+
+@pytest.fixture
+def few_images(tmp_path):
+    """A 12-image json of the generator (80 categories, 640-px images)."""
+    json_path = gen.write(str(tmp_path / "data"), 12, 90)
+    with open(json_path) as f:
+        names = [c["name"] for c in sorted(json.load(f)["categories"], key=lambda c: c["id"])]
+    return json_path, str(tmp_path / "data" / "images"), names
+
+
+def _train_net_args(*argv):
+    from test_train_net import CONFIG, TINY, train_net
+    return train_net, train_net.parse_args(["--config-file", CONFIG, *argv, *TINY,
+                                            "MODEL.QUERYINST.NUM_CLASSES", "80"])
+
+
+def test_train_net_reads_the_training_set_once(few_images, tmp_path, monkeypatch):
+    """train_net.py's path to training parses the json once in all: the check before
+    training, the class names of config.yaml, the size note and the training loader."""
+    json_path, image_root, names = few_images
+    train_net, args = _train_net_args(
+        "--dataset", f"once_train:{json_path}:{image_root}", "DATASETS.TRAIN", "('once_train',)",
+        "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "out"))
+    parses = _count_parses(monkeypatch, json_path)
+    try:
+        cfg = train_net.setup(args, check_datasets=True)
+        loader = train_net.Trainer.build_train_loader(cfg)
+        assert len(parses) == 1
+        assert list(cfg.MODEL.QUERYINST.CLASS_NAMES) == names
+        with open(tmp_path / "out" / "config.yaml") as f:
+            assert f"- {names[-1]}" in f.read()
+        with open(tmp_path / "out" / "log.txt") as f:  # 640-px images tested at 128 px
+            assert "the median image of 'once_train' is " in f.read()
+        assert len(next(iter(loader))) == 1
+        DatasetCatalog.get("once_train")  # handed over once: a later get loads again
+        assert len(parses) == 2
+    finally:
+        DatasetCatalog.remove("once_train")
+        MetadataCatalog.remove("once_train")
+
+
+def test_train_net_eval_only_reads_the_test_set_once(few_images, tmp_path, monkeypatch):
+    """--eval-only: the check of DATASETS.TEST hands its dicts to the test loader."""
+    json_path, image_root, _ = few_images
+    train_net, args = _train_net_args(
+        "--eval-only", "--dataset", f"once_val:{json_path}:{image_root}",
+        "DATASETS.TEST", "('once_val',)", "OUTPUT_DIR", str(tmp_path / "out"))
+    parses = _count_parses(monkeypatch, json_path)
+    try:
+        cfg = train_net.setup(args, check_datasets=True)
+        loader = train_net.Trainer.build_test_loader(cfg, "once_val")
+        assert len(parses) == 1 and len(loader) == 12
+    finally:
+        DatasetCatalog.remove("once_val")
+        MetadataCatalog.remove("once_val")
+
+
+class _Tracked:
+    """An item that, when pickled, notes how many items before it are still alive."""
+    refs: list = []
+    alive_before: list = []
+
+    def __init__(self, i):
+        self.i = i
+
+    def __getstate__(self):
+        earlier = _Tracked.refs[:self.i]
+        _Tracked.alive_before.append(sum(r() is not None for r in earlier))
+        return {"i": self.i}
+
+
+def test_serialized_list_equals_detectron2s_and_frees_items_as_it_goes(small_coco):
+    """SerializedList gives the items of Detectron2's DatasetFromList(serialize=True); each
+    item is released once pickled, and the serialised data exist once (tracemalloc peak
+    well below DatasetFromList's, which holds every pickle twice while concatenating)."""
+    import tracemalloc
+    import weakref
+    from detectron2.data import DatasetFromList
+    from queryinst.data.train_loader import SerializedList
+
+    json_path, image_root, _ = small_coco
+    name = "serialize_5k"
+    register_coco_instances_checked(name, {}, json_path, image_root)
+    try:
+        dicts = DatasetCatalog.get(name)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    theirs = DatasetFromList(list(dicts), copy=False, serialize=True)
+    ours = SerializedList(list(dicts))
+    assert len(ours) == len(theirs) == IMAGES
+    assert all(ours[i] == theirs[i] for i in range(0, IMAGES, 7)) and ours[IMAGES - 1] == dicts[-1]
+    with pytest.raises(IndexError):
+        ours[IMAGES]
+
+    peaks = []
+    for build in (lambda lst: DatasetFromList(lst, copy=False, serialize=True), SerializedList):
+        items = pickle.loads(pickle.dumps(dicts))  # held by `items` only
+        tracemalloc.start()
+        built = build(items)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        del built, items
+    assert peaks[1] < 0.7 * peaks[0], peaks
+
+    _Tracked.refs, _Tracked.alive_before = [], []
+    items = [_Tracked(i) for i in range(50)]
+    _Tracked.refs = [weakref.ref(x) for x in items]
+    tracked = SerializedList(items)
+    assert items == [None] * 50 and _Tracked.alive_before == [0] * 50
+    assert [tracked[i].i for i in (0, 17, 49)] == [0, 17, 49]
+
+
 def test_image_headers_are_read_only_when_asked(tmp_path):
     """A file that exists but is no image: loading passes without verify_images (no header
     read), and names the file with it (train_net.py --verify-images)."""
@@ -92,6 +220,83 @@ def test_image_headers_are_read_only_when_asked(tmp_path):
         for name in ("scale_noverify", "scale_verify"):
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
+
+
+def _varied_coco(tmp_path):
+    """A small json with what load_coco_json treats specially: image ids out of order, an
+    image without annotations, annotations out of image order, category ids neither sorted
+    nor contiguous, compressed and uncompressed RLE, two-part polygons, keypoints, iscrowd,
+    and keys that are dropped (area, id, attributes)."""
+    from PIL import Image
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (20, 10)).save(tmp_path / name)
+    square = [2.0, 2.0, 7.5, 2.0, 7.5, 7.0, 2.0, 7.0]
+    data = {
+        "images": [{"id": 30, "file_name": "c.png", "width": 20, "height": 10},
+                   {"id": 4, "file_name": "a.png", "width": 20, "height": 10, "license": 1},
+                   {"id": 17, "file_name": "b.png", "width": 20, "height": 10}],
+        "categories": [{"id": 9, "name": "nine"}, {"id": 2, "name": "two"},
+                       {"id": 5, "name": "five"}],
+        "annotations": [
+            {"id": 1, "image_id": 30, "category_id": 5, "bbox": [2, 2, 5.5, 5],
+             "segmentation": [square, [10, 1, 14, 1, 14, 4]], "area": 27.5, "iscrowd": 0},
+            {"id": 8, "image_id": 4, "category_id": 9, "bbox": [0, 0, 3, 2], "iscrowd": 1,
+             "segmentation": {"counts": [0, 2, 8, 2, 188], "size": [10, 20]}},
+            {"id": 3, "image_id": 30, "category_id": 2, "bbox": [1, 1, 4, 4],
+             "segmentation": {"counts": "0213", "size": [10, 20]}, "attributes": {"x": 1}},
+            {"id": 5, "image_id": 4, "category_id": 2, "bbox": [3, 3, 2, 2],
+             "segmentation": [square], "keypoints": [3, 4, 2, 0, 0, 0, 5, 6, 1],
+             "num_keypoints": 2},
+        ],
+    }
+    json_path = tmp_path / "varied.json"
+    json_path.write_text(json.dumps(data))
+    return str(json_path), str(tmp_path)
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_loaded_dicts_equal_detectron2s_load_coco_json(tmp_path, named):
+    """load_coco_instances builds its dicts from its own (validated) parse, without
+    pycocotools' COCO: they, and the metadata it sets, equal Detectron2's load_coco_json."""
+    from detectron2.data.datasets import load_coco_json
+    from queryinst.data import load_coco_instances
+    json_path, root = _varied_coco(tmp_path)
+    ours_name, d2_name = ("varied_ours", "varied_d2") if named else (None, None)
+    try:
+        ours = load_coco_instances(json_path, root, ours_name)
+        theirs = load_coco_json(json_path, root, d2_name)
+        assert ours == theirs
+        assert [d["image_id"] for d in ours] == [4, 17, 30]
+        assert [a["bbox"] for a in ours[2]["annotations"]] == [[2, 2, 5.5, 5], [1, 1, 4, 4]]
+        assert ours[0]["annotations"][1]["keypoints"] == [3.5, 4.5, 2, 0.5, 0.5, 0, 5.5, 6.5, 1]
+        assert isinstance(ours[0]["annotations"][0]["segmentation"]["counts"], bytes)
+        if named:
+            for key in ("thing_classes", "thing_dataset_id_to_contiguous_id"):
+                assert (MetadataCatalog.get(ours_name).get(key)
+                        == MetadataCatalog.get(d2_name).get(key)), key
+            assert MetadataCatalog.get(ours_name).thing_classes == ["two", "five", "nine"]
+            assert [a["category_id"] for a in ours[2]["annotations"]] == [1, 0]
+        else:
+            assert [a["category_id"] for a in ours[2]["annotations"]] == [5, 2]
+    finally:
+        for name in (ours_name, d2_name):
+            if name:
+                MetadataCatalog.remove(name)
+
+
+def test_loading_leaves_pycocotools_alone(tmp_path, monkeypatch):
+    """No global is patched while loading (pycocotools' COCO is not thread-safe to swap):
+    loading works with COCO unusable and leaves it as it was."""
+    import pycocotools.coco as pycoco
+    from queryinst.data import load_coco_instances
+
+    def refuse(*a, **k):
+        raise AssertionError("pycocotools.coco.COCO used")
+
+    monkeypatch.setattr(pycoco, "COCO", refuse)
+    json_path, root = _varied_coco(tmp_path)
+    assert len(load_coco_instances(json_path, root)) == 3
+    assert pycoco.COCO is refuse
 
 
 @pytest.mark.slow

@@ -170,6 +170,36 @@ def test_resumed_run_ends_with_the_weights_of_the_uninterrupted_run(uninterrupte
         assert torch.equal(resumed["optimizer"]["state"][key]["exp_avg"], state["exp_avg"])
 
 
+def test_training_loader_leaves_the_global_rng_to_the_model(tmp_path):
+    """Iterating the training loader (the aspect-ratio-grouped one starts its DataLoader at the
+    first batch) draws nothing from torch's global RNG, which dropout uses: a resumed run,
+    whose first batch comes after the checkpoint's RNG states are restored, would otherwise
+    draw one number more than the uninterrupted run."""
+    cfg = train_net.setup(_args(opts=["OUTPUT_DIR", str(tmp_path)]))
+    assert cfg.DATALOADER.ASPECT_RATIO_GROUPING
+    loader = iter(train_net.Trainer.build_train_loader(cfg))
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    next(loader)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_resumed_run_with_dropout_ends_with_the_uninterrupted_weights(tmp_path):
+    """MODEL.QUERYINST.DROPOUT 0.1: stopped after iteration 2's checkpoint and resumed, the
+    run ends bit for bit with the weights of the uninterrupted one."""
+    dropout = ["MODEL.QUERYINST.DROPOUT", "0.1", "SOLVER.MAX_ITER", "4"]
+    truth, out_dir = str(tmp_path / "truth"), str(tmp_path / "resumed")
+    train_net.main(_args(opts=[*dropout, "OUTPUT_DIR", truth]))
+    os.makedirs(out_dir)
+    torch.save(_load(os.path.join(truth, "model_0000002.pth")),
+               os.path.join(out_dir, "model_0000002.pth"))
+    with open(os.path.join(out_dir, "last_checkpoint"), "w") as f:
+        f.write("model_0000002.pth")
+    train_net.main(_args("--resume", opts=[*dropout, "OUTPUT_DIR", out_dir]))
+    _assert_same_weights(_load(os.path.join(out_dir, "model_final.pth"))["model"],
+                         _load(os.path.join(truth, "model_final.pth"))["model"])
+
+
 def test_sigkilled_training_resumes_to_the_uninterrupted_weights(uninterrupted, tmp_path):
     """A real SIGKILL of train_net.py once iteration 2's checkpoint exists, then --resume."""
     out_dir = str(tmp_path)

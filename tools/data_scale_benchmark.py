@@ -11,7 +11,11 @@ batch is in the training loop's hands:
 - ``main_peak_rss_mb``: the main process's peak resident memory (``VmHWM``);
 - ``worker_uss_mb``: each DataLoader worker's unique memory (USS: private pages, from
   ``/proc/PID/smaps_rollup``), i.e. what it does not share with the main process;
-- ``dataset_loads``: how often the process loaded the json (Detectron2's ``load_coco_json``).
+- ``dataset_loads``: how often the process parsed the json;
+- ``memory_mb``: the main process's RSS and peak RSS after each ``DatasetCatalog.get``,
+  before and after the model build, after the dicts' serialisation (``DatasetFromList``,
+  QueryInst's ``SerializedList``)
+  and at the first batch (where the peak arises).
 
 The runs: ``queryinst``: ``train_net.py``'s ``main`` (its dataset checks included) with
 ``configs/queryinst_R50_FPN_1x_coco.yaml`` and the json as ``--dataset``; ``detectron2``:
@@ -28,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -59,7 +64,8 @@ def _children(pid: int) -> list:
 
 
 def _timed(owner, name: str, spent: dict, key: str):
-    """Add the seconds spent in ``owner.name`` to ``spent[key]``."""
+    """Add the seconds spent in ``owner.name`` to ``spent[key]``, and note the memory after
+    each call (:func:`_note_memory`)."""
     original = getattr(owner, name)
 
     def timed(*a, **k):
@@ -68,8 +74,17 @@ def _timed(owner, name: str, spent: dict, key: str):
             return original(*a, **k)
         finally:
             spent[key] = spent.get(key, 0.0) + time.time() - t
+            _note_memory(f"after {getattr(owner, '__name__', type(owner).__name__)}.{name}")
 
     setattr(owner, name, timed)
+
+
+def _note_memory(stage: str) -> None:
+    """Append (stage, current RSS MB, peak RSS MB so far) to ``MEMORY``: where the peak
+    arises."""
+    status = "/proc/self/status"
+    MEMORY.append((stage, round(_kib(status, ("VmRSS",)) / 1024),
+                   round(_kib(status, ("VmHWM",)) / 1024)))
 
 
 def _measure(start: float, loads: list) -> dict:
@@ -81,15 +96,19 @@ def _measure(start: float, loads: list) -> dict:
                             ("Private_Clean", "Private_Dirty", "Private_Hugetlb")) / 1024)
         except (FileNotFoundError, ProcessLookupError):
             continue
+    _note_memory("first batch")
     return {"seconds": time.time() - start,
             "main_peak_rss_mb": _kib("/proc/self/status", ("VmHWM",)) / 1024,
             "worker_uss_mb": sorted(uss), "dataset_loads": len(loads),
-            **{k: round(v, 3) for k, v in SPENT.items()}}
+            **{k: round(v, 3) for k, v in SPENT.items()},
+            "memory_mb": [{"stage": s, "rss": r, "peak": h} for s, r, h in MEMORY]}
 
 
 # Seconds spent in parts of the run: "dataset_get_seconds" (DatasetCatalog.get: reading and
 # checking the json), "model_build_seconds"; and "model_mb", the model's parameters.
 SPENT: dict = {}
+# (stage, RSS, peak RSS) of the main process after each dataset get, model build, loader.
+MEMORY: list = []
 
 
 def _stop_at_first_batch(trainer, start: float, loads: list, out: str):
@@ -108,33 +127,39 @@ def _stop_at_first_batch(trainer, start: float, loads: list, out: str):
     inner._data_loader_iter = first()
 
 
-def _count_loads(loads: list) -> None:
-    """Count Detectron2's ``load_coco_json`` calls (queryinst's loader and
-    ``register_coco_instances`` both reach it)."""
-    import detectron2.data.datasets as datasets
-    import detectron2.data.datasets.coco as coco
+def _count_loads(loads: list, json_file: str) -> None:
+    """Count the parses of ``json_file`` (a ``json.loads`` of a text of its size: queryinst's
+    reader and pycocotools' ``COCO``, which Detectron2's ``load_coco_json`` uses, both parse
+    through it), and time / note the memory of the dataset gets, the model build and the
+    training loader build."""
     from detectron2.data import DatasetCatalog
     from detectron2.engine import DefaultTrainer
 
+    size = os.path.getsize(json_file)
+    parse = json.loads
+
+    def counted(text, *a, **k):
+        if len(text) == size:
+            loads.append(1)
+        return parse(text, *a, **k)
+
+    json.loads = counted
     _timed(DatasetCatalog, "get", SPENT, "dataset_get_seconds")
     build = DefaultTrainer.build_model.__func__
 
     def build_model(cls, cfg):
+        _note_memory("before build_model")
         t = time.time()
         model = build(cls, cfg)
         SPENT["model_build_seconds"] = time.time() - t
         SPENT["model_mb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        _note_memory("after build_model")
         return model
 
     DefaultTrainer.build_model = classmethod(build_model)
+    from detectron2.data import DatasetFromList  # the training dicts' serialisation
 
-    original = coco.load_coco_json
-
-    def counted(*a, **k):
-        loads.append(1)
-        return original(*a, **k)
-
-    coco.load_coco_json = datasets.load_coco_json = counted
+    _timed(DatasetFromList, "__init__", SPENT, "serialize_seconds")
 
 
 def _child(run: str, json_file: str, image_root: str, workers: int, batch: int, out: str):
@@ -148,7 +173,10 @@ def _child(run: str, json_file: str, image_root: str, workers: int, batch: int, 
         sys.path.insert(0, REPO)
         import train_net
 
-        _count_loads(loads)
+        _count_loads(loads, json_file)
+        from queryinst.data.train_loader import SerializedList  # its serialisation
+
+        _timed(SerializedList, "__init__", SPENT, "serialize_seconds")
         resume_or_load = train_net.Trainer.resume_or_load
 
         def resume_then_stop(self, resume=True):
@@ -166,12 +194,16 @@ def _child(run: str, json_file: str, image_root: str, workers: int, batch: int, 
         from detectron2.data.datasets import register_coco_instances
         from detectron2.engine import DefaultTrainer, default_setup
 
-        _count_loads(loads)
+        _count_loads(loads, json_file)
         register_coco_instances("scale_train", {}, json_file, image_root)
-        sys.path.insert(0, os.path.join(REPO, "projects", "QueryInst"))
-        from queryinst.config_loading import merge_config_file  # yaml.safe_load only
-
-        cfg = merge_config_file(get_cfg(), model_zoo.get_config_file(
+        # queryinst's config reader (yaml.safe_load only), as a lone module: importing the
+        # queryinst package would add its modules (~65 MB) to Detectron2's memory.
+        spec = importlib.util.spec_from_file_location("config_loading", os.path.join(
+            REPO, "projects", "QueryInst", "queryinst", "config_loading.py"))
+        config_loading = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(config_loading)
+        assert not any(m.split(".")[0] == "queryinst" for m in sys.modules)
+        cfg = config_loading.merge_config_file(get_cfg(), model_zoo.get_config_file(
             "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"))
         cfg.merge_from_list(common)
         cfg.freeze()

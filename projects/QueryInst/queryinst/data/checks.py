@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-from typing import Iterable, List, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.transforms import ResizeShortestEdge
@@ -69,7 +69,8 @@ def _where(name: str) -> str:
     return f"{json_file} (dataset '{name}')" if json_file else f"dataset '{name}'"
 
 
-def check_dataset(cfg, name: str, key: str = "DATASETS.TRAIN") -> None:
+def check_dataset(cfg, name: str, key: str = "DATASETS.TRAIN",
+                  keep: Optional[bool] = None) -> Optional[List[dict]]:
     """Check one registered dataset against the model of ``cfg``.
 
     - its ``thing_classes`` (``MetadataCatalog``; the dataset is loaded with
@@ -78,8 +79,10 @@ def check_dataset(cfg, name: str, key: str = "DATASETS.TRAIN") -> None:
     - with ``MODEL.MASK_ON``, every annotation must have a "segmentation" (training needs
       the masks, and mask evaluation compares with them).
 
-    The dataset's annotations are loaded once here (``DatasetCatalog.get``) when masks are
-    checked or the classes are not known yet; the data loader loads them again. A Cityscapes
+    The dataset's annotations are loaded here (``DatasetCatalog.get``) when masks are
+    checked or the classes are not known yet; with ``keep`` the next ``DatasetCatalog.get``
+    (the data loader's) gets these dicts instead of loading again
+    (:func:`keep_for_next_get`). A Cityscapes
     instance dataset (metadata ``evaluator_type`` "cityscapes_instance", as Detectron2's
     ``cityscapes_fine_instance_seg_*``) is never loaded here: its files and cityscapesscripts
     are checked instead (:func:`~queryinst.data.cityscapes.check_cityscapes_dataset`), and
@@ -89,6 +92,11 @@ def check_dataset(cfg, name: str, key: str = "DATASETS.TRAIN") -> None:
         cfg: a config with :func:`queryinst.add_queryinst_config`'s keys.
         name (str): a dataset name, as in ``DATASETS.TRAIN``.
         key (str): the config key that names it, quoted in the messages.
+        keep (bool or None): hand the loaded dicts to the next ``DatasetCatalog.get``;
+            None: when ``key`` is "DATASETS.TRAIN" (the training loader's load follows).
+
+    Returns:
+        list[dict] or None: the dataset dicts loaded here, or None when none were loaded.
 
     Raises:
         KeyError: ``name`` is not registered.
@@ -115,7 +123,7 @@ def check_dataset(cfg, name: str, key: str = "DATASETS.TRAIN") -> None:
         check_cityscapes_dataset(name)
     elif cfg.MODEL.MASK_ON or not metadata.get("thing_classes", None):
         dicts = DatasetCatalog.get(name)
-        if key == "DATASETS.TRAIN":  # the training loader's load follows at once
+        if keep if keep is not None else key == "DATASETS.TRAIN":
             keep_for_next_get(name, dicts)
     classes = metadata.get("thing_classes", None)
     num_classes = cfg.MODEL.QUERYINST.NUM_CLASSES
@@ -136,6 +144,7 @@ def check_dataset(cfg, name: str, key: str = "DATASETS.TRAIN") -> None:
             f"DATASETS.TRAIN and DATASETS.TEST must have the model's classes.")
     if cfg.MODEL.MASK_ON and not cityscapes:
         _check_masks(name, dicts)
+    return dicts
 
 
 def keep_for_next_get(name: str, dicts: List[dict]) -> None:
@@ -188,24 +197,38 @@ def _check_masks(name: str, dicts: List[dict]) -> None:
             f"set MODEL.MASK_ON False to train and evaluate boxes only.")
 
 
-def check_config_datasets(cfg, splits: Iterable[str] = ("TRAIN", "TEST")) -> None:
+def check_config_datasets(cfg, splits: Iterable[str] = ("TRAIN", "TEST"),
+                          keep: Iterable[str] = ("TRAIN",)) -> Dict[str, List[Tuple[int, int]]]:
     """Check the config's class keys and every dataset it names, before any training.
 
     Runs :func:`check_num_classes_keys`, then :func:`check_dataset` on each dataset of
     ``DATASETS.<split>`` for the given splits. Checking ``DATASETS.TEST`` before training
     catches at once what would otherwise fail in the evaluation after the last iteration.
+    The datasets of the splits in ``keep`` are read once per process: the next
+    ``DatasetCatalog.get`` of each (the loader's) gets the dicts loaded here.
 
     Args:
         cfg: a config with :func:`queryinst.add_queryinst_config`'s keys.
         splits: "TRAIN" and / or "TEST" (``--eval-only``: "TEST" alone).
+        keep: the splits whose loader follows (training: "TRAIN"; ``--eval-only``: "TEST").
+
+    Returns:
+        dict: {dataset name: [(height, width) of each image]} of the datasets loaded here
+        (the image sizes of their dicts, for :func:`input_size_note` without another read).
 
     Raises:
         KeyError, ClassCountError, DatasetFormatError: see :func:`check_dataset`.
     """
     check_num_classes_keys(cfg)
+    keep = set(keep)
+    sizes = {}
     for split in splits:
         for name in cfg.DATASETS[split]:
-            check_dataset(cfg, name, key=f"DATASETS.{split}")
+            dicts = check_dataset(cfg, name, key=f"DATASETS.{split}", keep=split in keep)
+            if dicts is not None:
+                sizes[name] = [(d["height"], d["width"]) for d in dicts
+                               if d.get("height") and d.get("width")]
+    return sizes
 
 
 # How far the test resize may scale a dataset's typical image before train_net.py says so.
@@ -217,24 +240,30 @@ def check_config_datasets(cfg, splits: Iterable[str] = ("TRAIN", "TEST")) -> Non
 FAR_SCALE = 1.5
 
 
-def _median_size(names: Iterable[str]):
-    """(height, width): the median over the images of the COCO json files of ``names``
-    (their "images" entries; nothing else is read), or None without any."""
+def _median_size(names: Iterable[str], image_sizes: Mapping[str, Sequence[Tuple[int, int]]]):
+    """(height, width): the median over the images of datasets ``names``, or None without
+    any. A dataset's sizes come from ``image_sizes`` (what :func:`check_config_datasets`
+    loaded), else from the "images" entries of its COCO json (nothing else is read)."""
     heights, widths = [], []
     for name in names:
-        json_file = MetadataCatalog.get(name).get("json_file", None)
-        if not json_file:
-            continue
-        for image in _read_json(json_file, lists=("images",), nonempty=())["images"]:
-            if isinstance(image, dict) and image.get("height") and image.get("width"):
-                heights.append(image["height"])
-                widths.append(image["width"])
+        if name in image_sizes:
+            sizes = image_sizes[name]
+        else:
+            json_file = MetadataCatalog.get(name).get("json_file", None)
+            images = (_read_json(json_file, lists=("images",), nonempty=())["images"]
+                      if json_file else ())
+            sizes = [(im["height"], im["width"]) for im in images
+                     if isinstance(im, dict) and im.get("height") and im.get("width")]
+        heights += [h for h, _ in sizes]
+        widths += [w for _, w in sizes]
     if not heights:
         return None
     return int(statistics.median(heights)), int(statistics.median(widths))
 
 
-def input_size_note(cfg, names: Iterable[str]) -> Optional[str]:
+def input_size_note(cfg, names: Iterable[str],
+                    image_sizes: Optional[Mapping[str, Sequence[Tuple[int, int]]]] = None
+                    ) -> Optional[str]:
     """One line when the config's resize scales the median image of datasets ``names`` by
     more than :data:`FAR_SCALE` (either way), in training or at test time; else None.
 
@@ -245,12 +274,15 @@ def input_size_note(cfg, names: Iterable[str]) -> Optional[str]:
     Args:
         cfg: the config.
         names: registered COCO-json datasets (``train_net.py --dataset``).
+        image_sizes: {name: [(height, width), ...]} already known, as
+            :func:`check_config_datasets` returns them; the json of a dataset not in it is
+            read (its "images" entries).
 
     Returns:
         str or None: the median size, the sizes used, the factor and the keys to set.
     """
     names = list(names)
-    size = _median_size(names)
+    size = _median_size(names, image_sizes or {})
     if size is None:
         return None
     h, w = size

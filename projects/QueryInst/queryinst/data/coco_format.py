@@ -4,12 +4,13 @@ Detectron2's ``load_coco_json`` trusts its input: it drops polygons with fewer t
 instances left without a valid segmentation (with only a log warning), asserts on some problems
 and fails late, inside the data loader, on others (a missing image file). The functions here
 check the whole file first and raise :class:`DatasetFormatError` naming the file and each
-problem, then delegate the parsing itself to ``load_coco_json``, so no annotation is ever lost
-without an error.
+problem, then build from that one parse the dicts ``load_coco_json`` would return, so no
+annotation is ever lost without an error and the file is parsed once per load.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Dict, List, Optional
@@ -22,6 +23,8 @@ __all__ = [
     "load_coco_instances",
     "register_coco_instances_checked",
 ]
+
+logger = logging.getLogger(__name__)
 
 _MAX_LISTED = 20  # problems listed in one error message; the total is always given
 _TRANSPOSING_EXIF = (5, 6, 7, 8)  # EXIF orientations that swap width and height
@@ -191,7 +194,7 @@ def _raise_problems(json_file: str, problems: List[str]) -> None:
 def load_coco_instances(
     json_file: str, image_root: str, dataset_name: Optional[str] = None, verify_images: bool = True
 ) -> List[dict]:
-    """Validate a COCO instances json, then load it with Detectron2's ``load_coco_json``.
+    """Validate a COCO instances json, then make Detectron2's dataset dicts of it.
 
     Args:
         json_file (str): path of the json file.
@@ -203,47 +206,77 @@ def load_coco_instances(
 
     Returns:
         list[dict]: Detectron2 dataset dicts (file_name, height, width, image_id,
-        annotations), one per image, images without annotations included.
+        annotations), one per image, images without annotations included; equal to
+        Detectron2's ``load_coco_json(json_file, image_root, dataset_name)``'s. The file is
+        parsed once.
 
     Raises:
-        DatasetFormatError: see :func:`validate_coco_instances`; also if Detectron2's loader
-            returned fewer annotations than the file holds.
+        DatasetFormatError: see :func:`validate_coco_instances`.
     """
     data = validate_coco_instances(json_file, image_root, verify_images=verify_images)
-    num_images, num_annotations = len(data["images"]), len(data["annotations"])
-    dicts = _load_parsed(data, json_file, image_root, dataset_name)
-    loaded = sum(len(d["annotations"]) for d in dicts)
-    if loaded != num_annotations or len(dicts) != num_images:
-        raise DatasetFormatError(
-            f"{json_file}: Detectron2 loaded {len(dicts)} images / {loaded} annotations of "
-            f"{num_images} / {num_annotations}"
-        )
-    return dicts
+    return _load_parsed(data, json_file, image_root, dataset_name)
 
 
 def _load_parsed(data: dict, json_file: str, image_root: str, dataset_name: Optional[str]):
-    """Detectron2's ``load_coco_json`` of ``json_file``, given its parsed content ``data``.
+    """The dicts of Detectron2's ``load_coco_json(json_file, image_root, dataset_name)``,
+    made from ``data``, the json's content already parsed and validated.
 
-    ``load_coco_json`` parses the file itself (``pycocotools.coco.COCO(json_file)``, imported
-    in the function): for COCO's 118k images a second parse of ~20 s and a second parsed copy
-    in memory. During the call ``pycocotools.coco.COCO`` is a subclass that indexes ``data``
-    instead (same index, same dicts: the json is the one just validated)."""
-    import pycocotools.coco as pycoco
-    from detectron2.data.datasets import coco as d2_coco  # heavy import, needed only here
+    ``load_coco_json`` parses the file itself (``pycocotools.coco.COCO(json_file)``): for
+    COCO's 118k images a second parse of ~20 s, and a second parsed copy and pycocotools'
+    index in memory. Here the same records are built from ``data``, without another parse
+    and without patching pycocotools (which a thread loading another dataset would see):
+    images sorted by id, each with its annotations in file order; per annotation
+    "iscrowd", "bbox", "keypoints" (x, y + 0.5, as Detectron2 makes them pixel centres),
+    "category_id" (contiguous 0..C-1 with ``dataset_name``), "segmentation" (polygons, or
+    RLE with list counts compressed by ``pycocotools.mask.frPyObjects``), "bbox_mode"
+    ``BoxMode.XYWH_ABS``. With ``dataset_name``, its metadata gets "thing_classes" (ordered
+    by id) and "thing_dataset_id_to_contiguous_id", as ``load_coco_json`` sets them.
+    The checks that ``load_coco_json`` asserts (unique ids, known images and categories, no
+    "ignore", polygons of >= 3 points) were made by :func:`_validate_parsed`, so none of
+    its filtering applies; tests/test_datasets.py compares the two on one json.
+    """
+    import pycocotools.mask as mask_util
+    from detectron2.structures import BoxMode
 
-    original = pycoco.COCO
+    id_map = None
+    if dataset_name is not None:
+        from detectron2.data import MetadataCatalog
 
-    class ParsedCOCO(original):
-        def __init__(self, annotation_file=None):
-            super().__init__()
-            self.dataset = data
-            self.createIndex()
+        categories = {c["id"]: c["name"] for c in data["categories"]}
+        ids = sorted(categories)
+        meta = MetadataCatalog.get(dataset_name)
+        meta.thing_classes = [categories[i] for i in ids]
+        id_map = {cid: i for i, cid in enumerate(ids)}
+        meta.thing_dataset_id_to_contiguous_id = id_map
 
-    pycoco.COCO = ParsedCOCO
-    try:
-        return d2_coco.load_coco_json(json_file, image_root, dataset_name=dataset_name)
-    finally:
-        pycoco.COCO = original
+    per_image: Dict[object, list] = {img["id"]: [] for img in data["images"]}
+    for ann in data["annotations"]:
+        per_image[ann["image_id"]].append(ann)
+    images = {img["id"]: img for img in data["images"]}
+    keys = ("iscrowd", "bbox", "keypoints", "category_id")
+    dicts = []
+    for image_id in sorted(images):
+        img = images[image_id]
+        objs = []
+        for ann in per_image[image_id]:
+            obj = {key: ann[key] for key in keys if key in ann}
+            segm = ann.get("segmentation")
+            if segm:
+                if isinstance(segm, dict) and isinstance(segm["counts"], list):
+                    segm = mask_util.frPyObjects(segm, *segm["size"])
+                obj["segmentation"] = segm
+            if ann.get("keypoints"):  # integer pixel indices -> pixel centres
+                obj["keypoints"] = [v if i % 3 == 2 else v + 0.5
+                                    for i, v in enumerate(ann["keypoints"])]
+            obj["bbox_mode"] = BoxMode.XYWH_ABS
+            if id_map:
+                obj["category_id"] = id_map[obj["category_id"]]
+            objs.append(obj)
+        dicts.append({"file_name": os.path.join(image_root, img["file_name"]),
+                      "height": img["height"], "width": img["width"], "image_id": image_id,
+                      "annotations": objs})
+    logger.info("Loaded %d images in COCO format from %s", len(dicts), json_file)
+    return dicts
 
 
 def register_coco_instances_checked(name: str, metadata: dict, json_file: str, image_root: str,

@@ -24,17 +24,19 @@ from __future__ import annotations
 
 import itertools
 import logging
+import pickle
 import random
 from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from detectron2.data import DatasetFromList, get_detection_dataset_dicts
+from detectron2.data import get_detection_dataset_dicts
 from detectron2.data.build import build_batch_data_loader
 from detectron2.utils import comm
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["ResumableTrainingSampler", "SeededMapDataset", "build_resumable_train_loader",
+__all__ = ["ResumableTrainingSampler", "SeededMapDataset", "SerializedList",
+           "build_resumable_train_loader",
            "rng_state", "set_rng_state", "sample_seed", "stream_start", "train_stream_seed"]
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,47 @@ class ResumableTrainingSampler(Sampler):
         # must advance exactly as in the uninterrupted stream.
         positions = enumerate(self._stream())
         yield from itertools.islice(positions, self._start + self._rank, None, self._world_size)
+
+
+class SerializedList(Dataset):
+    """A list of picklable items held as one byte buffer: Detectron2's
+    ``DatasetFromList(lst, copy=False, serialize=True)`` storage, filled while ``items``
+    empties.
+
+    Detectron2 pickles every item into its own array while ``lst`` still holds all the
+    dicts, then concatenates those arrays into a second copy: at the peak the dicts and the
+    serialised data twice (for COCO's 118k images ~0.8 GB of pickles). Here each item is
+    pickled straight onto the end of one growing buffer and its slot in ``items`` is set to
+    None at once, so the dicts are freed while the buffer grows and the pickles exist once.
+    As with Detectron2's, ``DataLoader`` workers share the buffer copy-on-read; each
+    ``[i]`` is a new unpickled object.
+
+    Args:
+        items (list): the items (e.g. Detectron2 dataset dicts). It is emptied: every slot
+            is None afterwards; pass a list that nothing else needs (its items stay alive
+            only where something else refers to them).
+
+    Raises:
+        pickle.PicklingError, TypeError: an item cannot be pickled.
+    """
+
+    def __init__(self, items: list):
+        buffer = bytearray()
+        ends = np.empty(len(items), dtype=np.int64)
+        for i in range(len(items)):
+            buffer += pickle.dumps(items[i], protocol=pickle.HIGHEST_PROTOCOL)
+            items[i] = None
+            ends[i] = len(buffer)
+        self._buffer, self._ends = np.frombuffer(buffer, dtype=np.uint8), ends
+        logger.info("Serialised %d items into one buffer of %.2f MiB", len(ends),
+                    len(buffer) / 2**20)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, index: int):
+        start = int(self._ends[index - 1]) if index > 0 else 0
+        return pickle.loads(memoryview(self._buffer[start:int(self._ends[index])]))
 
 
 class SeededMapDataset(Dataset):
@@ -174,17 +217,27 @@ def build_resumable_train_loader(cfg, mapper: Callable[[dict], dict], seed: int,
     start = stream_start(start_iter, cfg.SOLVER.IMS_PER_BATCH)
     logger.info("Training stream: seed %d, from iteration %d (sample %d)", seed, start_iter,
                 start)
-    # Serialised once into one numpy buffer, as Detectron2's loader does: DataLoader
-    # workers then share it copy-on-read (a list of dicts would be copied page by page into
-    # every worker as reference counts change).
-    dicts = DatasetFromList(dicts, copy=False, serialize=True)
-    return build_batch_data_loader(
+    # Serialised once into one buffer, as Detectron2's loader does: DataLoader workers then
+    # share it copy-on-read (a list of dicts would be copied page by page into every worker
+    # as reference counts change). The list empties as the buffer fills (SerializedList).
+    dicts = SerializedList(dicts)
+    loader = build_batch_data_loader(
         SeededMapDataset(dicts, mapper, seed),
         ResumableTrainingSampler(len(dicts), seed, start),
         cfg.SOLVER.IMS_PER_BATCH,
         aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
     )
+    # A DataLoader draws its workers' base seed from its generator, by default torch's
+    # global RNG, each time it is iterated. The aspect-ratio-grouped loader iterates its
+    # DataLoader only at the first batch: in a resumed run after the checkpoint's RNG states
+    # were restored, so that extra draw shifted every later random number of the model
+    # (dropout) against the uninterrupted run. A generator of its own leaves the global RNG
+    # to the model; the samples' augmentations are seeded by position (SeededMapDataset).
+    torch_loader = loader if isinstance(loader, DataLoader) else getattr(loader, "dataset", None)
+    if isinstance(torch_loader, DataLoader):
+        torch_loader.generator = torch.Generator().manual_seed(seed)
+    return loader
 
 
 def rng_state(cuda: bool = True) -> dict:
