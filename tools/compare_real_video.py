@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="other laptrack distances, reported beside the default")
     p.add_argument("--out-dir", default="output/real_video")
     p.add_argument("--markdown", default=None, help="default: OUT_DIR/real_video.md")
+    p.add_argument("--from-results", default=None, metavar="JSON",
+                   help="only write the report again from an earlier run's OUT_DIR/results.json")
     return p.parse_args(argv)
 
 
@@ -198,10 +200,11 @@ def render(runs: list, command: str, env: dict, distances) -> str:
     head = "| | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |"
     sep = "|---" * (len(seeds) + 2) + "|"
 
-    def row(label, key, metric, scale=1.0, digits=3):
+    def row(label, key, metric, scale=1.0, digits=4, mean_digits=None):
         vals = [_get(r, key, metric) * scale for r in runs]
         return (f"| {label} | " + " | ".join("n/a" if math.isnan(v) else f"{v:.{digits}f}"
-                                              for v in vals) + f" | {_cell(vals, digits)} |")
+                                              for v in vals)
+                + f" | {_cell(vals, digits if mean_digits is None else mean_digits)} |")
 
     track_rows = []
     methods = [("ours", "QueryInst-VIS (EmbeddingTracker)"),
@@ -210,17 +213,18 @@ def render(runs: list, command: str, env: dict, distances) -> str:
         for m in CTC_KEYS:
             track_rows.append(row(f"{name}: {m}", key, m))
         track_rows.append(row(f"{name}: VIS AP", key, "AP", digits=1))
-        track_rows.append(row(f"{name}: ID switches", key, "ID switches", digits=0))
+        track_rows.append(row(f"{name}: ID switches", key, "ID switches", digits=0, mean_digits=1))
     track_rows.append(row("QueryInst-VIS, all tracks (make demo): VIS AP", "ours_all_tracks",
                           "AP", digits=1))
     track_rows.append(row("QueryInst-VIS, all tracks (make demo): ID switches",
-                          "ours_all_tracks", "ID switches", digits=0))
+                          "ours_all_tracks", "ID switches", digits=0, mean_digits=1))
     sweep = []
     for d in distances[1:]:
         key = f"laptrack_{d:g}px"
         for m in ("TRA", "LNK"):
             sweep.append(row(f"laptrack ({d:g} px): {m}", key, m))
-        sweep.append(row(f"laptrack ({d:g} px): ID switches", key, "ID switches", digits=0))
+        sweep.append(row(f"laptrack ({d:g} px): ID switches", key, "ID switches", digits=0,
+                         mean_digits=1))
     det_rows = [row(label, key, metric, scale, digits)
                 for label, key, metric, scale, digits in ROWS]
     gt_frames = next((int(_get(r, "ours", "GT track-frames")) for r in runs), 0)
@@ -260,6 +264,15 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from qi_bench import real_video as rv
     from qi_bench.results import versions
+
+    if args.from_results:
+        done = rv.read_json(args.from_results)
+        md_file = args.markdown or os.path.join(os.path.dirname(args.from_results),
+                                                "real_video.md")
+        with open(md_file, "w") as f:
+            f.write(render(done["runs"], done["command"], done["env"], done["distances"]))
+        print(f"[compare] wrote {md_file}")
+        return {"runs": done["runs"], "markdown": md_file}
 
     try:
         import laptrack  # noqa: F401
@@ -308,7 +321,8 @@ def main(argv=None) -> dict:
     with open(md_file, "w") as f:
         f.write(md)
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump({"runs": runs, "env": env, "distances": distances}, f, indent=1, default=float)
+        json.dump({"runs": runs, "env": env, "distances": distances, "command": command}, f,
+                  indent=1, default=float)
     print(f"[compare] wrote {md_file}")
     return {"runs": runs, "markdown": md_file}
 
