@@ -97,7 +97,8 @@ def test_script_end_to_end_on_three_frames(tmp_path):
            "--markdown", str(md), "--laptrack-sweep", "20",
            "--queryinst-opts", "MODEL.QUERYINST.NUM_PROPOSALS", "8",
            "MODEL.QUERYINST.TEST_TOPK", "8",
-           "MODEL.QUERYINST_VIS.TRACKING.INIT_SCORE_THRESH", "0.0"]
+           "MODEL.QUERYINST_VIS.TRACKING.INIT_SCORE_THRESH", "0.0",
+           "MODEL.QUERYINST_VIS.TRACKING.DET_SCORE_THRESH", "0.0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -20,8 +20,8 @@ and its frames as images (``ctc_psc_val``):
     box / mask AP on the held-out frames (``COCOEvaluator``), next to QueryInst's.
 
 Checkpoints: ``--queryinst-weights`` and ``--mask-rcnn-weights`` are paths with ``{seed}``;
-a missing one is trained first (``train_net.py``, ``SEED`` = the seed) when ``--train`` is
-given, else the run stops with an ERROR line. "random" uses the untrained model (tests).
+a missing one is trained first (``train_net.py --resume``, ``SEED`` = the seed, so a run
+stopped part-way continues) when ``--train`` is given, else the run stops with an ERROR line. "random" uses the untrained model (tests).
 
 Writes ``OUT_DIR/seed<k>/`` (CTC folders ``ours``, ``laptrack``, ``results.json``),
 ``OUT_DIR/results.json`` and the Markdown report (``--markdown``, default
@@ -100,8 +100,9 @@ def checkpoint(pattern: str, seed: int, config_file: str, opts, train: bool) -> 
     if not train:
         fail(f"checkpoint {path} does not exist: pass --train to train it, or another "
              "--queryinst-weights / --mask-rcnn-weights")
+    # --resume: a run stopped part-way continues from its last checkpoint
     cmd = [sys.executable, os.path.join(_REPO, "train_net.py"), "--config-file", config_file,
-           *opts, "SEED", str(seed), "OUTPUT_DIR", os.path.dirname(path) or "."]
+           "--resume", *opts, "SEED", str(seed), "OUTPUT_DIR", os.path.dirname(path) or "."]
     print("[compare] training:", shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     if not os.path.isfile(path):
@@ -139,7 +140,8 @@ def run_seed(args, seed: int, names, distances, out_dir: str) -> dict:
 
     # (a) ours: all tracks (make demo's numbers), and the tracks' masks above the threshold
     res["ours_all_tracks"] = rv.ytvis_scores(video_name, vid, clip["tracks"])
-    labels, identity, scores = rv.ours_labels(clip["tracks"], args.score_threshold, H, W)
+    labels, identity, scores = rv.ours_labels(clip["tracks"], clip["num_frames"],
+                                             args.score_threshold, H, W)
     ours = rv.split_at_gaps(labels)
     res["ours"] = {**rv.ctc_measures(os.path.join(out_dir, "ours"), gt, ours),
                    **rv.ytvis_scores(video_name, vid, rv.video_tracks(labels, identity, scores))}

@@ -378,10 +378,12 @@ def load_config(config_file: str, opts: Sequence[str] = ()):
 def load_model(cfg, weights: str):
     """The config's model in eval mode; ``weights`` "random" keeps the random (untrained)
     initialisation, otherwise the checkpoint is loaded strictly (``QueryInstCheckpointer``)."""
+    import torch
     from detectron2.modeling import build_model
 
     from queryinst.checkpoint import QueryInstCheckpointer
 
+    torch.manual_seed(cfg.SEED)  # a random model is the same in every run
     model = build_model(cfg).eval()
     if weights != "random":
         QueryInstCheckpointer(model, strict=True).load(weights)
@@ -497,10 +499,10 @@ def ytvis_scores(dataset_name: str, video_id: int, tracks) -> dict:
     return dict(evaluator.evaluate()["segm"])
 
 
-def ours_labels(tracks, score_threshold: float, height: int, width: int):
-    """Label images of our tracks (label = track id + 1), frames where a track scores at
-    least ``score_threshold``; with the (t, label) -> identity and score maps."""
-    T = tracks[0].num_frames if tracks else 0
+def ours_labels(tracks, num_frames: int, score_threshold: float, height: int, width: int):
+    """Label images (T = ``num_frames``) of our tracks (label = track id + 1), frames where a
+    track scores at least ``score_threshold``; with the (t, label) -> identity and score maps."""
+    T = num_frames
     frames: List[List[Detection]] = [[] for _ in range(T)]
     scores = {}
     for tr in tracks:
