@@ -240,7 +240,10 @@ def render(runs: list, command: str, env: dict, distances) -> str:
         "(percent) by `COCOEvaluator`. The CTC label images and the tracker comparison use "
         f"the detections scoring >= {runs[0].get('score_threshold', 0.3)}; both trackers "
         "link the same masks. \"All tracks\" is what `make demo` reports (every track, "
-        "any score).",
+        "any score)." + (f" laptrack's default cut-off is the median radius of the training "
+                         f"clip's cells ({distances[0]:.1f} px); 99% of the training cells' "
+                         f"frame-to-frame moves are under {runs[0]['training_motion_p99_px']:.1f}"
+                         " px." if "training_motion_p99_px" in runs[0] else ""),
         "",
         "## Tracking",
         "",
@@ -295,12 +298,14 @@ def main(argv=None) -> dict:
         names = rv.first_frames(VIDEO, IMAGES, args.max_frames, args.out_dir)
     train_gt = rv.read_json(MetadataCatalog.get(TRAIN_VIDEO).json_file)
     distances = [args.laptrack_distance or median_cell_radius(train_gt), *args.laptrack_sweep]
+    motion = rv.linking_distance(train_gt)  # 99th percentile of real frame-to-frame moves
     runs = []
     for seed in args.seeds:
         out = os.path.join(args.out_dir, f"seed{seed}")
         os.makedirs(out, exist_ok=True)
         res = run_seed(args, seed, names, distances, out)
         res["score_threshold"] = args.score_threshold
+        res["training_motion_p99_px"] = motion
         runs.append(res)
         o, lp = res["ours"], res["laptrack"]
         print(f"[compare] seed {seed}: ours TRA {o['TRA']:.3f} DET {o['DET']:.3f} "
