@@ -289,6 +289,7 @@ def main(argv=None) -> dict:
     import queryinst.data  # noqa: F401  (registers the bundled datasets)
     from detectron2.data import MetadataCatalog
 
+    env = versions()  # the commit the run starts from
     for f in (args.queryinst_config, args.mask_rcnn_config):
         if not os.path.isfile(f):
             fail(f"config {f} does not exist")
@@ -314,7 +315,6 @@ def main(argv=None) -> dict:
               f"{lp['ID switches']} | frame mask AP QueryInst "
               f"{res['queryinst_frame']['segm']['AP']:.1f} Mask R-CNN "
               f"{_get(res, 'mask_rcnn_frame', ('segm', 'AP')):.1f}", flush=True)
-    env = versions()
     for dist in ("traccuracy", "laptrack", "py-ctcmetrics"):
         import importlib.metadata
 
