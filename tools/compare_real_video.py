@@ -119,6 +119,16 @@ def median_cell_radius(gt: dict) -> float:
 
 
 def run_seed(args, seed: int, names, distances, out_dir: str) -> dict:
+    """Parts (a)-(c) of the module docstring for one seed on the (video, image) datasets
+    ``names``; laptrack at each of ``distances`` (pixels, the first is the default).
+
+    Returns:
+        dict (also written to ``out_dir/results.json``): "ours", "laptrack",
+        "laptrack_<d>px" ({DET, SEG, TRA, LNK} in [0, 1] and ``YTVISEvaluator``'s metrics),
+        "ours_all_tracks", "queryinst_frame", "mask_rcnn_frame" ({"bbox", "segm"} COCO AP in
+        percent; absent with ``--mask-rcnn-weights none``), the checkpoints and
+        "track_seconds" (wall seconds to track the clip).
+    """
     from qi_bench import real_video as rv
 
     from detectron2.data import MetadataCatalog
@@ -266,6 +276,7 @@ def render(runs: list, command: str, env: dict, distances) -> str:
 
 
 def main(argv=None) -> dict:
+    """Run the comparison (see the module docstring); returns {"runs", "markdown"}."""
     args = parse_args(argv)
     from qi_bench import real_video as rv
     from qi_bench.results import versions
