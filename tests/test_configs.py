@@ -103,9 +103,14 @@ def test_every_config_loads_and_inherits_base(path):
         assert _base_chain(path)[-1] == BASE  # every variant ends at Base-QueryInst.yaml
     # inherited, not restated; the video configs set the video meta-architecture
     video = "youtube_vis" in path or os.path.basename(path).startswith("queryinst_vis_")
-    assert cfg.MODEL.META_ARCHITECTURE == ("QueryInstVIS" if video else "QueryInst")
-    assert cfg.MODEL.PROPOSAL_GENERATOR.NAME == "LearnableProposals"
-    assert cfg.MODEL.ROI_HEADS.NAME == "QueryInstROIHeads"
+    if os.path.basename(path).startswith("mask_rcnn_"):  # the peer detector (compare_real_video)
+        assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+        assert (cfg.MODEL.PROPOSAL_GENERATOR.NAME, cfg.MODEL.ROI_HEADS.NAME) == (
+            "RPN", "StandardROIHeads")
+    else:
+        assert cfg.MODEL.META_ARCHITECTURE == ("QueryInstVIS" if video else "QueryInst")
+        assert cfg.MODEL.PROPOSAL_GENERATOR.NAME == "LearnableProposals"
+        assert cfg.MODEL.ROI_HEADS.NAME == "QueryInstROIHeads"
     assert cfg.INPUT.FORMAT == "RGB" and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
 
 
