@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export VENV
 
+SETUP_TEST := bash tools/setup_env.sh requirements-compare.txt
+
 .PHONY: setup data weights demo test test-slow test-all clean-venv
 
 setup:
@@ -18,13 +20,16 @@ weights: setup
 demo: data weights
 	@$(PY) tools/run_demo.py
 
-test: setup
+test:
+	@$(SETUP_TEST)
 	@$(PY) -m pytest
 
-test-slow: setup
+test-slow:
+	@$(SETUP_TEST)
 	@$(PY) -m pytest -m slow
 
-test-all: setup
+test-all:
+	@$(SETUP_TEST)
 	@$(PY) -m pytest -m "slow or not slow"
 
 clean-venv:

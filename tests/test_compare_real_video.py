@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("traccuracy", reason="traccuracy (requirements.txt) is not installed")
-pytest.importorskip("laptrack", reason="laptrack (requirements.txt) is not installed")
-pytest.importorskip("ctc_metrics", reason="py-ctcmetrics (requirements.txt) is not installed")
+pytest.importorskip("traccuracy", reason="traccuracy (requirements-compare.txt, installed by make test) is not installed")
+pytest.importorskip("laptrack", reason="laptrack (requirements-compare.txt, installed by make test) is not installed")
+pytest.importorskip("ctc_metrics", reason="py-ctcmetrics (requirements-compare.txt, installed by make test) is not installed")
 
 from qi_bench import real_video as rv  # noqa: E402
 

@@ -296,7 +296,7 @@ def main(argv=None) -> dict:
         import ctc_metrics  # noqa: F401
     except ImportError as e:
         fail(f"{e.name} is not installed: pip install traccuracy==0.4.3 laptrack==0.17.1 "
-             "py-ctcmetrics==1.3.3 (requirements.txt)")
+             "py-ctcmetrics==1.3.3 (requirements-compare.txt; make test installs it)")
     import queryinst.data  # noqa: F401  (registers the bundled datasets)
     from detectron2.data import MetadataCatalog
 

@@ -8,10 +8,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
+EXTRAS=("$@")  # extra requirement files (make test: requirements-compare.txt), each stamped apart
+install_extras() {
+  for req in "${EXTRAS[@]}"; do
+    local stamp_x="$VENV/.queryinst-extra-$(basename "$req")-$(sha256sum < "$req" | cut -c1-16)"
+    [ -f "$stamp_x" ] && continue
+    echo "[setup] installing $req"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$req"
+    rm -f "$VENV/.queryinst-extra-$(basename "$req")-"*
+    touch "$stamp_x"
+  done
+}
 key=$(cat requirements.txt pyproject.toml tools/install_detectron2.py tools/setup_env.sh \
       | sha256sum | cut -c1-16)
 stamp="$VENV/.queryinst-setup-$key"
-[ -f "$stamp" ] && exit 0
+[ -f "$stamp" ] && { install_extras; exit 0; }
 
 echo "[setup] preparing $VENV (first run: a few minutes, torch is large)"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
@@ -23,4 +34,5 @@ PY="$VENV/bin/python"
   || { echo "[setup] import check failed" >&2; exit 1; }
 rm -f "$VENV"/.queryinst-setup-*
 touch "$stamp"
+install_extras
 echo "[setup] ready: $VENV"
