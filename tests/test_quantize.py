@@ -139,23 +139,32 @@ def test_int8_graph_quantizes_the_heavy_ops_and_keeps_the_outputs_fp32(quantized
     info = json.loads((out / "model.json").read_text())["int8"]
     kept = set(info["nodes_kept_fp32"])
     # the layers feeding box decoding and the sigmoids, found in the graph, not by name
-    assert sorted(k.split("/")[-2] for k in kept) == ["bbox_pred"] * 3 + ["cls_score",
-                                                                          "predictor"]
+    outputs = info["output_layers_fp32"]
+    assert sorted(k.split("/")[-2] for k in outputs) == ["bbox_pred"] * 3 + ["cls_score",
+                                                                             "predictor"]
+    assert set(outputs) <= kept
+    # by default every linear op of the ROI heads but the mask convolutions stays fp32
+    heads = {n.name for n in graph.node if n.name.startswith("/roi_heads/")
+             and n.op_type in ("Conv", "MatMul", "Gemm")}
+    mask_convs = {n for n in heads if "/mask_convs" in n}
+    assert len(mask_convs) == 4 and kept == heads - mask_convs
     quantized_convs = 0
     for node in graph.node:
         if node.op_type not in ("Conv", "MatMul", "Gemm"):
             continue
         dq = weight_source(node)
-        if node.name in kept:  # float32 weights, float32 inputs
-            assert dq is None and init[node.input[1]].data_type == onnx.TensorProto.FLOAT
-            assert all(producer[i].op_type != "DequantizeLinear" for i in node.input
-                       if i in producer)
+        if node.name in kept:  # float32 inputs and weights, nothing dequantized
+            assert dq is None and all(producer[i].op_type != "DequantizeLinear"
+                                      for i in node.input if i in producer)
+            if node.input[1] in init:
+                assert init[node.input[1]].data_type == onnx.TensorProto.FLOAT
         elif node.op_type == "Conv":  # int8 weights, one scale per output channel
             weight = init[dq.input[0]]
             assert weight.data_type == onnx.TensorProto.INT8
             assert len(init[dq.input[1]].dims) == 1 and init[dq.input[1]].dims[0] == weight.dims[0]
             quantized_convs += 1
-    assert quantized_convs >= 60  # the backbone, FPN and mask head convolutions
+    # the backbone (51), FPN (8) and mask head (4) convolutions
+    assert quantized_convs == 63 and info["num_quantized_nodes"] == 63
     # RoIAlign, the box decoding and the sigmoids stay float32 operators
     ops = {n.op_type for n in graph.node}
     assert {"RoiAlign", "Sigmoid", "Exp"} <= ops

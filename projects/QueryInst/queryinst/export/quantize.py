@@ -21,8 +21,10 @@ What is quantized and what is not:
   a sigmoid, the reported scores and mask probabilities). They are found in the graph, not
   by name: every quantizable node from which a ``Sigmoid`` or an ``Exp`` is reached through
   non-quantizable nodes only.
-- ``extra_fp32`` (regular expressions on node names) keeps more operators in float32, for
-  an operator that does not quantize well.
+- The ROI heads' linear operators other than the mask head's convolutions stay float32
+  (``DEFAULT_FP32_NODES``): quantized, they cost ~1.5 mask AP more than they save in time
+  (the box stages refine each other's boxes, so their errors compound). ``extra_fp32``
+  (regular expressions on node names) keeps more operators in float32.
 
 Calibration never reads a held-out image: :func:`calibration_dicts` refuses a dataset of
 ``DATASETS.TEST`` and a dataset that shares an image file with one.
@@ -40,6 +42,7 @@ import numpy as np
 from detectron2.data import transforms as T
 
 __all__ = [
+    "DEFAULT_FP32_NODES",
     "QUANTIZE_MODES",
     "QUANTIZED_OP_TYPES",
     "QuantizeError",
@@ -56,6 +59,14 @@ logger = logging.getLogger(__name__)
 
 QUANTIZE_MODES = ("int8",)
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
+# Kept float32 by default (regular expressions on the exported node names, which follow the
+# module paths): every linear operator of the ROI heads except the mask head's convolutions,
+# i.e. the box stages' self-attention, dynamic interaction, FFN, classification and
+# regression layers and the mask head's dynamic interaction. Quantized, they cost 1.8 mask
+# AP on a ctc_psc_val model (33.7 -> 31.9; 32.5 with only the activation-by-activation
+# products kept float32), against 0.3 kept float32: each stage's boxes feed the next stage's
+# RoIAlign, so their errors compound over the stages (docs/benchmark.md, "int8").
+DEFAULT_FP32_NODES = (r"^/roi_heads/(?!mask_heads\.\d+/mask_convs)",)
 # Operators whose input is decoded or squashed into an output: their producers stay fp32.
 _FP32_CONSUMERS = ("Sigmoid", "Exp")
 # Nodes whose output does not depend on the values of their input (walks stop there).
@@ -267,7 +278,8 @@ def quantize_int8(fp32_path: str, reader: CalibrationImages,
     Args:
         fp32_path: ``DIR/model.onnx`` written by ``export_model`` (its json beside it).
         reader: the calibration images.
-        extra_fp32: regular expressions; quantizable nodes whose name matches one stay fp32.
+        extra_fp32: regular expressions; quantizable nodes whose name matches one stay fp32
+            (beside ``DEFAULT_FP32_NODES`` and :func:`fp32_output_layers`).
         out_path: where to write (default ``DIR/model.int8.onnx``).
         calibration_dataset: the dataset's name, recorded.
 
@@ -288,8 +300,9 @@ def quantize_int8(fp32_path: str, reader: CalibrationImages,
 
     out_path = out_path or quantized_path(fp32_path)
     model = onnx.load(fp32_path)
-    keep = fp32_output_layers(model.graph)
-    patterns = [re.compile(p) for p in extra_fp32]
+    outputs = fp32_output_layers(model.graph)
+    keep = list(outputs)
+    patterns = [re.compile(p) for p in (*DEFAULT_FP32_NODES, *extra_fp32)]
     candidates = [n.name for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES]
     keep += [n for n in candidates if n not in keep and any(p.search(n) for p in patterns)]
     del model
@@ -306,6 +319,8 @@ def quantize_int8(fp32_path: str, reader: CalibrationImages,
         "activations": "int8 per tensor, min/max calibrated",
         "quantized_op_types": list(QUANTIZED_OP_TYPES),
         "num_quantized_nodes": len(candidates) - len(keep),
+        "output_layers_fp32": outputs,
+        "default_fp32": list(DEFAULT_FP32_NODES),
         "nodes_kept_fp32": keep,
         "extra_fp32": list(extra_fp32),
         "calibration_dataset": calibration_dataset,
