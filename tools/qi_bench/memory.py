@@ -39,7 +39,7 @@ def reset_peak(pid: int | str = "self") -> None:
         f.write("5")
 
 
-def measure_pid(pid: int, infer) -> dict[str, float]:
+def measure_pid(pid: int | str, infer) -> dict[str, float]:
     """Peak RSS of ``infer()`` (one inference in process ``pid``), after one warm-up call.
 
     Returns:
