@@ -31,8 +31,9 @@ their size.
 Config overrides go after ``--opts`` (``KEY VALUE`` pairs after the inputs are refused with
 that hint). Inputs are checked before the model is loaded.
 
-Exported models (``tools/export_model.py``): ``--exported DIR/model.onnx`` (onnxruntime) or
-``DIR/model.ts`` (TorchScript) replaces ``--config-file`` and ``--opts``; the settings and
+Exported models (``tools/export_model.py``): ``--exported DIR/model.onnx`` (onnxruntime),
+``DIR/model.int8.onnx`` (the int8 graph of ``--quantize int8``) or ``DIR/model.ts``
+(TorchScript) replaces ``--config-file`` and ``--opts``; the settings and
 class names come from ``DIR/model.json``; video frames are drawn without tracking
 (``--no-tracking`` is required for videos and the webcam). A ``.ts`` file is TorchScript:
 loading and running it runs the code stored in it, so use ``.ts`` files you made yourself
@@ -123,7 +124,8 @@ def get_parser() -> argparse.ArgumentParser:
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--config-file", metavar="FILE", help="a yaml config")
     model.add_argument("--exported", metavar="FILE",
-                       help="instead of --config-file: a model.onnx or model.ts written by "
+                       help="instead of --config-file: a model.onnx, model.int8.onnx or "
+                            "model.ts written by "
                             "tools/export_model.py (its model.json beside it); a .ts file "
                             "is TorchScript and runs the code stored in it: use your own, "
                             "prefer .onnx for files from others")

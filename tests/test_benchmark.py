@@ -339,6 +339,32 @@ def test_exported_model_is_timed_beside_pytorch():
     assert onnx["labels_equal"] and onnx["max_score_diff"] < 1e-4
 
 
+def test_int8_graph_and_memory_in_own_processes():
+    """--exported int8 --memory: the quantized graph timed in the same rounds; every model's
+    peak RSS of one inference measured in a process of its own."""
+    report = _nuclei_run(1, "--exported", "int8", "--memory")
+    assert report["settings"]["memory_in_own_process"]
+    pytorch, int8 = report["models"]
+    assert int8["name"] == "exported int8" and len(int8["infer_times_s"]) == 1
+    for row in (pytorch, int8):  # a whole process: interpreter, torch, the model
+        assert 100 < row["process_rss_before_mib"] <= row["process_peak_mib"]
+        assert row["process_infer_mem_mib"] == pytest.approx(
+            row["process_peak_mib"] - row["process_rss_before_mib"], abs=0.11)
+
+
+def test_peak_of_one_call_counts_what_it_allocates():
+    """qi_bench.memory.measure_pid against a known allocation: 256 MiB touched page by page
+    and freed inside the measured call (the warm-up call does the same)."""
+    from qi_bench.memory import measure_pid
+
+    def allocate():
+        block = np.ones(256 * 2**20, dtype=np.uint8)  # written: resident
+        del block
+
+    mem = measure_pid("self", allocate)
+    assert 250 <= mem["infer_mem_mib"] <= 300, mem
+
+
 def test_inference_variants_are_timed_in_the_same_rounds():
     """--inference-dtype / --unfolded / --also-opts: the first config again with inference
     keys changed, the same weights, timed in the same rounds; per-round ratios to the first

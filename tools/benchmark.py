@@ -34,11 +34,18 @@ images of a fixed size, taking turns call by call:
   ``queryinst NAME=VALUE ...``), same weights, in the same rounds;
   ``round_ratio_vs_queryinst`` is the median of the per-round latency ratios to the first
   model.
-- with ``--exported onnx`` / ``torchscript`` (repeatable), the first QueryInst model exported
-  in this process (``queryinst.export``, to a temporary directory) and its graph timed by
-  onnxruntime / torch.jit on the same input tensors with the same thread count, taking turns
-  with the PyTorch models; its row (``exported onnx``) also records the largest score and
-  box differences from the PyTorch model's detections of the first image.
+- with ``--exported onnx`` / ``torchscript`` / ``int8`` (repeatable), the first QueryInst model
+  exported in this process (``queryinst.export``, to a temporary directory; ``int8``: the
+  ONNX graph quantized statically by ONNX Runtime, calibrated on the benchmark's own images)
+  and its graph timed by onnxruntime / torch.jit on the same input tensors with the same
+  thread count, taking turns with the PyTorch models; its row (``exported onnx``) also
+  records the largest score and box differences from the PyTorch model's detections of the
+  first image.
+- with ``--memory``, the peak RSS of one inference of every QueryInst setting (fp32, each
+  ``--inference-dtype``, ...), every ``--exported`` graph and the reference, each in its own
+  process (``qi_bench/memory.py``: one warm-up call, the kernel's high-water mark reset,
+  one measured call): keys ``process_peak_mib``, ``process_rss_before_mib``,
+  ``process_infer_mem_mib``; with ``--reference`` also ``reference.fp32_peak_over_reference``.
 
 Fair comparison (docs/benchmark.md, "Fair comparison rules"): the baselines get QueryInst's ResNet depth, stride
 placement and class count; their score threshold is 0 and ``TEST.DETECTIONS_PER_IMAGE`` is
@@ -156,9 +163,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "'MODEL.QUERYINST.INFERENCE_MEMORY_FORMAT contiguous'",
     )
     parser.add_argument(
-        "--exported", action="append", default=[], choices=("onnx", "torchscript"),
+        "--exported", action="append", default=[], choices=("onnx", "torchscript", "int8"),
         help="also time QueryInst exported to this format (queryinst.export) in the same "
-        "rounds, with as many onnxruntime / torch threads; repeatable",
+        "rounds, with as many onnxruntime / torch threads; int8: the ONNX graph quantized "
+        "(queryinst.export.quantize_int8), calibrated on the benchmark's images; repeatable",
+    )
+    parser.add_argument(
+        "--memory", action="store_true",
+        help="also measure the peak RSS of one inference of each QueryInst setting, exported "
+        "graph and the reference, each in its own process (qi_bench/memory.py; Linux, CPU)",
     )
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     parser.add_argument(
@@ -185,6 +198,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--bf16 times a bf16 step beside the fp32 one: add --train, without --amp")
     if min(args.input_size) < 32:
         parser.error("--input-size must be at least 32 x 32 pixels")
+    if args.memory and args.device != "cpu":
+        parser.error("--memory measures process RSS on the CPU: use --device cpu")
     if args.exported and args.device != "cpu":
         parser.error("--exported times the exported graph on the CPU: use --device cpu")
     if args.reference and args.device != "cpu":

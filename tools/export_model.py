@@ -24,6 +24,15 @@ that cannot be read; 2 for command-line errors, including a setting the export d
 support (the line names the key or flag and the fix, e.g. ``--opset 11``), and a
 ``--config-file`` that does not exist (with the nearest config files).
 
+int8: ``--quantize int8 --calibration-dataset NAME [--calibration-images N]`` (``--format
+onnx`` only) also writes ``model.int8.onnx`` beside ``model.onnx``: ONNX Runtime's
+``quantize_static`` (QDQ, per-channel int8 weights, int8 activations calibrated on N images
+of the training dataset NAME; RoIAlign, box decoding, the sigmoids and the layers feeding
+them stay float32), recorded under ``"int8"`` in ``model.json``; see
+``queryinst/export/quantize.py``. NAME must not be, nor share an image with, a dataset of
+``DATASETS.TEST`` (exit 2 with one ``ERROR:`` line, as for a TorchScript format or an opset
+the quantizer does not take). ``demo/demo.py --exported DIR/model.int8.onnx`` runs it.
+
 Class names: ``MODEL.QUERYINST.CLASS_NAMES`` (``train_net.py`` writes them into its
 ``config.yaml``), else those stored in the checkpoint, else the metadata of
 ``DATASETS.TEST[0]`` (``--dataset NAME:JSON:IMAGES`` registers a COCO json, as in
@@ -59,6 +68,13 @@ from queryinst.export import (  # noqa: E402
     check_exportable,
     export_model,
 )
+from queryinst.export.quantize import (  # noqa: E402
+    CalibrationImages,
+    QuantizeError,
+    calibration_dicts,
+    check_quantizable,
+    quantize_int8,
+)
 from queryinst.engine.defaults import console_color  # noqa: E402
 
 logger = logging.getLogger("queryinst.export")
@@ -76,6 +92,16 @@ def get_parser() -> argparse.ArgumentParser:
                    help="image to trace with (default: a random MIN_SIZE_TEST square)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, >= {MIN_ONNX_OPSET} (default {DEFAULT_OPSET})")
+    p.add_argument("--quantize", metavar="int8",
+                   help="also write model.int8.onnx, statically quantized (--format onnx)")
+    p.add_argument("--calibration-dataset", metavar="NAME",
+                   help="with --quantize: a registered training dataset to calibrate on "
+                        "(never one of DATASETS.TEST), e.g. nuclei_dsb_train")
+    p.add_argument("--calibration-images", type=int, default=16, metavar="N",
+                   help="with --quantize: images of it, spread evenly (default 16)")
+    p.add_argument("--fp32-nodes", action="append", default=[], metavar="REGEX",
+                   help="with --quantize: also keep the Conv/MatMul/Gemm nodes whose name "
+                        "matches in float32 (repeatable)")
     add_dataset_argument(p)  # before the KEY VALUE pairs
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                    help="config overrides, e.g. MODEL.WEIGHTS model_final.pth")
@@ -105,9 +131,21 @@ def main(argv=None) -> int:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 2
     try:
+        if args.quantize is not None:
+            check_quantizable(args.format, args.opset, args.quantize)
+            if not args.calibration_dataset:
+                raise QuantizeError(f"--quantize {args.quantize} needs --calibration-dataset "
+                                    f"NAME, a training dataset, e.g. nuclei_dsb_train")
+            if args.calibration_images < 1:
+                raise QuantizeError(f"--calibration-images {args.calibration_images}: "
+                                    f"pass 1 or more")
+        elif args.calibration_dataset or args.fp32_nodes:
+            raise QuantizeError("--calibration-dataset and --fp32-nodes go with --quantize int8")
         cfg = inference_config(args.config_file, args.opts)
         check_exportable(cfg, args.format, args.opset)
-    except (*CONFIG_ERRORS, ExportError) as exc:
+        calibration = (calibration_dicts(cfg, args.calibration_dataset)
+                       if args.quantize is not None else None)
+    except (*CONFIG_ERRORS, ExportError, QuantizeError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 2
     try:
@@ -133,6 +171,12 @@ def main(argv=None) -> int:
     with open(os.path.join(args.output, "config.yaml"), "w") as f:
         f.write(cfg.dump())
     logger.info(f"wrote {path} and its model.json (traced at {tuple(sample.shape[1:])})")
+    if calibration is not None:
+        reader = CalibrationImages(calibration, args.calibration_images, "image",
+                                   cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST,
+                                   cfg.INPUT.MAX_SIZE_TEST)
+        quantize_int8(path, reader, extra_fp32=args.fp32_nodes,
+                      calibration_dataset=args.calibration_dataset)
     return 0
 
 

@@ -4,6 +4,7 @@ graph, ``ExportedBench``; the MMDetection reference process, ``ReferenceBench``)
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -251,8 +252,10 @@ class ExportedBench:
 
     Args:
         source: the built, calibrated QueryInst whose model is exported.
-        fmt: "onnx" or "torchscript".
-        out_dir: where the export is written.
+        fmt: "onnx", "torchscript" or "int8" (the ONNX graph quantized by
+            ``queryinst.export.quantize_int8``, calibrated on the benchmark's own images:
+            its scales fit random pixels, which changes what it detects, not its speed).
+        out_dir: where the export is written (kept: ``path`` names the file).
         threads: onnxruntime's intra-op threads (torch's for TorchScript are the process's).
     """
 
@@ -261,10 +264,14 @@ class ExportedBench:
 
         images = [x["image"] for x in source.inputs]
         start = time.perf_counter()
-        path = export_model(source.model, source.cand.cfg, fmt, out_dir, images[0])
+        path = export_model(source.model, source.cand.cfg, "onnx" if fmt == "int8" else fmt,
+                            out_dir, images[0])
+        if fmt == "int8":
+            path = _quantize_on_images(path, images, source.cand.cfg.INPUT.FORMAT)
         self.export_s = time.perf_counter() - start
+        self.path = path
         self.predictor = ExportedPredictor(path, num_threads=threads)
-        self.images = [im.numpy() for im in images]
+        self.images = [im.numpy().astype("float32") for im in images]
         self.result = {"name": f"exported {fmt}", "backbone": source.result["backbone"],
                        "params": source.result["params"], "export_s": round(self.export_s, 1)}
         self.result.update(self._differences(source))
@@ -283,6 +290,26 @@ class ExportedBench:
     def infer(self) -> None:
         for image in self.images:
             self.predictor.run_graph(image)
+
+
+def _quantize_on_images(path: str, images: list[torch.Tensor], input_format: str) -> str:
+    """``path`` quantized to int8, calibrated on ``images`` (uint8 (3, H, W), written as
+    PNGs and read back unchanged); returns the int8 file's path."""
+    import cv2
+
+    from queryinst.export.quantize import CalibrationImages, quantize_int8, quantized_path
+
+    dicts = []
+    for i, image in enumerate(images):
+        file_name = os.path.join(os.path.dirname(path), f"calibration_{i}.png")
+        cv2.imwrite(file_name, image.permute(1, 2, 0).numpy())  # channels kept as they are
+        dicts.append({"file_name": file_name})
+    height, width = images[0].shape[1:]
+    # "BGR" reads the PNG's channels back in the written order; the sizes resize nothing
+    reader = CalibrationImages(dicts, len(dicts), "image", "BGR", min(height, width),
+                               max(height, width))
+    quantize_int8(path, reader, calibration_dataset="the benchmark's random images")
+    return quantized_path(path)
 
 
 class ReferenceBench:

@@ -20,6 +20,7 @@ COLUMNS = [  # (header, key, format)
     ("vs QueryInst", "latency_vs_queryinst", "{:.2f}x"),
     ("per round", "round_ratio_vs_queryinst", "{:.2f}x"),
     ("infer mem (MiB)", "infer_mem_mib", "{:.0f}"),
+    ("own process peak (MiB)", "process_peak_mib", "{:.0f}"),
     ("dets/img", "detections_per_image", lambda v: "/".join(map(str, sorted(set(v))))),
     ("train iter (s)", "train_median_s", "{:.3f}"),
     ("train bf16 (s)", "train_bf16_median_s", "{:.3f}"),
@@ -49,11 +50,18 @@ def reference_summary(models: list[dict]) -> dict:
     per-round latency ratios, ours / reference, and the ratio of the medians."""
     ours, ref = models[0], models[-1]
     per_round = [o / r for o, r in zip(ours["infer_times_s"], ref["infer_times_s"])]
-    return {
+    summary = {
         "ours_over_reference_per_round_median": round(statistics.median(per_round), 3),
         "ours_over_reference_of_medians": round(ours["infer_median_s"] / ref["infer_median_s"], 3),
         "per_round": [round(x, 3) for x in per_round],
     }
+    for m in models[:-1]:  # every other row against the reference, per round
+        summary.setdefault("per_round_median_vs_reference", {})[m["name"]] = round(
+            statistics.median(o / r for o, r in zip(m["infer_times_s"], ref["infer_times_s"])), 3)
+    if "process_peak_mib" in ours and "process_peak_mib" in ref:
+        summary["fp32_peak_over_reference"] = round(
+            ours["process_peak_mib"] / ref["process_peak_mib"], 3)
+    return summary
 
 
 def print_report(report: dict, args) -> None:
@@ -78,6 +86,11 @@ def print_report(report: dict, args) -> None:
         print(f"  ours / MMDetection 3.3.0 reference latency: "
               f"{r['ours_over_reference_per_round_median']:.3f} (median of the per-round ratios), "
               f"{r['ours_over_reference_of_medians']:.3f} (ratio of the medians)")
+        for name, ratio in r["per_round_median_vs_reference"].items():
+            print(f"  {name:<28} / reference: {ratio:.3f} (median of the per-round ratios)")
+        if "fp32_peak_over_reference" in r:
+            print(f"  peak RSS of one inference, ours (fp32) / reference: "
+                  f"{r['fp32_peak_over_reference']:.3f}")
     for m in models:
         if "phase_s" in m:
             print(f"  {m['name']:<28} phases (s): "

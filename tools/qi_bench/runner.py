@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
-import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -32,6 +31,7 @@ from .measure import (
     profile_top,
     release_freed_memory,
 )
+from .memory import measure_in_process, measure_pid
 from .models import (
     _BASELINE_NAME,
     BASELINE_ZOO,
@@ -117,13 +117,48 @@ def queryinst_infers_channels_last(cfg: CfgNode, device: str) -> bool:
     return fmt is torch.channels_last
 
 
+def measure_process_memory(benches: list[Bench], exported: list[ExportedBench], others,
+                           images: list[torch.Tensor], workdir: contextlib.ExitStack) -> None:
+    """``--memory``: the peak RSS of one inference of each QueryInst model (every setting),
+    each exported graph and the reference, each in its own process (``qi_bench.memory``);
+    into each result as ``process_peak_mib``, ``process_rss_before_mib`` and
+    ``process_infer_mem_mib``."""
+    tmp = Path(workdir.enter_context(tempfile.TemporaryDirectory(prefix="queryinst_memory_")))
+    batch = tmp / "images.npy"
+    np.save(batch, np.stack([im.numpy().astype(np.float32) for im in images]))
+    threads = torch.get_num_threads()
+    specs = []
+    for i, bench in enumerate(b for b in benches if b.cand.name.startswith("queryinst")):
+        weights, config = tmp / f"model_{i}.pth", tmp / f"config_{i}.yaml"
+        torch.save({"model": bench.model.state_dict()}, weights)
+        config.write_text(bench.cand.cfg.dump())
+        specs.append((bench, {"kind": "pytorch", "config": str(config), "opts": [],
+                              "weights": str(weights), "images": str(batch),
+                              "threads": threads}))
+    specs += [(e, {"kind": "exported", "path": e.path, "images": str(batch),
+                   "threads": threads}) for e in exported]
+    for bench, spec in specs:
+        log(f"peak memory of {bench.result['name']} in its own process")
+        bench.result.update({f"process_{k}": v for k, v in measure_in_process(spec).items()})
+    for other in others:  # the reference: already alone in its process
+        log(f"peak memory of {other.result['name']} (its own process)")
+        mem = measure_pid(other.server.proc.pid, other.infer)
+        other.result.update({f"process_{k}": v for k, v in mem.items()})
+
+
 def measure_all(candidates: list[Candidate], args, images, train_batch,
                 others: tuple = ()) -> list[dict]:
     """Build every model, then measure them; timed calls alternate between the models.
 
     ``others`` (e.g. a ``ReferenceBench``) and the ``--exported`` graphs take part in the
-    inference rounds only.
+    inference rounds only. With ``args.memory``, then each model's peak RSS in its own
+    process (:func:`measure_process_memory`).
     """
+    with contextlib.ExitStack() as workdir:  # the exported files, kept to the end
+        return _measure_all(candidates, args, images, train_batch, others, workdir)
+
+
+def _measure_all(candidates, args, images, train_batch, others, workdir) -> list[dict]:
     height, width = args.input_size
     inputs = [{"image": im, "height": height, "width": width} for im in images]
     benches = []
@@ -140,11 +175,8 @@ def measure_all(candidates: list[Candidate], args, images, train_batch,
     exported = []
     for fmt in args.exported:
         log(f"exporting {benches[0].cand.name} to {fmt}")
-        out_dir = tempfile.mkdtemp(prefix="queryinst_export_")
-        try:  # the runtimes hold the whole graph in memory once loaded
-            exported.append(ExportedBench(benches[0], fmt, out_dir, torch.get_num_threads()))
-        finally:
-            shutil.rmtree(out_dir)
+        out_dir = workdir.enter_context(tempfile.TemporaryDirectory(prefix="queryinst_export_"))
+        exported.append(ExportedBench(benches[0], fmt, out_dir, torch.get_num_threads()))
     log(f"timing inference: {args.warmup} warm-up + {args.iters} rounds")
     extras = exported + list(others)  # inference rounds only
     times = interleaved_times([b.infer for b in benches + extras], args.iters, args.warmup,
@@ -200,6 +232,8 @@ def measure_all(candidates: list[Candidate], args, images, train_batch,
             times = times[::2]
         for bench, t in zip(benches, times):
             bench.result.update(train_batch=len(train_batch), **summarise(t, "train"))
+    if args.memory:
+        measure_process_memory(benches, exported, others, images, workdir)
     results = [b.result for b in benches + extras]
     for r in results:
         r["latency_vs_queryinst"] = round(r["infer_median_s"] / results[0]["infer_median_s"], 3)
@@ -331,6 +365,7 @@ def run(args, stack: contextlib.ExitStack) -> dict:
             "baselines_convs_channels_last": queryinst_infers_channels_last(
                 candidates[0].cfg, args.device),
             "exported": args.exported,
+            "memory_in_own_process": args.memory,
             "inference_dtype_variants": args.inference_dtype,
             "unfolded_variant": args.unfolded,
             "train_batch_size": args.train_batch_size if args.train else None,

@@ -1,4 +1,5 @@
-"""Export to ONNX or TorchScript and the predictor that runs the exported graph."""
+"""Export to ONNX or TorchScript, int8 quantization of the ONNX graph, and the predictor
+that runs the exported graph."""
 from .exporter import (
     EXPORT_FORMATS,
     MIN_ONNX_OPSET,
@@ -10,5 +11,13 @@ from .exporter import (
     output_names,
 )
 from .predictor import ExportedPredictor
+from .quantize import (
+    CalibrationImages,
+    QuantizeError,
+    calibration_dicts,
+    check_quantizable,
+    quantize_int8,
+    quantized_path,
+)
 
 __all__ = [k for k in globals() if not k.startswith("_")]  # as Detectron2's modeling/

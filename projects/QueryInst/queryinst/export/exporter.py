@@ -68,8 +68,11 @@ def output_names(mask_on: bool) -> list[str]:
 
 
 def export_info_path(model_path: str) -> str:
-    """The json written next to an exported model: ``DIR/model.onnx`` -> ``DIR/model.json``."""
-    return os.path.splitext(model_path)[0] + ".json"
+    """The json written next to an exported model: ``DIR/model.onnx`` -> ``DIR/model.json``;
+    a quantized graph shares its float graph's json: ``DIR/model.int8.onnx`` ->
+    ``DIR/model.json``."""
+    root = os.path.splitext(model_path)[0]
+    return (root[: -len(".int8")] if root.endswith(".int8") else root) + ".json"
 
 
 def check_exportable(cfg, fmt: str, opset: int = MIN_ONNX_OPSET) -> None:
@@ -246,6 +249,7 @@ def _export_info(cfg, fmt, file_name, opset, names, thing_classes) -> dict[str, 
         "num_proposals": q.NUM_PROPOSALS,
         "num_classes": q.NUM_CLASSES,
         "score_thresh_test": cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
+        "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
         # Binarisation of the pasted masks, as QueryInst's own post-processing.
         "mask_threshold": 0.5,
         "thing_classes": list(thing_classes) if thing_classes is not None else None,

@@ -28,6 +28,7 @@ from detectron2.structures import Boxes, Instances
 
 from ..modeling.meta_arch.queryinst import queryinst_postprocess
 from .exporter import export_info_path
+from .quantize import graph_input
 
 __all__ = ["ExportedPredictor"]
 
@@ -38,8 +39,8 @@ class ExportedPredictor:
     """``DefaultPredictor`` for an exported model file.
 
     Args:
-        path: ``model.onnx`` or ``model.ts`` written by ``tools/export_model.py``, with its
-            ``model.json`` beside it. A ``.ts`` file runs the TorchScript code stored in it
+        path: ``model.onnx``, ``model.int8.onnx`` (``--quantize int8``) or ``model.ts``
+            written by ``tools/export_model.py``, with its ``model.json`` beside it. A ``.ts`` file runs the TorchScript code stored in it
             (see the module docstring): prefer ``.onnx`` for files from others.
         num_threads: intra-op threads of onnxruntime / torch (None: the library's default;
             for TorchScript, torch's process-wide setting is left as it is).
@@ -125,9 +126,9 @@ class ExportedPredictor:
         """
         image = original_image[:, :, ::-1] if self.input_format == "RGB" else original_image
         height, width = image.shape[:2]
-        resized = self.aug.get_transform(image).apply_image(image)
-        outputs = self.run_graph(resized.astype("float32").transpose(2, 0, 1))
-        result = Instances(resized.shape[:2])
+        graph_image = graph_input(image, self.aug)
+        outputs = self.run_graph(graph_image)
+        result = Instances(graph_image.shape[1:])
         result.pred_boxes = Boxes(outputs["pred_boxes"])
         result.scores = outputs["scores"]
         result.pred_classes = outputs["pred_classes"]
