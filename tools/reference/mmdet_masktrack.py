@@ -38,7 +38,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mmcv_ext_standin  # noqa: E402
-from mmdet_queryinst import calibrate_backbone_bn, log, protocol_stdout, versions  # noqa: E402
+from mmdet_queryinst import (  # noqa: E402
+    build_initialised,
+    calibrate_backbone_bn,
+    log,
+    protocol_stdout,
+    versions,
+)
 
 CONFIG = os.path.join("masktrack_rcnn",
                       "masktrack-rcnn_mask-rcnn_r50_fpn_8xb1-12e_youtubevis2019.py")
@@ -67,23 +73,9 @@ def build_and_save(cfg, seed: int, frame: np.ndarray, path: str):
     Raises:
         SystemExit: if the loaded weights differ from the saved ones.
     """
-    from mmengine.logging import MMLogger
     from mmengine.runner import load_checkpoint
 
-    from mmdet.registry import MODELS
-
-    def build():
-        torch.manual_seed(seed)
-        return MODELS.build(cfg.model)
-
-    model = build()
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel("ERROR")  # init_weights logs every tensor
-    try:
-        model.init_weights()
-    finally:
-        logger.setLevel(level)
+    model = build_initialised(cfg, seed)
     # The detector's own normalisation of the frame, as its data preprocessor does it.
     prep = model.data_preprocessor
     image = torch.from_numpy(np.ascontiguousarray(frame[..., ::-1].transpose(2, 0, 1)))
@@ -95,7 +87,7 @@ def build_and_save(cfg, seed: int, frame: np.ndarray, path: str):
                        "(tools/reference/mmdet_masktrack.py)"}
     torch.save({"state_dict": state, "meta": meta}, path)
     log(f"checkpoint {path}: {len(state)} tensors, {os.path.getsize(path) / 2**20:.1f} MiB")
-    model = build()
+    model = build_initialised(cfg, seed)  # overwritten by the file
     load_checkpoint(model, path, map_location="cpu", logger="silent")
     loaded = model.state_dict()
     differ = [k for k in state if not torch.equal(state[k], loaded[k])]
