@@ -441,7 +441,10 @@ def run_video(args, stack) -> dict:
         log("exporting queryinst-vis to ONNX")
         players.append(ExportedPlayer(source, os.path.join(workdir, "onnx"),
                                       torch.get_num_threads()))
-    peer, skipped = (None, "not asked for (--no-peer)") if args.no_peer else         start_peer(args, frames, workdir)
+    if args.no_peer:
+        peer, skipped = None, "not asked for (--no-peer)"
+    else:
+        peer, skipped = start_peer(args, frames, workdir)
     if peer is not None:
         stack.callback(peer.server.close)
         players.append(peer)

@@ -89,7 +89,8 @@ def check_exportable(cfg, fmt: str, opset: int = MIN_ONNX_OPSET) -> None:
 
     Raises:
         ExportError: naming the key or flag and the fix: an unknown format; an opset below
-            16; a meta-architecture other than ``QueryInst`` and ``QueryInstVIS``; a pooler other than RoIAlign / RoIAlignV2; an
+            16; a meta-architecture other than ``QueryInst`` and ``QueryInstVIS``; a pooler
+            other than RoIAlign / RoIAlignV2; an
             ``INPUT.FORMAT`` other than RGB or BGR; ``MODEL.QUERYINST.INFERENCE_DTYPE``
             other than float32.
     """
