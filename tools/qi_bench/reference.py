@@ -116,30 +116,21 @@ def run_reference(cmd: list[str]) -> None:
         raise ReferenceError(f"the reference exited with {proc.returncode}: {' '.join(cmd)}")
 
 
-class ReferenceServer:
-    """The reference held in a subprocess that runs one inference per ``infer()`` call.
+class ServedProcess:
+    """A reference script held in a subprocess that answers one JSON line per request line.
 
-    What ``tools/benchmark.py --reference`` times: the process builds the model, writes
-    ``checkpoint`` and loads ``images_npy`` (uint8 (B, 3, H, W) BGR, run without resize),
-    then waits. ``infer()`` returns once the reference has run ``model.test_step`` on that
-    batch (normalisation, padding, forward, mask pasting), so wall time around it is the
-    reference's inference plus a pipe round trip (well under a millisecond).
+    The protocol of tools/reference/mmdet_queryinst.py ``--serve`` and
+    tools/reference/mmdet_masktrack.py: the process first writes ``{"ready": true, ...}``
+    (kept in ``ready``), then one JSON line for each line it reads; ``quit`` ends it.
 
     Args:
-        python: the reference venv's interpreter.
-        variant: "100" or "300".
-        checkpoint: where the reference writes its official-layout weights.
-        images_npy: the batch.
-        seed, threads: as tools/reference/mmdet_queryinst.py takes them.
+        cmd: the command line (the reference venv's python and a script).
 
     Raises:
         ReferenceError: if the process exits or answers something unexpected.
     """
 
-    def __init__(self, python: str, variant: str, checkpoint: str, images_npy: str,
-                 seed: int = 0, threads: int = 2):
-        cmd = reference_command(python, variant, checkpoint, seed=seed, threads=threads,
-                                serve=images_npy)
+    def __init__(self, cmd: list[str]):
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, bufsize=1)
         try:
@@ -162,14 +153,14 @@ class ReferenceServer:
             raise ReferenceError(f"the reference wrote {line.strip()[:200]!r} where its "
                                  "protocol expects a JSON line") from None
 
-    def infer(self) -> float:
-        """One inference of the batch; returns the seconds the reference measured itself."""
-        self.proc.stdin.write("infer\n")
+    def request(self, line: str, key: str) -> dict:
+        """Send one request line; its JSON answer, which must hold ``key``."""
+        self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
         reply = self._reply()
-        if "seconds" not in reply:
-            raise ReferenceError(f"the reference answered {reply}")
-        return reply["seconds"]
+        if key not in reply:
+            raise ReferenceError(f"the reference answered {reply} to {line!r}")
+        return reply
 
     def close(self) -> None:
         """End the process (politely, then by force after 30 s)."""
@@ -187,6 +178,36 @@ class ReferenceServer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class ReferenceServer(ServedProcess):
+    """The reference held in a subprocess that runs one inference per ``infer()`` call.
+
+    What ``tools/benchmark.py --reference`` times: the process builds the model, writes
+    ``checkpoint`` and loads ``images_npy`` (uint8 (B, 3, H, W) BGR, run without resize),
+    then waits. ``infer()`` returns once the reference has run ``model.test_step`` on that
+    batch (normalisation, padding, forward, mask pasting), so wall time around it is the
+    reference's inference plus a pipe round trip (well under a millisecond).
+
+    Args:
+        python: the reference venv's interpreter.
+        variant: "100" or "300".
+        checkpoint: where the reference writes its official-layout weights.
+        images_npy: the batch.
+        seed, threads: as tools/reference/mmdet_queryinst.py takes them.
+
+    Raises:
+        ReferenceError: if the process exits or answers something unexpected.
+    """
+
+    def __init__(self, python: str, variant: str, checkpoint: str, images_npy: str,
+                 seed: int = 0, threads: int = 2):
+        super().__init__(reference_command(python, variant, checkpoint, seed=seed,
+                                           threads=threads, serve=images_npy))
+
+    def infer(self) -> float:
+        """One inference of the batch; returns the seconds the reference measured itself."""
+        return self.request("infer", "seconds")["seconds"]
 
 
 def default_image() -> str:

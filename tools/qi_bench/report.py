@@ -29,16 +29,20 @@ COLUMNS = [  # (header, key, format)
 ]
 
 
-def format_table(models: list[dict]) -> str:
-    """A plain-text table with one row per model; missing values print as '-'."""
+def format_table(models: list[dict], columns: list | None = None) -> str:
+    """A plain-text table with one row per model; missing values print as '-'.
+
+    ``columns``: (header, key, format) triples, default ``COLUMNS`` (tools/benchmark.py's).
+    """
+    columns = COLUMNS if columns is None else columns
 
     def cell(model, key, fmt):
         if key not in model:
             return "-"
         return fmt(model[key]) if callable(fmt) else fmt.format(model[key])
 
-    rows = [[h for h, _, _ in COLUMNS]] + [[cell(m, k, f) for _, k, f in COLUMNS] for m in models]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    rows = [[h for h, _, _ in columns]] + [[cell(m, k, f) for _, k, f in columns] for m in models]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
     lines.insert(1, "-" * len(lines[0]))

@@ -3,7 +3,10 @@
 Runs inside the reference's venv (see ``tools/reference/setup.sh``). MMDetection's QueryInst
 needs one compiled operator at inference, RoIAlign (``mmcv.ops.RoIAlign`` with
 ``aligned=True``, average pooling). Here it is torchvision's ``roi_align``, which implements
-the same definition (Detectron2's ROIAlignV2 is the same op too). Every other operator name
+the same definition (Detectron2's ROIAlignV2 is the same op too). MaskTrack R-CNN (Mask
+R-CNN's RPN and box head) also needs NMS (``mmcv.ops.nms``, offset 0): torchvision's ``nms``,
+the same definition (keep boxes by descending score, drop those whose IoU with a kept one
+exceeds the threshold). Every other operator name
 resolves to a function that raises ``NotImplementedError`` naming the op, so ``import
 mmcv.ops`` succeeds (it checks that the names exist) but no other op can run silently.
 
@@ -47,10 +50,33 @@ def roi_align_forward(input, rois, output, argmax_y, argmax_x, aligned_height=7,
                                aligned=bool(aligned)))
 
 
+def nms(boxes, scores, iou_threshold=0.5, offset=0):
+    """mmcv's ``nms`` signature, computed by ``torchvision.ops.nms``.
+
+    Args:
+        boxes: (N, 4) float, (x1, y1, x2, y2).
+        scores: (N,) float.
+        iou_threshold: boxes overlapping a kept, higher-scoring box by more IoU are dropped.
+        offset: 0 (MMDetection 3's boxes); mmcv's legacy offset 1 (+1 pixel widths) is refused.
+
+    Returns:
+        int64 (K,): indices of the kept boxes, by descending score.
+
+    Raises:
+        NotImplementedError: for offset 1.
+    """
+    from torchvision.ops import nms as tv_nms
+
+    if offset != 0:
+        raise NotImplementedError("mmcv._ext stand-in: nms with offset 1 (legacy boxes)")
+    return tv_nms(boxes, scores, float(iou_threshold))
+
+
 class _StandIn(types.ModuleType):
     """The module object put in ``sys.modules['mmcv._ext']``."""
 
     roi_align_forward = staticmethod(roi_align_forward)
+    nms = staticmethod(nms)
 
     def __getattr__(self, name):
         if name.startswith("__"):
@@ -59,7 +85,8 @@ class _StandIn(types.ModuleType):
         def unavailable(*args, **kwargs):
             raise NotImplementedError(
                 f"mmcv._ext.{name}: mmcv-lite has no compiled ops and the reference's "
-                "stand-in (tools/reference/mmcv_ext_standin.py) provides RoIAlign's forward only"
+                "stand-in (tools/reference/mmcv_ext_standin.py) provides RoIAlign's forward "
+                "and NMS only"
             )
 
         unavailable.__name__ = name

@@ -174,12 +174,9 @@ def calibrate_backbone_bn(backbone: torch.nn.Module, image: torch.Tensor) -> int
     return len(layers)
 
 
-def build_and_save(cfg, seed: int, variant: str, path: str) -> dict:
-    """Build the model with exercised random weights and save it in the official layout.
-
-    Returns:
-        dict: the saved state dict (name -> CPU tensor).
-    """
+def build_initialised(cfg, seed: int) -> torch.nn.Module:
+    """``cfg.model`` built after ``torch.manual_seed(seed)``, with MMDetection's
+    ``init_weights()`` (its per-tensor log silenced)."""
     from mmengine.logging import MMLogger
 
     from mmdet.registry import MODELS
@@ -193,6 +190,16 @@ def build_and_save(cfg, seed: int, variant: str, path: str) -> dict:
         model.init_weights()
     finally:
         logger.setLevel(level)
+    return model
+
+
+def build_and_save(cfg, seed: int, variant: str, path: str) -> dict:
+    """Build the model with exercised random weights and save it in the official layout.
+
+    Returns:
+        dict: the saved state dict (name -> CPU tensor).
+    """
+    model = build_initialised(cfg, seed)
     exercise_weights(model, seed)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "meta": checkpoint_meta(cfg, seed, variant)}, path)

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Set up the MMDetection 3.3.0 reference of QueryInst in a virtualenv of its own (CPU).
+# Set up the MMDetection 3.3.0 reference of QueryInst (tools/reference/mmdet_queryinst.py) and
+# of QueryInst-VIS, MaskTrack R-CNN (tools/reference/mmdet_masktrack.py), in a virtualenv of
+# its own (CPU).
 #
 # What goes in, all from the package index with pip:
 #   - torch and torchvision ($QUERYINST_REFERENCE_TORCH, default: the newest allowed);
 #   - mmengine 0.10.7, mmcv-lite 2.2.0 and mmdet 3.3.0, without their declared dependencies
 #     (they ask for opencv-python and a compiled mmcv), plus the libraries they import;
 #   - one patch: mmdet 3.3.0 refuses mmcv >= 2.2.0, mmcv-lite's only 2.x release is 2.2.0,
-#     so mmdet's upper bound is raised to 2.2.1. mmcv-lite has no compiled ops: the one op
-#     QueryInst needs, RoIAlign, is stood in by tools/reference/mmcv_ext_standin.py at run time.
+#     so mmdet's upper bound is raised to 2.2.1. mmcv-lite has no compiled ops: the ones the
+#     two models need, RoIAlign and NMS, are stood in by tools/reference/mmcv_ext_standin.py
+#     at run time.
 #
 # Environment:
 #   QUERYINST_REFERENCE_VENV   where the venv goes
@@ -86,6 +89,8 @@ import mmdet, mmdet.apis  # noqa: E401
 cfg = os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs", "queryinst")
 assert mmdet.__version__ == "3.3.0", mmdet.__version__
 assert os.path.isdir(cfg), f"no QueryInst configs in the mmdet wheel ({cfg})"
+vis = os.path.join(os.path.dirname(cfg), "masktrack_rcnn")  # the video peer's configs
+assert os.path.isdir(vis), f"no MaskTrack R-CNN configs in the mmdet wheel ({vis})"
 PYCHECK
 
 rm -f "$VENV"/.reference-ready-*

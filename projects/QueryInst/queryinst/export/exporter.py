@@ -21,6 +21,10 @@ Graph (both formats):
   input (unclipped), ``scores`` float32 (k,), ``pred_classes`` int64 (k,) and, with
   ``MODEL.MASK_ON``, ``pred_masks`` float32 (k, 1, M, M) mask probabilities (M = 28 by
   default) in the box, not pasted.
+- a video model (``QueryInstVIS``) adds ``query_indices`` int64 (k,), the query of each
+  detection, and ``track_embeddings`` float32 (k, E), what its tracker compares
+  (``QueryInstVIS.frame_detections``); the tracker itself, which keeps tracks between
+  frames, runs in Python (``OnlineTracker.update`` after ``one_detection_per_query``).
 
 Pasting into the original image stays outside the graph (``queryinst.export.predictor``).
 ONNX uses opset >= 16, where torchvision exports ``aligned=True`` RoIAlign as ``RoiAlign``
@@ -54,6 +58,8 @@ EXPORT_FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 # ONNX RoiAlign gained coordinate_transformation_mode (half_pixel, RoIAlignV2's offset) in 16.
 MIN_ONNX_OPSET = 16
 INPUT_NAME = "image"
+# Meta-architectures the export takes; a video model's graph is its per-frame detector.
+EXPORTABLE_ARCHITECTURES = ("QueryInst", "QueryInstVIS")
 
 
 class ExportError(ValueError):
@@ -61,10 +67,11 @@ class ExportError(ValueError):
     the fix."""
 
 
-def output_names(mask_on: bool) -> list[str]:
-    """The graph's output names, in order: boxes, scores, classes (and masks with masks on)."""
-    names = ["pred_boxes", "scores", "pred_classes"]
-    return names + ["pred_masks"] if mask_on else names
+def output_names(mask_on: bool, video: bool = False) -> list[str]:
+    """The graph's output names, in order: boxes, scores, classes (and masks with masks on;
+    and a video model's query indices and track embeddings)."""
+    names = ["pred_boxes", "scores", "pred_classes"] + (["pred_masks"] if mask_on else [])
+    return names + ["query_indices", "track_embeddings"] if video else names
 
 
 def export_info_path(model_path: str) -> str:
@@ -85,8 +92,8 @@ def check_exportable(cfg, fmt: str, opset: int = MIN_ONNX_OPSET) -> None:
 
     Raises:
         ExportError: naming the key or flag and the fix: an unknown format; an opset below
-            16; a meta-architecture other than ``QueryInst`` (``QueryInstVIS`` tracks across
-            frames with Python state); a pooler other than RoIAlign / RoIAlignV2; an
+            16; a meta-architecture other than ``QueryInst`` and ``QueryInstVIS``; a pooler
+            other than RoIAlign / RoIAlignV2; an
             ``INPUT.FORMAT`` other than RGB or BGR; ``MODEL.QUERYINST.INFERENCE_DTYPE``
             other than float32.
     """
@@ -100,12 +107,10 @@ def check_exportable(cfg, fmt: str, opset: int = MIN_ONNX_OPSET) -> None:
             f"Pass --opset {MIN_ONNX_OPSET} or higher"
         )
     arch = cfg.MODEL.META_ARCHITECTURE
-    if arch != "QueryInst":
+    if arch not in EXPORTABLE_ARCHITECTURES:
         raise ExportError(
-            f"MODEL.META_ARCHITECTURE {arch} cannot be exported: only the image model "
-            f"QueryInst can (a video model keeps its tracks in Python between frames). Export "
-            f"the image model with MODEL.META_ARCHITECTURE QueryInst (its checkpoint loads "
-            f"into it without the track head) and track outside the graph"
+            f"MODEL.META_ARCHITECTURE {arch} cannot be exported: only "
+            f"{' and '.join(EXPORTABLE_ARCHITECTURES)} can (set MODEL.META_ARCHITECTURE)"
         )
     pooler = cfg.MODEL.QUERYINST.POOLER_TYPE
     if pooler not in ("ROIAlignV2", "ROIAlign"):
@@ -127,24 +132,26 @@ class ExportableQueryInst(nn.Module):
     """A traceable view of a QueryInst model: ``image`` (3, H, W) -> the graph's outputs.
 
     Args:
-        model: a ``QueryInst`` in eval mode (its modules are used as they are; nothing is
-            copied).
+        model: a ``QueryInst`` or ``QueryInstVIS`` in eval mode (its modules are used as they
+            are; nothing is copied).
 
     Raises:
-        ExportError: ``model`` is not a plain ``QueryInst`` (see :func:`check_exportable`).
+        ExportError: ``model`` is neither (see :func:`check_exportable`).
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         from ..modeling.meta_arch.queryinst import QueryInst
+        from ..video.modeling.meta_arch import QueryInstVIS
 
-        if type(model) is not QueryInst:
+        if type(model) not in (QueryInst, QueryInstVIS):
             raise ExportError(
-                f"{type(model).__name__} cannot be exported: only the image model QueryInst "
-                f"can (MODEL.META_ARCHITECTURE QueryInst)"
+                f"{type(model).__name__} cannot be exported: only "
+                f"{' and '.join(EXPORTABLE_ARCHITECTURES)} can (MODEL.META_ARCHITECTURE)"
             )
         self.model = model
         self.mask_on = model.roi_heads.mask_on
+        self.video = type(model) is QueryInstVIS
         self.eval()  # the exporters keep the wrapper's mode, and set it on the model too
 
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
@@ -155,11 +162,18 @@ class ExportableQueryInst(nn.Module):
         Returns:
             ``pred_boxes`` (k, 4) XYXY input pixels, ``scores`` (k,), ``pred_classes`` int64
             (k,) and, with masks, ``pred_masks`` float32 (k, 1, M, M) probabilities
-            (module docstring).
+            (module docstring); a video model's ``query_indices`` int64 (k,) and
+            ``track_embeddings`` float32 (k, E) last.
         """
-        result = self.model.inference([{"image": image}], do_postprocess=False)[0]
+        if self.video:
+            result = self.model.frame_detections({"image": image})
+        else:
+            result = self.model.inference([{"image": image}], do_postprocess=False)[0]
         outputs = (result.pred_boxes.tensor, result.scores, result.pred_classes)
-        return outputs + (result.pred_masks,) if self.mask_on else outputs
+        outputs += (result.pred_masks,) if self.mask_on else ()
+        if self.video:
+            outputs += (result.query_indices, result.track_embeddings)
+        return outputs
 
 
 @contextlib.contextmanager
@@ -210,7 +224,7 @@ def export_model(
     """
     check_exportable(cfg, fmt, opset)
     wrapper = ExportableQueryInst(model)
-    names = output_names(wrapper.mask_on)
+    names = output_names(wrapper.mask_on, wrapper.video)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, EXPORT_FORMATS[fmt])
     sample = sample.to(model.device, torch.float32)

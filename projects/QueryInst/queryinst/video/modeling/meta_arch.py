@@ -187,6 +187,33 @@ class QueryInstVIS(QueryInst):
         """Forget all tracks: the next :meth:`track_frame` is frame 0 of a new video."""
         self.tracker.reset()
 
+    def frame_detections(self, frame: dict) -> Instances:
+        """The image model's top-k detections of one frame, each with the track embedding
+        of its query, in the resized input's pixels (no pasting, no score filter).
+
+        What :meth:`detect_frame` filters and pastes, and what an exported QueryInstVIS
+        graph computes (``queryinst.export``: its ``query_indices`` and
+        ``track_embeddings`` outputs). Runs under the image model's inference speed-ups
+        (``QueryInst.fast_inference``; nothing applies while tracing).
+
+        Args:
+            frame: "image" (C, H, W) tensor in ``INPUT.FORMAT``.
+
+        Returns:
+            Instances: of the input's size, k = ``MODEL.QUERYINST.TEST_TOPK`` rows by
+            descending score: ``pred_boxes``, ``scores``, ``pred_classes``, ``pred_masks``
+            (float (k, 1, M, M) probabilities), ``query_indices`` and ``track_embeddings``
+            (float32 (k, E): track-head embeddings of the row's query, or the raw last-stage
+            query (k, D) for a tracker that compares queries).
+        """
+        with self.fast_inference(self.device):
+            images, features, stages = self._stages([frame])
+            results = self.roi_heads.inference(stages, features, images.image_sizes)[0]
+            queries = stages[-1].object_feats[0][results.query_indices]
+            embeddings = self.track_head(queries) if self.tracker.uses_track_head else queries
+        results.track_embeddings = embeddings.float()
+        return results
+
     @torch.no_grad()
     def detect_frame(self, frame: dict) -> Instances:
         """The image model's part of :meth:`track_frame`: one detection per query above
@@ -201,20 +228,12 @@ class QueryInstVIS(QueryInst):
             (float (R, E): track-head embeddings, or the raw last-stage queries (R, D) for a
             tracker that compares queries), in output pixels.
         """
-        # The image model's inference speed-ups (QueryInst.fast_inference) apply here too;
-        # pasting stays outside, in fp32, and the embeddings are returned in fp32.
-        with self.fast_inference(self.device):
-            images, features, stages = self._stages([frame])
-            results = self.roi_heads.inference(stages, features, images.image_sizes)[0]
-            results = one_detection_per_query(results, self.det_score_thresh)
-            queries = stages[-1].object_feats[0][results.query_indices]
-            embeddings = self.track_head(queries) if self.tracker.uses_track_head else queries
-        size = images.image_sizes[0]
-        results = queryinst_postprocess(
+        # Pasting stays outside the speed-ups, in fp32 (as QueryInst.inference).
+        results = one_detection_per_query(self.frame_detections(frame), self.det_score_thresh)
+        size = results.image_size
+        return queryinst_postprocess(
             results, frame.get("height", size[0]), frame.get("width", size[1])
         )
-        results.track_embeddings = embeddings.float()
-        return results
 
     @torch.no_grad()
     def track_frame(self, frame: dict) -> Instances:
