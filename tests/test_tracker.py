@@ -311,9 +311,6 @@ def test_build_tracker_from_config():
             tracker.init_score_thresh) == (0.7, 2, 3.0, 0.4)
     assert tracker.label_weight == t.LABEL_WEIGHT and tracker.score_weight == t.SCORE_WEIGHT
     assert tracker.det_score_thresh == t.DET_SCORE_THRESH
-    assert tracker.iou_allow == t.IOU_ALLOW == 0.0  # off by default
-    t.IOU_ALLOW = 0.4
-    assert build_tracker(cfg).iou_allow == 0.4
     cfg.MODEL.QUERYINST_VIS.TRACKER = "EmbedingTracker"
     with pytest.raises(ValueError, match="EmbedingTracker.*EmbeddingTracker, QueryCosineTracker"):
         build_tracker(cfg)
@@ -342,45 +339,6 @@ def test_motion_gate_refuses_far_pairs():
         a = tracker.update(first).track_ids.tolist()
         b = tracker.update(shifted).track_ids.tolist()
         assert (a == b) == same_id, min_iou
-
-
-def test_iou_allow_rescues_a_pair_the_embeddings_refuse():
-    """IOU_ALLOW: the second frame's embedding is orthogonal to the track's (dot 0, so the
-    EmbeddingTracker's "new object" slot wins and a new track is born), but its box overlaps
-    the track's last box with IoU 81/100 = 0.81 (hand-computed). With iou_allow <= 0.81 it
-    continues the track; above 0.81 or off (0) it does not. The motion gate still applies
-    on top (min_iou 0.9 refuses the pair again), and a far detection is never rescued."""
-    first = _frame([[0, 0, 10, 10]], [0.9], [0], [[1.0, 0.0]])
-    near = _frame([[1, 1, 10, 10]], [0.9], [0], [[0.0, 1.0]])  # IoU 81/100 with the first
-    for kw, same_id in ((dict(), False), (dict(iou_allow=0.8), True),
-                        (dict(iou_allow=0.81), True), (dict(iou_allow=0.82), False),
-                        (dict(iou_allow=0.5, min_iou=0.9), False)):
-        tracker = EmbeddingTracker(**kw)
-        a = tracker.update(first).track_ids.tolist()
-        b = tracker.update(near).track_ids.tolist()
-        assert (a == b) == same_id, kw
-        assert len(tracker.finish()) == (1 if same_id else 2), kw
-    far = _frame([[20, 20, 30, 30]], [0.9], [0], [[0.0, 1.0]])
-    tracker = EmbeddingTracker(iou_allow=0.01)
-    assert tracker.update(first).track_ids.tolist() != tracker.update(far).track_ids.tolist()
-
-
-def test_iou_allow_keeps_the_assignment_one_to_one_and_prefers_the_higher_total():
-    """Two tracks and two detections, every embedding dot 0 (the embeddings allow nothing);
-    each detection overlaps both tracks' last boxes with IoU >= 0.3, so all four pairs are
-    rescued. The total is 2 * IoU (+ equal score and class terms): detection A overlaps
-    track 0 with IoU 1 and track 1 with 1/3, detection B the reverse (by hand), so the
-    Hungarian assignment gives A track 0 and B track 1, whatever the input order."""
-    e = [[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]
-    tracks = _frame([[0, 0, 10, 10], [5, 0, 15, 10]], [0.9, 0.9], [0, 0],
-                    [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    for order in ((0, 1), (1, 0)):
-        boxes = [[[0, 0, 10, 10], [5, 0, 15, 10]][i] for i in order]
-        tracker = EmbeddingTracker(iou_allow=0.3)
-        ids0 = tracker.update(tracks).track_ids.tolist()
-        out = tracker.update(_frame(boxes, [0.8, 0.8], [0, 0], e))
-        assert [ids0[i] for i in order] == out.track_ids.tolist()
-        assert len(tracker.finish()) == 2
 
 
 def test_nms_keeps_the_best_of_overlapping_detections_per_class():

@@ -42,7 +42,7 @@ from queryinst.video.evaluation.evaluator import load_json  # noqa: E402
 from queryinst.video.evaluation.ytvis_metric import evaluate_ytvis, identity_switches  # noqa: E402
 
 TRACKING_KEYS = ("SCORE_WEIGHT", "IOU_WEIGHT", "LABEL_WEIGHT", "DET_SCORE_THRESH",
-                 "INIT_SCORE_THRESH", "MAX_MISSED", "MIN_IOU", "NMS_THRESH", "IOU_ALLOW",
+                 "INIT_SCORE_THRESH", "MAX_MISSED", "MIN_IOU", "NMS_THRESH",
                  "COSINE_THRESH")
 
 

@@ -54,10 +54,6 @@ def add_queryinst_vis_config(cfg: CN) -> None:
     # last box is at least this (0 = no gate, MaskTrack R-CNN's rule). Objects that look alike
     # (cells, one class) need it: their embeddings barely tell them apart (docs/method.md §6.2).
     _C.TRACKING.MIN_IOU = 0.0
-    # IoU rescue: a detection whose box overlaps a track's last box with IoU at least this may
-    # continue the track even when the embeddings disallow the pair (0 = off). Slow objects
-    # that look alike (cells): the same cell in the next frame overlaps itself most.
-    _C.TRACKING.IOU_ALLOW = 0.0
     # QueryCosineTracker: a detection may continue a track only if the cosine similarity of
     # their queries is at least this (the EmbeddingTracker's rule is its "new object" slot).
     _C.TRACKING.COSINE_THRESH = 0.5

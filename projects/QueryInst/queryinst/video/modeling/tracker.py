@@ -125,9 +125,8 @@ class OnlineTracker:
     3. The total score of every (detection, live track) pair is
        ``m + score_weight * log(score) + iou_weight * IoU(track's last box, box)
        + label_weight * [class == track's last class]``; detections are assigned to tracks
-       one to one over the pairs the subclass allows, plus those whose box IoU is at least
-       ``iou_allow`` (when > 0), less those below ``min_iou`` (``assign_allowed``: most
-       pairs, then highest total).
+       one to one over the pairs the subclass allows (``assign_allowed``: most pairs, then
+       highest total).
     4. Unassigned detections scoring at least ``init_score_thresh`` start new tracks; ids
        are 0, 1, 2, ... in order of birth, births of one frame in order of descending score
        (input order on ties). Other unassigned detections are dropped.
@@ -161,7 +160,6 @@ class OnlineTracker:
         max_missed: int = 5,
         min_iou: float = 0.0,
         nms_thresh: float = 0.0,
-        iou_allow: float = 0.0,
     ):
         """
         Args:
@@ -178,11 +176,6 @@ class OnlineTracker:
             nms_thresh: before association, a detection whose box has IoU above this with a
                 higher-scoring detection of its class is ignored (torchvision's
                 ``batched_nms``); 0 = off (QueryInst itself predicts without NMS).
-            iou_allow: a pair whose box IoU (track's last box, detection's box) is at least
-                this is allowed even when the embedding match disallows it (e.g. the
-                EmbeddingTracker's "new object" slot wins); the motion gate ``min_iou`` still
-                applies. 0 = off. For slow objects that look alike (cells), whose
-                embeddings alone often say "new" for the same cell.
 
         Raises:
             ValueError: ``max_missed`` is negative or not an integer.
@@ -197,7 +190,6 @@ class OnlineTracker:
         self.max_missed = int(max_missed)
         self.min_iou = float(min_iou)
         self.nms_thresh = float(nms_thresh)
-        self.iou_allow = float(iou_allow)
         self.reset()
 
     @classmethod
@@ -213,7 +205,6 @@ class OnlineTracker:
             "max_missed": t.MAX_MISSED,
             "min_iou": t.MIN_IOU,
             "nms_thresh": t.NMS_THRESH,
-            "iou_allow": t.IOU_ALLOW,
         }
 
     # ----------------------------------------------------------------------------- subclass
@@ -278,8 +269,6 @@ class OnlineTracker:
             + self.iou_weight * iou
             + self.label_weight * (det_classes[:, None] == self._labels[None, :]).float()
         )
-        if self.iou_allow > 0:
-            allowed = allowed | (iou >= self.iou_allow)
         if self.min_iou > 0:
             allowed = allowed & (iou >= self.min_iou)
         return total, allowed
