@@ -66,3 +66,19 @@ def test_parse_grid():
     assert tune.parse_grid([]) == [{}]
     with pytest.raises(ValueError, match="NMS_TRESH"):
         tune.parse_grid(["NMS_TRESH=0.3"])
+
+
+def test_grid_below_the_kept_detections_is_refused():
+    """DET_SCORE_THRESH under the config's value cannot be replayed (the model dropped those
+    detections): a ValueError that names the option to lower; at or above it passes."""
+    from detectron2.config import get_cfg
+
+    from queryinst import add_queryinst_config
+
+    tune = load_script("tools/tune_tracker.py", "tune_tracker")
+    cfg = get_cfg()
+    add_queryinst_config(cfg)
+    cfg.MODEL.QUERYINST_VIS.TRACKING.DET_SCORE_THRESH = 0.05
+    tune.check_grid(tune.parse_grid(["DET_SCORE_THRESH=0.05,0.2", "MIN_IOU=0,0.1"]), cfg)
+    with pytest.raises(ValueError, match=r"\[0.01\].*DET_SCORE_THRESH 0.01"):
+        tune.check_grid(tune.parse_grid(["DET_SCORE_THRESH=0.01,0.2"]), cfg)

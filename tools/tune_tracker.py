@@ -101,6 +101,21 @@ def parse_grid(items: list[str]) -> list[dict]:
     return [dict(combo) for combo in itertools.product(*axes)] or [{}]
 
 
+def check_grid(grid: list[dict], cfg) -> None:
+    """Refuse settings the kept detections cannot show.
+
+    Raises:
+        ValueError: a DET_SCORE_THRESH below the config's (the model keeps only detections
+            at or above the config's value, so a lower one would silently act as it).
+    """
+    floor = cfg.MODEL.QUERYINST_VIS.TRACKING.DET_SCORE_THRESH
+    low = sorted({s["DET_SCORE_THRESH"] for s in grid if s.get("DET_SCORE_THRESH", floor) < floor})
+    if low:
+        raise ValueError(f"--grid DET_SCORE_THRESH {low} is below the config's {floor}: the "
+                         f"detections are kept at that threshold; lower it with --opts "
+                         f"MODEL.QUERYINST_VIS.TRACKING.DET_SCORE_THRESH {min(low)}")
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True)
@@ -114,6 +129,7 @@ def main(argv=None) -> list[dict]:
     add_queryinst_config(cfg)
     merge_config(cfg, args.config_file, args.opts)
     grid = parse_grid(args.grid)
+    check_grid(grid, cfg)
     model = build_model(cfg).eval()
     QueryInstCheckpointer(model, strict=True).load(cfg.MODEL.WEIGHTS)
     data = {}
