@@ -5,7 +5,7 @@ import pytest
 import torch
 from detectron2.structures import Boxes, Instances
 
-from conftest import load_script
+from conftest import REPO, load_script
 from queryinst.video import EmbeddingTracker, encode_mask, results_from_tracks
 
 H, W = 24, 32
@@ -82,3 +82,11 @@ def test_grid_below_the_kept_detections_is_refused():
     tune.check_grid(tune.parse_grid(["DET_SCORE_THRESH=0.05,0.2", "MIN_IOU=0,0.1"]), cfg)
     with pytest.raises(ValueError, match=r"\[0.01\].*DET_SCORE_THRESH 0.01"):
         tune.check_grid(tune.parse_grid(["DET_SCORE_THRESH=0.01,0.2"]), cfg)
+
+
+def test_an_image_dataset_is_refused_before_the_model_is_built():
+    tune = load_script("tools/tune_tracker.py", "tune_tracker")
+    with pytest.raises(ValueError, match="--datasets ctc_psc_val: not a registered video"):
+        tune.main(["--config-file", f"{REPO}/configs/bundled/queryinst_vis_MNV2_FPN_ctc_psc.yaml",
+                   "--datasets", "ctc_psc_video_val", "ctc_psc_val",
+                   "--opts", "MODEL.WEIGHTS", "no_such_file.pth"])

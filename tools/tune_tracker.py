@@ -32,11 +32,11 @@ sys.path.insert(0, _REPO)
 import train_net  # noqa: E402,F401  (registers the model and the bundled datasets)
 import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import MetadataCatalog  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from queryinst import add_queryinst_config, video  # noqa: E402
-from queryinst.checkpoint import QueryInstCheckpointer  # noqa: E402
+from queryinst.checkpoint import CheckpointError, QueryInstCheckpointer  # noqa: E402
 from queryinst.config_loading import CONFIG_ERRORS, merge_config  # noqa: E402
 from queryinst.video.evaluation.evaluator import load_json  # noqa: E402
 from queryinst.video.evaluation.ytvis_metric import evaluate_ytvis, identity_switches  # noqa: E402
@@ -130,6 +130,10 @@ def main(argv=None) -> list[dict]:
     merge_config(cfg, args.config_file, args.opts)
     grid = parse_grid(args.grid)
     check_grid(grid, cfg)
+    for name in args.datasets:
+        if name not in DatasetCatalog.list() or not video.is_video_dataset(name):
+            raise ValueError(f"--datasets {name}: not a registered video dataset "
+                             f"(e.g. ctc_psc_video_train, ctc_psc_video_val)")
     model = build_model(cfg).eval()
     QueryInstCheckpointer(model, strict=True).load(cfg.MODEL.WEIGHTS)
     data = {}
@@ -167,5 +171,5 @@ def main(argv=None) -> list[dict]:
 if __name__ == "__main__":
     try:
         main()
-    except (*CONFIG_ERRORS, ValueError) as e:
+    except (*CONFIG_ERRORS, CheckpointError, ValueError) as e:
         sys.exit(f"ERROR: {e}")
