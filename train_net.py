@@ -80,7 +80,7 @@ from queryinst.engine import (  # noqa: E402
     elastic_restart_count,
     launch,
     run_in_env,
-    setup_loggers,
+    log_environment,
     with_finite_loss_check,
     worker_note,
 )
@@ -275,14 +275,15 @@ def setup(args, check_datasets: bool = False):
     cfg.merge_from_list(official_config_opts(cfg.MODEL.WEIGHTS, fine_tuning=not eval_only))
     image_sizes = None
     if check_datasets:
-        setup_loggers(cfg.OUTPUT_DIR, comm.get_rank())  # the checks' lines into log.txt too
+        # the environment and the config into log.txt first: a check's error keeps them
+        log_environment(cfg, args)
         # kept: the datasets whose loader follows (its dicts are the check's)
         checked, kept = (("TEST",), ("TEST",)) if eval_only else (("TRAIN", "TEST"), ("TRAIN",))
         image_sizes = check_config_datasets(cfg, checked, keep=kept)
     if not eval_only:
         record_class_names(cfg)  # after the check: the names its load set, no other read
     cfg.freeze()
-    default_setup(cfg, args)
+    default_setup(cfg, args, environment_logged=check_datasets)
     logger = logging.getLogger("detectron2")
     logger.info(device_note(cfg.MODEL.DEVICE))
     logger.info(worker_note())  # each process's log (log.txt, log.txt.rank1, ...)

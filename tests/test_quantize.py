@@ -11,6 +11,7 @@ compares on a held-out nuclei tile. Calibration is audited through ``queryinst.d
 which the calibration reader calls for every image.
 """
 import json
+import logging
 import os
 
 import cv2
@@ -182,6 +183,26 @@ def test_demo_runs_the_int8_graph(quantized, tmp_path, capsys):
     assert cv2.imread(str(drawn)).shape == (1200, 1024, 3)
 
 
+
+@pytest.fixture
+def fresh_loggers():
+    """The tool's main() sets up Detectron2's loggers; ``setup_logger`` is cached per process,
+    so its console handler keeps the sys.stderr/stdout of the first in-process call, which
+    pytest closes after that test. Clear them so that this test's own capture is used."""
+    from detectron2.utils.logger import setup_logger
+
+    def clear():
+        setup_logger.cache_clear()
+        for name in ("queryinst", "detectron2", "fvcore"):
+            logger = logging.getLogger(name)
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+
+    clear()
+    yield
+    clear()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--format", "torchscript", "--quantize", "int8", "--calibration-dataset",
       "nuclei_dsb_train"], "ERROR: --quantize int8 needs --format onnx"),
@@ -203,7 +224,8 @@ def test_demo_runs_the_int8_graph(quantized, tmp_path, capsys):
     (["--format", "onnx", "--calibration-dataset", "nuclei_dsb_train"],
      "ERROR: --calibration-dataset and --fp32-nodes go with --quantize int8"),
 ])
-def test_unsupported_quantization_is_refused(extra, message, export_tool, tmp_path, capsys):
+def test_unsupported_quantization_is_refused(extra, message, export_tool, tmp_path, capsys,
+                                             fresh_loggers):
     if "held_out_copy" not in DatasetCatalog.list():  # the val tile under another name
         DatasetCatalog.register("held_out_copy", lambda: DatasetCatalog.get("nuclei_dsb_val"))
     argv = ["--config-file", CONFIG, "--output", str(tmp_path), *extra, *OPTS,

@@ -476,7 +476,11 @@ FORBIDDEN = ("weights_only=False", "pickle.load", "pickle.loads", "yaml.unsafe_l
 # The restricted loader may unpickle; config_loading calls merge_from_file with
 # allow_unsafe=False (the one place that does).
 ALLOWED_FILES = {"projects/QueryInst/queryinst/checkpoint/safe_load.py": ("pickle.load",),
-                 "projects/QueryInst/queryinst/config_loading.py": ("merge_from_file(",)}
+                 "projects/QueryInst/queryinst/config_loading.py": ("merge_from_file(",),
+                 # SerializedList unpickles only the bytes it pickled itself in this process
+                 # (the training dicts, as Detectron2's DatasetFromList); no file is read.
+                 "projects/QueryInst/queryinst/data/train_loader.py": ("pickle.load",
+                                                                        "pickle.loads")}
 
 
 def _project_python_files():

@@ -1,5 +1,5 @@
 """Training: processes (CPU gloo or GPU NCCL), the optimiser and the trainer's hooks."""
-from .defaults import default_setup, setup_loggers
+from .defaults import default_setup, log_environment, setup_loggers
 from .hooks import (
     FiniteLossAMPTrainer,
     FiniteLossTrainer,

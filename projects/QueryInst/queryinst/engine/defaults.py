@@ -22,7 +22,7 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 __all__ = ["FILE_ONLY", "console_color", "default_setup", "environment_summary",
-           "setup_loggers"]
+           "setup_loggers", "log_environment"]
 
 # ``logger.info(msg, extra=FILE_ONLY)``: into log.txt, not onto the console.
 FILE_ONLY = {"file_only": True}
@@ -65,19 +65,19 @@ def environment_summary(device: str) -> str:
             f"{torch.get_num_threads()} threads")
 
 
-def default_setup(cfg, args) -> None:
-    """Detectron2's ``default_setup``, quiet on the console.
-
-    Same steps: create ``OUTPUT_DIR``, set up the "fvcore" and "detectron2" loggers
-    (:func:`setup_loggers`), log the rank, the command line arguments, write
-    ``OUTPUT_DIR/config.yaml`` (main process), seed the RNGs with ``SEED`` + rank (random
-    when ``SEED`` < 0), and outside ``--eval-only`` set ``CUDNN_BENCHMARK``. The environment
-    report (``collect_env_info``), the config file and the full config go to ``log.txt``
-    only, uncoloured; the console gets :func:`environment_summary` instead.
+def log_environment(cfg, args) -> logging.Logger:
+    """The first steps of :func:`default_setup`: create ``OUTPUT_DIR``, set up the loggers,
+    log the rank, the console's :func:`environment_summary`, and into ``log.txt`` only the
+    environment report, the command line, the config file and the full config as merged.
+    ``train_net.py`` runs it before checking the datasets, so that a check's error still
+    leaves the environment and the config in ``log.txt``.
 
     Args:
-        cfg: the frozen config.
-        args: the parsed command line (``config_file``, ``eval_only`` read if present).
+        cfg: the config (frozen or not).
+        args: the parsed command line (``config_file`` read if present).
+
+    Returns:
+        logging.Logger: the "detectron2" logger.
     """
     output_dir = cfg.OUTPUT_DIR
     if comm.is_main_process() and output_dir:
@@ -95,9 +95,34 @@ def default_setup(cfg, args) -> None:
         with PathManager.open(config_file, "r") as f:
             logger.info(f"Contents of args.config_file={config_file}:\n{f.read()}",
                         extra=FILE_ONLY)
+    if comm.is_main_process():
+        logger.info("Running with full config:\n" + cfg.dump(), extra=FILE_ONLY)
+    return logger
+
+
+def default_setup(cfg, args, environment_logged: bool = False) -> None:
+    """Detectron2's ``default_setup``, quiet on the console.
+
+    Same steps: create ``OUTPUT_DIR``, set up the "fvcore" and "detectron2" loggers
+    (:func:`setup_loggers`), log the rank, the command line arguments, write
+    ``OUTPUT_DIR/config.yaml`` (main process), seed the RNGs with ``SEED`` + rank (random
+    when ``SEED`` < 0), and outside ``--eval-only`` set ``CUDNN_BENCHMARK``. The environment
+    report (``collect_env_info``), the config file and the full config go to ``log.txt``
+    only, uncoloured; the console gets :func:`environment_summary` instead.
+
+    Args:
+        cfg: the frozen config.
+        args: the parsed command line (``config_file``, ``eval_only`` read if present).
+        environment_logged: :func:`log_environment` already ran (its steps are skipped).
+    """
+    if environment_logged:
+        logger = logging.getLogger("detectron2")
+    else:
+        logger = log_environment(cfg, args)
+    output_dir = cfg.OUTPUT_DIR
+    rank = comm.get_rank()
     if comm.is_main_process() and output_dir:
         path = os.path.join(output_dir, "config.yaml")
-        logger.info("Running with full config:\n" + cfg.dump(), extra=FILE_ONLY)
         with PathManager.open(path, "w") as f:
             f.write(cfg.dump())
         logger.info("Full config saved to %s", path)
