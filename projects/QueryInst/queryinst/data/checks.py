@@ -123,7 +123,9 @@ def check_dataset(cfg, name: str, key: str = "DATASETS.TRAIN",
         check_cityscapes_dataset(name)
     elif cfg.MODEL.MASK_ON or not metadata.get("thing_classes", None):
         dicts = DatasetCatalog.get(name)
-        if keep if keep is not None else key == "DATASETS.TRAIN":
+        if keep is None:  # the training loader's load follows at once
+            keep = key == "DATASETS.TRAIN"
+        if keep:
             keep_for_next_get(name, dicts)
     classes = metadata.get("thing_classes", None)
     num_classes = cfg.MODEL.QUERYINST.NUM_CLASSES
