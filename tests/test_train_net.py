@@ -296,6 +296,37 @@ def test_full_model_clipping_under_grad_scaler():
     assert update.norm().item() == pytest.approx(0.5, rel=1e-4)
 
 
+def _adamw_run(*opts, steps=4):
+    """``steps`` AdamW steps with full-model clipping from fixed large gradients; the
+    parameters before and after them, and the optimiser."""
+    torch.manual_seed(0)
+    model = _Toy()
+    opt = build_optimizer(nuclei_cfg("SOLVER.BASE_LR", "0.01", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE",
+                                     "0.1", *opts), model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 100.0
+        opt.step()
+    return start, [p.detach().clone() for p in params], opt
+
+
+def test_fused_adamw_equals_the_for_loop_update():
+    _, fused, opt = _adamw_run()  # SOLVER.FUSED_ADAMW defaults to True
+    assert opt.defaults["fused"] is True
+    start, loop, opt_loop = _adamw_run("SOLVER.FUSED_ADAMW", "False")
+    assert not opt_loop.defaults["fused"]
+    moved = torch.cat([(a - b).flatten() for a, b in zip(loop, start)])
+    assert moved.abs().max() > 1e-3  # the steps did move the parameters (clipped, decayed)
+    for a, b in zip(fused, loop):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Under AMP the GradScaler would pass a fused step scaled gradients: not fused then.
+    *_, opt_amp = _adamw_run("SOLVER.AMP.ENABLED", "True", steps=0)
+    assert not opt_amp.defaults["fused"]
+
+
 # ---------------------------------------------------------------- tools/run_demo.py
 
 

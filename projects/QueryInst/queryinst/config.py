@@ -121,6 +121,9 @@ def add_queryinst_config(cfg: CN) -> None:
     # Optimiser (docs/method.md §2); read by queryinst.engine.solver.build_optimizer.
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" (paper) or "SGD"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0  # backbone lr factor (MMDetection's recipe: 0.1)
+    # AdamW as torch's fused kernel (one pass over all parameters; the for-loop's update to
+    # float rounding, several times faster on the CPU). Ignored with SOLVER.AMP.ENABLED.
+    cfg.SOLVER.FUSED_ADAMW = True
     # Periodic checkpoints (model_<iter>.pth) kept on disk, newest first; 0 keeps all
     # (Detectron2's behaviour). model_final.pth is always kept. Read by train_net.py.
     cfg.SOLVER.CHECKPOINTS_TO_KEEP = 0

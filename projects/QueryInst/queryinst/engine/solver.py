@@ -93,6 +93,8 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
     - ``BACKBONE_MULTIPLIER``: lr factor of the ResNet (``model.backbone.bottom_up``, the
       part MMDetection calls "backbone"; the FPN is the neck and keeps ``BASE_LR``). A
       backbone without ``bottom_up`` is scaled as a whole.
+    - ``FUSED_ADAMW``: AdamW's fused kernel (``torch.optim.AdamW(fused=True)``), unless
+      ``AMP.ENABLED``; several times faster on the CPU, the same update to float rounding.
     - ``CLIP_GRADIENTS``: with ``ENABLED`` and ``CLIP_TYPE: "full_model"`` the global norm
       of all gradients is clipped to ``CLIP_VALUE`` (``NORM_TYPE``-norm) in every ``step``;
       "value" and "norm" (per parameter) go through Detectron2's
@@ -126,7 +128,11 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
         params = split_backbone_param_groups(params, backbone, solver.BACKBONE_MULTIPLIER)
 
     if name == "ADAMW":
-        optimizer_cls, kwargs = torch.optim.AdamW, {}
+        # torch's fused kernel: one pass over all parameters instead of ~10 per parameter
+        # (the same update to float rounding). Not under AMP: its GradScaler would hand a
+        # fused step still-scaled gradients, which the full-model clipping must not see.
+        fused = solver.FUSED_ADAMW and not solver.AMP.ENABLED
+        optimizer_cls, kwargs = torch.optim.AdamW, ({"fused": True} if fused else {})
     else:
         optimizer_cls = torch.optim.SGD
         kwargs = {"momentum": solver.MOMENTUM, "nesterov": solver.NESTEROV}
