@@ -261,7 +261,8 @@ def release_free_heap() -> bool:
     (:data:`RELEASE_EVERY`), the worker keeps little more than what it still holds. Each
     call costs a pass over the allocator's free lists, and the pages given back are faulted
     in again when next written: after every sample that made mapping ~1.5x slower (COCO-size
-    json, 640-px images), every 4th sample costs nothing measurable (docs/benchmark.md).
+    json, 640-px images), after every 2nd 1.3x, after every 4th 1.00-1.05x
+    (docs/benchmark.md).
 
     Returns:
         bool: whether memory was given back; False also where the C library has no
