@@ -10,7 +10,14 @@ batch is in the training loop's hands:
   load and checks, model, loader, workers, first batch);
 - ``main_peak_rss_mb``: the main process's peak resident memory (``VmHWM``);
 - ``worker_uss_mb``: each DataLoader worker's unique memory (USS: private pages, from
-  ``/proc/PID/smaps_rollup``), i.e. what it does not share with the main process;
+  ``/proc/PID/smaps_rollup``), i.e. what it does not share with the main process, taken
+  after ``--uss-batches`` batches (default 10) once every worker is idle: the main process
+  stops taking batches, so each worker finishes the samples it was given (at most
+  ``prefetch_factor`` = 2 each) and then waits, its CPU time constant. Then each worker has
+  mapped the same samples in every run, and none is caught halfway through an image (a
+  decoded, resized image is several MB), which made a sample at an arbitrary moment vary by
+  about 10 MB from run to run. ``worker_uss_first_batch_mb``: the same after the first
+  batch. The other numbers are those at the first batch;
 - ``dataset_loads``: how often the process parsed the json;
 - ``memory_mb``: the main process's RSS and peak RSS after each ``DatasetCatalog.get``,
   before and after the model build, after the dicts' serialisation (``DatasetFromList``,
@@ -23,11 +30,15 @@ Detectron2's ``DefaultTrainer`` with its model zoo's
 ``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml`` and ``register_coco_instances``
 (what its ``tools/train_net.py`` does). Linux only (``/proc``).
 
+With ``--rounds N`` both runs are repeated N times, interleaved (every other round
+Detectron2's first), and "summary" holds each side's mean and standard deviation and those
+of the per-round ratios (``summarise``).
+
 Example::
 
     python tools/make_coco_scale_json.py --out output/coco_scale
     python tools/data_scale_benchmark.py --json output/coco_scale/annotations.json \\
-        --images output/coco_scale/images --output output/coco_scale/benchmark.json
+        --images output/coco_scale/images --rounds 4 --output output/coco_scale/benchmark.json
 """
 from __future__ import annotations
 
@@ -87,21 +98,64 @@ def _note_memory(stage: str) -> None:
                    round(_kib(status, ("VmHWM",)) / 1024)))
 
 
-def _measure(start: float, loads: list) -> dict:
-    """This process at its first training batch (see the module docstring)."""
+def _cpu_ticks(pid: int) -> int:
+    """User + system CPU time of process ``pid``, all its threads, in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of proc(5))
+
+
+def _idle_worker_uss(timeout: float = 60.0, interval: float = 0.25) -> dict:
+    """USS (MB) of each child process of this one, read once none of them has used CPU time
+    for two successive ``interval``s (or after ``timeout`` seconds: then "idle" is False).
+
+    Returns:
+        dict: {"uss_mb": sorted list, "idle": bool, "wait_seconds": float}.
+    """
+    t0 = time.time()
+    pids = _children(os.getpid())
+    last, still = None, 0
+    while time.time() - t0 < timeout and still < 2:
+        time.sleep(interval)
+        try:
+            ticks = [_cpu_ticks(p) for p in pids]
+        except (FileNotFoundError, ProcessLookupError):
+            pids, ticks = _children(os.getpid()), None
+        still = still + 1 if ticks is not None and ticks == last else 0
+        last = ticks
     uss = []
-    for pid in _children(os.getpid()):
+    for pid in pids:
         try:
             uss.append(_kib(f"/proc/{pid}/smaps_rollup",
                             ("Private_Clean", "Private_Dirty", "Private_Hugetlb")) / 1024)
         except (FileNotFoundError, ProcessLookupError):
             continue
+    return {"uss_mb": sorted(uss), "idle": still >= 2, "wait_seconds": time.time() - t0}
+
+
+def _measure(start: float, loads: list) -> dict:
+    """This process at its first training batch (see the module docstring); the workers'
+    USS follows (:func:`_add_worker_uss`)."""
     _note_memory("first batch")
     return {"seconds": time.time() - start,
             "main_peak_rss_mb": _kib("/proc/self/status", ("VmHWM",)) / 1024,
-            "worker_uss_mb": sorted(uss), "dataset_loads": len(loads),
+            "dataset_loads": len(loads),
             **{k: round(v, 3) for k, v in SPENT.items()},
             "memory_mb": [{"stage": s, "rss": r, "peak": h} for s, r, h in MEMORY]}
+
+
+def _add_worker_uss(result: dict, batches, uss_batches: int) -> None:
+    """Add the idle workers' USS after the first batch and after ``uss_batches`` batches
+    (taking the batches in between from ``batches``) to ``result``."""
+    first = _idle_worker_uss()
+    for _ in range(uss_batches - 1):
+        next(batches)
+    later = _idle_worker_uss() if uss_batches > 1 else first
+    result.update({
+        "worker_uss_first_batch_mb": first["uss_mb"], "uss_batches": uss_batches,
+        "worker_uss_mb": later["uss_mb"], "workers_idle": first["idle"] and later["idle"],
+        "worker_uss_max_mb": max(later["uss_mb"], default=0.0),
+        "worker_uss_mean_mb": sum(later["uss_mb"]) / max(1, len(later["uss_mb"]))})
 
 
 # Seconds spent in parts of the run: "dataset_get_seconds" (DatasetCatalog.get: reading and
@@ -111,16 +165,19 @@ SPENT: dict = {}
 MEMORY: list = []
 
 
-def _stop_at_first_batch(trainer, start: float, loads: list, out: str):
-    """Replace the trainer's batch iterator by one that measures at the first batch, writes
-    ``out`` and ends the process (the workers with it)."""
+def _stop_at_first_batch(trainer, start: float, loads: list, out: str, uss_batches: int):
+    """Replace the trainer's batch iterator by one that measures at the first batch (and
+    the workers' USS after ``uss_batches``), writes ``out`` and ends the process (the
+    workers with it)."""
     inner = trainer._trainer
     batches = inner._data_loader_iter
 
     def first():
         next(batches)
+        result = _measure(start, loads)
+        _add_worker_uss(result, batches, uss_batches)
         with open(out, "w") as f:
-            json.dump(_measure(start, loads), f)
+            json.dump(result, f)
         os._exit(0)
         yield  # a generator
 
@@ -162,7 +219,8 @@ def _count_loads(loads: list, json_file: str) -> None:
     _timed(DatasetFromList, "__init__", SPENT, "serialize_seconds")
 
 
-def _child(run: str, json_file: str, image_root: str, workers: int, batch: int, out: str):
+def _child(run: str, json_file: str, image_root: str, workers: int, batch: int, out: str,
+           uss_batches: int):
     start = float(os.environ["DATA_SCALE_START"])
     loads: list = []
     common = ["DATASETS.TRAIN", "('scale_train',)", "DATASETS.TEST", "()",
@@ -181,7 +239,7 @@ def _child(run: str, json_file: str, image_root: str, workers: int, batch: int, 
 
         def resume_then_stop(self, resume=True):
             resume_or_load(self, resume=resume)
-            _stop_at_first_batch(self, start, loads, out)
+            _stop_at_first_batch(self, start, loads, out, uss_batches)
 
         train_net.Trainer.resume_or_load = resume_then_stop
         args = train_net.parse_args([
@@ -210,13 +268,13 @@ def _child(run: str, json_file: str, image_root: str, workers: int, batch: int, 
         default_setup(cfg, argparse.Namespace(config_file="", eval_only=False))
         trainer = DefaultTrainer(cfg)
         trainer.resume_or_load(resume=False)
-        _stop_at_first_batch(trainer, start, loads, out)
+        _stop_at_first_batch(trainer, start, loads, out, uss_batches)
         trainer.train()
     raise SystemExit(f"ERROR: {run}: training ended without a first batch")
 
 
 def run(which, json_file: str, image_root: str, workers: int = 4, batch: int = 8,
-        timeout: float = 3600) -> dict:
+        timeout: float = 3600, uss_batches: int = 10) -> dict:
     """Measure each run of ``which`` in a fresh process; returns {run: measurements}.
 
     Raises:
@@ -231,7 +289,7 @@ def run(which, json_file: str, image_root: str, workers: int = 4, batch: int = 8
             proc = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), "--child", name, "--json",
                  json_file, "--images", image_root, "--num-workers", str(workers),
-                 "--batch", str(batch), "--output", out],
+                 "--batch", str(batch), "--uss-batches", str(uss_batches), "--output", out],
                 env=env, capture_output=True, text=True, timeout=timeout)
             if not os.path.exists(out):
                 raise RuntimeError(f"{name} run failed (exit {proc.returncode}):\n"
@@ -243,7 +301,9 @@ def run(which, json_file: str, image_root: str, workers: int = 4, batch: int = 8
         results["ratio"] = {
             "seconds": q["seconds"] / d["seconds"],
             "main_peak_rss": q["main_peak_rss_mb"] / d["main_peak_rss_mb"],
-            "worker_uss": max(q["worker_uss_mb"]) / max(d["worker_uss_mb"]),
+            # largest and mean worker, idle after uss_batches batches
+            "worker_uss": q["worker_uss_max_mb"] / d["worker_uss_max_mb"],
+            "worker_uss_mean": q["worker_uss_mean_mb"] / d["worker_uss_mean_mb"],
             # the data path alone: the models differ (QueryInst's heads are ~4x Mask R-CNN's)
             "seconds_besides_model_build": ((q["seconds"] - q["model_build_seconds"])
                                             / (d["seconds"] - d["model_build_seconds"])),
@@ -254,26 +314,62 @@ def run(which, json_file: str, image_root: str, workers: int = 4, batch: int = 8
     return results
 
 
+def summarise(rounds: list) -> dict:
+    """Mean and sample standard deviation over ``rounds`` (results of :func:`run`) of each
+    side's seconds, main peak RSS and largest / mean worker USS, and each round's ratios.
+
+    Returns:
+        dict: {"queryinst": {key: {"mean", "std", "values"}}, "detectron2": ...,
+        "ratio": {key: {"mean", "std", "values"}}}; std is 0.0 for one round.
+    """
+    def stats(values):
+        values = [float(v) for v in values]
+        mean = sum(values) / len(values)
+        var = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+               if len(values) > 1 else 0.0)
+        return {"mean": mean, "std": var ** 0.5, "values": values}
+
+    keys = ("seconds", "main_peak_rss_mb", "worker_uss_max_mb", "worker_uss_mean_mb")
+    out = {side: {k: stats([r[side][k] for r in rounds]) for k in keys}
+           for side in RUNS if all(side in r for r in rounds)}
+    if all("ratio" in r for r in rounds):
+        out["ratio"] = {k: stats([r["ratio"][k] for r in rounds]) for k in rounds[0]["ratio"]}
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", required=True, help="COCO instances json")
     parser.add_argument("--images", required=True, help="image folder of the json")
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8, help="SOLVER.IMS_PER_BATCH")
+    parser.add_argument("--uss-batches", type=int, default=10,
+                        help="take the workers' USS after this many batches (>= 1)")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the runs this many times, interleaved (every other round "
+                             "in the other order), and add their mean and std (\"summary\")")
     parser.add_argument("--output", help="write the results here (json) too")
     parser.add_argument("--child", choices=RUNS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        _child(args.child, args.json, args.images, args.num_workers, args.batch, args.output)
+        _child(args.child, args.json, args.images, args.num_workers, args.batch, args.output,
+               args.uss_batches)
         return 0
+    for flag, value in (("--uss-batches", args.uss_batches), ("--rounds", args.rounds)):
+        if value < 1:
+            print(f"ERROR: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
     for path in (args.json, args.images):
         if not os.path.exists(path):
             print(f"ERROR: {path} does not exist (make one with tools/make_coco_scale_json.py)",
                   file=sys.stderr)
             return 2
-    results = run(args.runs, os.path.abspath(args.json), os.path.abspath(args.images),
-                  args.num_workers, args.batch)
+    rounds = [run(args.runs[::-1] if i % 2 else args.runs, os.path.abspath(args.json),
+                  os.path.abspath(args.images), args.num_workers, args.batch,
+                  uss_batches=args.uss_batches) for i in range(args.rounds)]
+    results = rounds[0] if args.rounds == 1 else {"rounds": rounds,
+                                                  "summary": summarise(rounds)}
     text = json.dumps(results, indent=2)
     print(text)
     if args.output:

@@ -19,13 +19,24 @@ Here the stream is a function of ``cfg.SEED`` and the stream position alone:
   ``SeedSequence`` of the pair), so workers cannot duplicate augmentations.
 - :func:`rng_state` / :func:`set_rng_state`: the main process's RNG states in a form that
   ``torch.load(weights_only=True)`` reads (tensors, ints, tuples), for the checkpoint.
+- :class:`GCFrozenForkContext`: the DataLoader workers are forked with the main process's
+  objects frozen for Python's garbage collector (``gc.freeze``), so a worker's collections
+  do not write to the headers of the objects it inherited (which would copy their pages
+  into the worker); the main process unfreezes them right after each fork.
+- :func:`release_free_heap`, in each worker every :data:`RELEASE_EVERY` samples: the heap
+  pages that the samples' temporaries made the worker's own (copy-on-write, in free space
+  of the heap inherited from the main process) go back to the system once freed.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import itertools
 import logging
+import multiprocessing
 import pickle
 import random
+from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
@@ -35,8 +46,9 @@ from detectron2.data.build import build_batch_data_loader
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["ResumableTrainingSampler", "SeededMapDataset", "SerializedList",
-           "build_resumable_train_loader",
+__all__ = ["GCFrozenForkContext", "ResumableTrainingSampler", "SeededMapDataset",
+           "SerializedList", "RELEASE_EVERY", "build_resumable_train_loader", "gc_frozen",
+           "release_free_heap",
            "rng_state", "set_rng_state", "sample_seed", "stream_start", "train_stream_seed"]
 
 logger = logging.getLogger(__name__)
@@ -152,6 +164,9 @@ class SeededMapDataset(Dataset):
         dataset_dicts: Detectron2 dataset dicts.
         mapper: dict -> mapped dict (e.g. ``QueryInstDatasetMapper``); must not return None.
         seed (int): the stream's seed.
+        release_every (int): in a DataLoader worker, :func:`release_free_heap` after every
+            ``release_every`` samples it maps (0: never; the main process's heap is always
+            left alone).
 
     Raises (on access):
         ValueError: the mapper returned None (Detectron2's ``MapDataset`` would silently
@@ -160,8 +175,9 @@ class SeededMapDataset(Dataset):
     """
 
     def __init__(self, dataset_dicts: Sequence[dict], mapper: Callable[[dict], dict],
-                 seed: int):
+                 seed: int, release_every: int = 0):
         self._dicts, self._mapper, self._seed = dataset_dicts, mapper, int(seed)
+        self._release_every, self._mapped = int(release_every), 0  # per process (worker)
 
     def __len__(self) -> int:
         return len(self._dicts)
@@ -180,7 +196,95 @@ class SeededMapDataset(Dataset):
         if data is None:
             raise ValueError(f"the training mapper returned None for "
                              f"{self._dicts[index].get('file_name', index)!r}")
+        if self._release_every > 0 and torch.utils.data.get_worker_info() is not None:
+            self._mapped += 1
+            if self._mapped % self._release_every == 0:
+                release_free_heap()
         return data
+
+
+@contextmanager
+def gc_frozen():
+    """Within the block, every object Python's garbage collector tracks is frozen
+    (``gc.freeze``: moved to its permanent generation, which collections skip); on leaving,
+    they are unfrozen (``gc.unfreeze``: back to the oldest generation).
+
+    A process forked inside the block keeps its inherited objects frozen, so its collections
+    never write to their ``PyGC_Head`` and pages it shares copy-on-write with the parent stay
+    shared (Python's ``gc.freeze`` documentation recommends freezing right before ``fork``).
+    Where objects are frozen already (by the caller), nothing is done: unfreezing would undo
+    the caller's freeze.
+
+    Yields:
+        bool: whether this block froze (and will unfreeze) the objects.
+    """
+    if gc.get_freeze_count():
+        yield False
+        return
+    gc.freeze()
+    try:
+        yield True
+    finally:
+        gc.unfreeze()
+
+
+class _GCFrozenForkProcess(multiprocessing.context.ForkProcess):
+    def start(self):
+        with gc_frozen():
+            super().start()
+
+
+class GCFrozenForkContext(multiprocessing.context.ForkContext):
+    """The "fork" start method, forking each process inside :func:`gc_frozen`.
+
+    For ``DataLoader(multiprocessing_context=GCFrozenForkContext())``: each worker starts
+    with the main process's objects frozen for its garbage collector; the main process's
+    own collector is as before once the worker is started. POSIX only (``fork``).
+    """
+
+    Process = _GCFrozenForkProcess
+
+
+# DataLoader workers give their freed heap pages back every this many samples
+# (release_free_heap; SeededMapDataset's release_every).
+RELEASE_EVERY = 4
+
+
+def release_free_heap() -> bool:
+    """Give the free pages of glibc malloc's heap back to the system (``malloc_trim(0)``,
+    ``man 3 malloc_trim``), the free pages inside the heap too, not only at its top.
+
+    In a forked DataLoader worker, the mapping of a sample allocates and frees its
+    temporaries in free space of the heap inherited from the main process; every page
+    written there becomes the worker's own copy and, once freed, stays resident, a new
+    stretch with each sample as the allocator moves on. Called every few samples
+    (:data:`RELEASE_EVERY`), the worker keeps little more than what it still holds. Each
+    call costs a pass over the allocator's free lists, and the pages given back are faulted
+    in again when next written: after every sample that made mapping ~1.5x slower (COCO-size
+    json, 640-px images), after every 2nd 1.3x, after every 4th 1.00-1.05x
+    (docs/benchmark.md).
+
+    Returns:
+        bool: whether memory was given back; False also where the C library has no
+        ``malloc_trim`` (macOS, musl).
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return bool(trim(0))
+
+
+def _fork_with_gc_frozen(loader) -> None:
+    """Give the torch ``DataLoader`` ``loader`` a :class:`GCFrozenForkContext` when it has
+    workers and would fork them anyway (no context of its own, and "fork" is, or would be,
+    this process's start method); otherwise leave it as it is."""
+    if loader.num_workers == 0 or loader.multiprocessing_context is not None:
+        return
+    method = (multiprocessing.get_start_method(allow_none=True)
+              or multiprocessing.get_all_start_methods()[0])  # the first: the default
+    if method == "fork":
+        loader.multiprocessing_context = GCFrozenForkContext()
 
 
 def build_resumable_train_loader(cfg, mapper: Callable[[dict], dict], seed: int,
@@ -192,6 +296,9 @@ def build_resumable_train_loader(cfg, mapper: Callable[[dict], dict], seed: int,
     (``SOLVER.IMS_PER_BATCH`` over all processes, ``DATALOADER.ASPECT_RATIO_GROUPING``) and
     workers (``DATALOADER.NUM_WORKERS``, Detectron2's ``worker_init_reset_seed``) as
     ``build_detection_train_loader``; only ``DATALOADER.SAMPLER_TRAIN: TrainingSampler``.
+    Where workers are forked, they are forked inside :func:`gc_frozen`
+    (:class:`GCFrozenForkContext`), and each worker runs :func:`release_free_heap` every
+    :data:`RELEASE_EVERY` samples.
 
     Args:
         cfg: the config.
@@ -222,7 +329,7 @@ def build_resumable_train_loader(cfg, mapper: Callable[[dict], dict], seed: int,
     # as reference counts change). The list empties as the buffer fills (SerializedList).
     dicts = SerializedList(dicts)
     loader = build_batch_data_loader(
-        SeededMapDataset(dicts, mapper, seed),
+        SeededMapDataset(dicts, mapper, seed, release_every=RELEASE_EVERY),
         ResumableTrainingSampler(len(dicts), seed, start),
         cfg.SOLVER.IMS_PER_BATCH,
         aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
@@ -237,6 +344,10 @@ def build_resumable_train_loader(cfg, mapper: Callable[[dict], dict], seed: int,
     torch_loader = loader if isinstance(loader, DataLoader) else getattr(loader, "dataset", None)
     if isinstance(torch_loader, DataLoader):
         torch_loader.generator = torch.Generator().manual_seed(seed)
+        # Workers forked with the main process's objects frozen for the garbage collector
+        # (gc_frozen): pages of inherited objects stay shared instead of being copied
+        # into each worker by its collections.
+        _fork_with_gc_frozen(torch_loader)
     return loader
 
 
