@@ -17,7 +17,7 @@ from queryinst.video.evaluation.evaluator import (YTVISEvaluator, results_from_t
                                         write_submission)
 from queryinst.video.structures import VideoTrack
 from queryinst.video.evaluation.ytvis_metric import (evaluate_ytvis, identity_switches,
-                                          spatio_temporal_iou, to_rle)
+                                          rle_areas, spatio_temporal_iou, to_rle)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10"]
@@ -343,6 +343,29 @@ def test_brute_force_iou_equals_spatio_temporal_iou():
                                    [[rle(m) for m in x] for x in g])
         want = np.array([[brute_st_iou(a, b) for b in g] for a in d]).reshape(len(d), len(g))
         np.testing.assert_allclose(ious, want, atol=1e-12)
+
+
+def test_dense_frames_beyond_255_masks():
+    """A frame with 300 tracks on each side (the E. coli colony has 358 cells): pycocotools'
+    area() of > 255 masks at once fails under NumPy 2; the IoUs still equal brute force."""
+    rng = np.random.default_rng(11)
+    n, frames, h, w = 300, 2, 48, 64
+
+    def random_tracks():
+        masks = np.zeros((n, frames, h, w), dtype=bool)
+        for i in range(n):
+            for t in range(frames):
+                y, x = rng.integers(0, h - 8), rng.integers(0, w - 8)
+                masks[i, t, y:y + rng.integers(2, 8), x:x + rng.integers(2, 8)] = True
+        return masks
+
+    d, g = random_tracks(), random_tracks()
+    np.testing.assert_array_equal(rle_areas([rle(m) for m in d[:, 0]]), d[:, 0].sum((1, 2)))
+    ious = spatio_temporal_iou([[rle(m) for m in x] for x in d], [[rle(m) for m in x] for x in g])
+    df, gf = d.reshape(n, -1).astype(np.int64), g.reshape(n, -1).astype(np.int64)
+    inter = df @ gf.T
+    union = df.sum(1)[:, None] + gf.sum(1)[None, :] - inter
+    np.testing.assert_allclose(ious, inter / union, atol=1e-12)
 
 
 # ---------------------------------------------------------------- identity switches

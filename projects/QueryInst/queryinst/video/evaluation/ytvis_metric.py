@@ -38,6 +38,7 @@ __all__ = [
     "METRIC_NAMES",
     "AREA_RANGES",
     "to_rle",
+    "rle_areas",
     "spatio_temporal_iou",
     "YTVISeval",
     "evaluate_ytvis",
@@ -85,6 +86,25 @@ def to_rle(segm, height: int, width: int) -> Optional[dict]:
                      f"got {type(segm).__name__}")
 
 
+# pycocotools' area() of a list builds its result from a uint8 array of the list's length
+# (2.0.11 under NumPy 2: OverflowError beyond 255 masks): dense frames are measured in chunks.
+_AREA_CHUNK = 255
+
+
+def rle_areas(rles: Sequence[dict]) -> np.ndarray:
+    """Pixel areas of compressed RLEs.
+
+    Args:
+        rles: N compressed RLE dicts (any N, also > 255).
+
+    Returns:
+        int64 array (N,): foreground pixel counts.
+    """
+    chunks = [np.asarray(mask_util.area(list(rles[i:i + _AREA_CHUNK])), dtype=np.int64)
+              for i in range(0, len(rles), _AREA_CHUNK)]
+    return np.concatenate(chunks).reshape(-1) if chunks else np.zeros(0, dtype=np.int64)
+
+
 def _areas(rles: Sequence[Optional[dict]]) -> List[Optional[float]]:
     return [None if r is None else float(mask_util.area(r)) for r in rles]
 
@@ -124,8 +144,8 @@ def spatio_temporal_iou(dts: Sequence[Sequence[Optional[dict]]],
         g_rle = [gts[j][t] for j in g_idx]
         d_area = np.zeros(D)
         g_area = np.zeros(G)
-        d_area[d_idx] = mask_util.area(d_rle) if d_idx else []
-        g_area[g_idx] = mask_util.area(g_rle) if g_idx else []
+        d_area[d_idx] = rle_areas(d_rle)
+        g_area[g_idx] = rle_areas(g_rle)
         frame_inter = np.zeros((D, G))
         if d_idx and g_idx:
             ious = np.asarray(mask_util.iou(d_rle, g_rle, [0] * len(g_rle))).reshape(
