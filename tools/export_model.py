@@ -26,9 +26,9 @@ support (the line names the key or flag and the fix, e.g. ``--opset 11``), and a
 
 int8: ``--quantize int8 --calibration-dataset NAME [--calibration-images N]`` (``--format
 onnx`` only) also writes ``model.int8.onnx`` beside ``model.onnx``: ONNX Runtime's
-``quantize_static`` (QDQ, per-channel int8 weights, int8 activations calibrated on N images
-of the training dataset NAME; RoIAlign, box decoding, the sigmoids and the layers feeding
-them stay float32), recorded under ``"int8"`` in ``model.json``; see
+``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations (U8S8, ONNX
+Runtime's x86 int8 kernels) calibrated on N images of the training dataset NAME; RoIAlign,
+box decoding, the sigmoids and the layers feeding them stay float32), recorded under ``"int8"`` in ``model.json``; see
 ``queryinst/export/quantize.py``. NAME must not be, nor share an image with, a dataset of
 ``DATASETS.TEST`` (exit 2 with one ``ERROR:`` line, as for a TorchScript format or an opset
 the quantizer does not take). ``demo/demo.py --exported DIR/model.int8.onnx`` runs it.

@@ -5,8 +5,14 @@
 ``model.int8.onnx``: the same graph quantized by ONNX Runtime's own
 ``onnxruntime.quantization.quantize_static`` in the QDQ format (QuantizeLinear /
 DequantizeLinear pairs around the quantized operators, which ONNX Runtime fuses into int8
-kernels when it loads the graph), int8 weights per output channel, int8 activations with
+kernels when it loads the graph), int8 weights per output channel, uint8 activations with
 scales calibrated (min / max) on preprocessed frames of a training dataset.
+
+So that ONNX Runtime runs every quantized convolution as an int8 kernel (``QLinearConv``)
+rather than DequantizeLinear -> float32 Conv -> QuantizeLinear, the activations are uint8
+(U8S8, its x86 int8 path; with int8 activations it fused only half of ResNet-50's
+convolutions) and no two quantized layers share a weight or bias initializer
+(:func:`unshare_initializers`). docs/benchmark.md ("int8") has the per-operator profiles.
 
 What is quantized and what is not:
 
@@ -35,6 +41,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -53,6 +60,7 @@ __all__ = [
     "graph_input",
     "quantize_int8",
     "quantized_path",
+    "unshare_initializers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -268,12 +276,58 @@ def fp32_output_layers(graph) -> list[str]:
     return [n.name for n in graph.node if n.name in found]
 
 
+def unshare_initializers(graph) -> int:
+    """Give every ``QUANTIZED_OP_TYPES`` node its own copy of each initializer that it shares
+    with another node, directly or through ``Identity`` nodes, in place.
+
+    The ONNX exporter stores equal constants once: layers with equal biases (e.g. all-zero
+    ones) read one initializer, some through an ``Identity``. ``quantize_static`` quantizes
+    such a bias once, with one layer's scales, and ONNX Runtime then cannot fuse the other
+    layers into int8 kernels: they stay DequantizeLinear -> float32 Conv -> QuantizeLinear,
+    slower than the float32 graph's Conv (docs/benchmark.md, "int8").
+
+    Args:
+        graph: an ``onnx.GraphProto``.
+
+    Returns:
+        int: the number of initializer copies added.
+    """
+    inits = {t.name: t for t in graph.initializer}
+    identity_of = {n.output[0]: n.input[0] for n in graph.node
+                   if n.op_type == "Identity" and n.input[0] in inits}
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for name in set(node.input):
+            if name in inits:
+                users[name] = users.get(name, 0) + 1
+    copies = 0
+    for node in graph.node:
+        if node.op_type not in QUANTIZED_OP_TYPES:
+            continue
+        for i, name in enumerate(node.input):
+            source = identity_of.get(name, name)
+            if source not in inits or (source == name and users[name] == 1):
+                continue
+            if source == name:
+                users[name] -= 1  # its last user keeps the original
+            copy = graph.initializer.add()
+            copy.CopyFrom(inits[source])
+            copy.name = f"{source}__{copies}"
+            node.input[i] = copy.name
+            copies += 1
+    return copies
+
+
 def quantize_int8(fp32_path: str, reader: CalibrationImages,
                   extra_fp32: Sequence[str] = (), out_path: str | None = None,
-                  calibration_dataset: str | None = None) -> dict[str, Any]:
+                  calibration_dataset: str | None = None,
+                  activations: str = "uint8") -> dict[str, Any]:
     """Quantize ``fp32_path`` statically to int8 (ONNX Runtime ``quantize_static``, QDQ,
-    per-channel int8 weights, int8 activations, min/max calibration) and record it in the
+    per-channel int8 weights, 8-bit activations, min/max calibration) and record it in the
     ``model.json`` beside it under ``"int8"``.
+
+    Shared initializers are copied first (:func:`unshare_initializers`), so that ONNX Runtime
+    fuses every quantized Conv into ``QLinearConv``.
 
     Args:
         fp32_path: ``DIR/model.onnx`` written by ``export_model`` (its json beside it).
@@ -282,10 +336,19 @@ def quantize_int8(fp32_path: str, reader: CalibrationImages,
             (beside ``DEFAULT_FP32_NODES`` and :func:`fp32_output_layers`).
         out_path: where to write (default ``DIR/model.int8.onnx``).
         calibration_dataset: the dataset's name, recorded.
+        activations: "uint8" (default: unsigned activations with signed weights, U8S8, ONNX
+            Runtime's x86 int8 kernels) or "int8" (S8S8). On x86, ONNX Runtime fuses an int8
+            (S8S8) Conv only where it can rewrite the activation to uint8 itself, which it
+            does not where the quantized tensor has several readers (the first convolution
+            of every ResNet block and the FPN's): those stayed DequantizeLinear -> float32
+            Conv -> QuantizeLinear (docs/benchmark.md, "int8").
 
     Returns:
         dict: what was recorded: file, calibration dataset files count, the nodes kept in
         float32, the number of quantized nodes, the ONNX Runtime version.
+
+    Raises:
+        QuantizeError: ``activations`` other than "uint8" or "int8".
     """
     import onnx
     import onnxruntime
@@ -298,6 +361,9 @@ def quantize_int8(fp32_path: str, reader: CalibrationImages,
 
     from .exporter import export_info_path
 
+    quant_types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    if activations not in quant_types:
+        raise QuantizeError(f"activations {activations!r}: use one of {sorted(quant_types)}")
     out_path = out_path or quantized_path(fp32_path)
     model = onnx.load(fp32_path)
     outputs = fp32_output_layers(model.graph)
@@ -305,18 +371,26 @@ def quantize_int8(fp32_path: str, reader: CalibrationImages,
     patterns = [re.compile(p) for p in (*DEFAULT_FP32_NODES, *extra_fp32)]
     candidates = [n.name for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES]
     keep += [n for n in candidates if n not in keep and any(p.search(n) for p in patterns)]
-    del model
-    quantize_static(
-        fp32_path, out_path, reader,
-        quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OP_TYPES),
-        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-        nodes_to_exclude=keep, calibrate_method=CalibrationMethod.MinMax,
-    )
+    copies = unshare_initializers(model.graph)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out_path))) as tmp:
+        source = fp32_path
+        if copies:
+            source = os.path.join(tmp, "unshared.onnx")
+            onnx.save(model, source)
+        del model
+        quantize_static(
+            source, out_path, reader,
+            quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OP_TYPES),
+            per_channel=True, activation_type=quant_types[activations],
+            weight_type=QuantType.QInt8, nodes_to_exclude=keep,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
     record = {
         "file": os.path.basename(out_path),
         "quant_format": "QDQ",
         "weights": "int8 per channel",
-        "activations": "int8 per tensor, min/max calibrated",
+        "activations": f"{activations} per tensor, min/max calibrated",
+        "initializer_copies": copies,
         "quantized_op_types": list(QUANTIZED_OP_TYPES),
         "num_quantized_nodes": len(candidates) - len(keep),
         "output_layers_fp32": outputs,
