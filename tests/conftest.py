@@ -1,6 +1,7 @@
 """Fixtures and helpers shared by the test modules (``from conftest import load_script``)."""
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -37,6 +38,24 @@ def run_together(cmds, env, timeout):
                 p.kill()
     for p, err in zip(procs, errors):
         assert p.returncode == 0, err[-3000:]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_module_temp_dirs(tmp_path_factory):
+    """Delete the folders a module's fixtures made with ``tmp_path_factory.mktemp`` when the
+    module ends.
+
+    pytest keeps them until the session ends, and the checkpoints in them add up to about
+    10 GB over the suite: CI once ran out of disk in ``torch.save``. Folders of single tests
+    (named after the test, ``test_*``) are left to ``tmp_path_retention_policy = failed``
+    in setup.cfg, which keeps those of failed tests for debugging.
+    """
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    for path in set(base.iterdir()) - before:
+        if not path.name.startswith("test_"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ NAMES = ("nuclei_dsb_train", "nuclei_dsb_val", "voc_mini", "ctc_psc_train", "ctc
          "ecoli_colony_train", "ecoli_colony_val")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """Register from a clean DETECTRON2_DATASETS and load every bundled dataset once."""
     root = str(tmp_path_factory.mktemp("datasets"))
