@@ -28,6 +28,9 @@ def add_queryinst_config(cfg: CN) -> None:
     # (saved in OUTPUT_DIR/config.yaml and the checkpoints) for the demo and the export.
     _C.CLASS_NAMES = ()
     _C.NUM_PROPOSALS = 100  # N: object queries per image (docs/method.md §1: 100 or 300)
+    # Initial proposal boxes (docs/method.md §1.2): "image" (each the whole image, the
+    # paper's) or "grid" (tiling the image; for many small objects). Checkpoints override it.
+    _C.PROPOSAL_BOX_INIT = "image"
     _C.NUM_STAGES = 6  # box stages, each with its own dynamic mask head (docs/method.md §1)
     _C.HIDDEN_DIM = 256  # D: query and FPN/RoI feature channels
     _C.DIM_FEEDFORWARD = 2048  # FFN hidden width of each box stage

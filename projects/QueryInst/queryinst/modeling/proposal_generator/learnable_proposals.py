@@ -6,6 +6,8 @@ meta-architecture hands its output to the ROI heads like any other proposals.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from detectron2.config import configurable
 from detectron2.layers.wrappers import shapes_to_tensor
@@ -14,7 +16,31 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-__all__ = ["LearnableProposals"]
+__all__ = ["LearnableProposals", "PROPOSAL_BOX_INITS"]
+
+
+def _whole_image(num_proposals: int) -> Tensor:
+    """Every box the whole image, (0.5, 0.5, 1, 1): Sparse R-CNN's and QueryInst's default."""
+    return torch.tensor([0.5, 0.5, 1.0, 1.0]).repeat(num_proposals, 1)
+
+
+def _grid(num_proposals: int) -> Tensor:
+    """Boxes tiling the image on a g x g grid, g = ceil(sqrt(N)), filled row by row.
+
+    Each box is one grid cell (w = h = 1 / g). Sparse R-CNN's "grid" initialisation (its
+    ablation of proposal boxes): on COCO it matches the whole-image init, and it starts every
+    query near the small, dense objects of a microscopy frame (docs/method.md §1.2).
+    """
+    g = math.ceil(math.sqrt(num_proposals))
+    idx = torch.arange(num_proposals, dtype=torch.float32)
+    cx = (idx % g + 0.5) / g
+    cy = (torch.div(idx, g, rounding_mode="floor") + 0.5) / g
+    size = torch.full_like(cx, 1.0 / g)
+    return torch.stack([cx, cy, size, size], dim=1)
+
+
+# MODEL.QUERYINST.PROPOSAL_BOX_INIT -> N -> (N, 4) float32 normalised (cx, cy, w, h)
+PROPOSAL_BOX_INITS = {"image": _whole_image, "grid": _grid}
 
 
 @PROPOSAL_GENERATOR_REGISTRY.register()
@@ -23,29 +49,38 @@ class LearnableProposals(nn.Module):
 
     Attributes:
         init_proposal_boxes (nn.Embedding): weight (N, 4), normalised (cx, cy, w, h),
-            initialised to (0.5, 0.5, 1, 1), the whole image.
+            initialised by ``PROPOSAL_BOX_INITS[box_init]``: by default (0.5, 0.5, 1, 1),
+            the whole image.
         init_proposal_features (nn.Embedding): weight (N, D), PyTorch's default N(0, 1) init.
     """
 
     @configurable
-    def __init__(self, *, num_proposals: int = 100, hidden_dim: int = 256):
+    def __init__(self, *, num_proposals: int = 100, hidden_dim: int = 256,
+                 box_init: str = "image"):
         """
         Args:
             num_proposals: N, object queries per image (100 or 300 in the paper).
             hidden_dim: D, channels of the proposal features.
+            box_init: a key of ``PROPOSAL_BOX_INITS``: "image" (the paper's) or "grid".
+
+        Raises:
+            ValueError: ``box_init`` is not a key of ``PROPOSAL_BOX_INITS``.
         """
         super().__init__()
+        if box_init not in PROPOSAL_BOX_INITS:
+            raise ValueError(f"MODEL.QUERYINST.PROPOSAL_BOX_INIT = {box_init!r}: use one of "
+                             f"{sorted(PROPOSAL_BOX_INITS)}")
         self.init_proposal_boxes = nn.Embedding(num_proposals, 4)
         self.init_proposal_features = nn.Embedding(num_proposals, hidden_dim)
         with torch.no_grad():
-            self.init_proposal_boxes.weight[:, :2] = 0.5
-            self.init_proposal_boxes.weight[:, 2:] = 1.0
+            self.init_proposal_boxes.weight.copy_(PROPOSAL_BOX_INITS[box_init](num_proposals))
 
     @classmethod
     def from_config(cls, cfg, input_shape=None):
         return {
             "num_proposals": cfg.MODEL.QUERYINST.NUM_PROPOSALS,
             "hidden_dim": cfg.MODEL.QUERYINST.HIDDEN_DIM,
+            "box_init": cfg.MODEL.QUERYINST.PROPOSAL_BOX_INIT,
         }
 
     def forward(
