@@ -148,7 +148,11 @@ def test_int8_graph_quantizes_the_heavy_ops_and_keeps_the_outputs_fp32(quantized
     heads = {n.name for n in graph.node if n.name.startswith("/roi_heads/")
              and n.op_type in ("Conv", "MatMul", "Gemm")}
     mask_convs = {n for n in heads if "/mask_convs" in n}
-    assert len(mask_convs) == 4 and kept == heads - mask_convs
+    # and MobileNetV2's first four blocks: the stem conv, then 2 + 3 + 3 block convs
+    early = {n.name for n in graph.node if n.op_type == "Conv" and any(
+        n.name.startswith(f"/backbone/bottom_up/features.{b}/") for b in range(4))}
+    assert len(mask_convs) == 4 and len(early) == 9
+    assert kept == (heads - mask_convs) | early
     quantized_convs = 0
     for node in graph.node:
         if node.op_type not in ("Conv", "MatMul", "Gemm"):
@@ -164,8 +168,8 @@ def test_int8_graph_quantizes_the_heavy_ops_and_keeps_the_outputs_fp32(quantized
             assert weight.data_type == onnx.TensorProto.INT8
             assert len(init[dq.input[1]].dims) == 1 and init[dq.input[1]].dims[0] == weight.dims[0]
             quantized_convs += 1
-    # the backbone (51), FPN (8) and mask head (4) convolutions
-    assert quantized_convs == 63 and info["num_quantized_nodes"] == 63
+    # the backbone's from block 4 on (51 - 9), FPN (8) and mask head (4) convolutions
+    assert quantized_convs == 54 and info["num_quantized_nodes"] == 54
     # RoIAlign, the box decoding and the sigmoids stay float32 operators
     ops = {n.op_type for n in graph.node}
     assert {"RoiAlign", "Sigmoid", "Exp"} <= ops
@@ -178,10 +182,10 @@ def test_int8_graph_quantizes_the_heavy_ops_and_keeps_the_outputs_fp32(quantized
 
 def test_onnxruntime_runs_every_quantized_conv_as_an_int8_kernel(quantized, tmp_path):
     """What ONNX Runtime makes of the QDQ graph when it loads it (its own optimized graph,
-    written out): each of the 63 quantized convolutions fused into one ``QLinearConv``, no
+    written out): each of the 54 quantized convolutions fused into one ``QLinearConv``, no
     float32 Conv left reading a DequantizeLinear (the slow path that half of the convolutions
-    took with int8 activations and shared biases). The float32 convolutions are the kept
-    mask logits only."""
+    took with int8 activations and shared biases). The float32 convolutions are MobileNetV2's
+    first four blocks and the kept mask logits."""
     import onnxruntime as ort
 
     out, _ = quantized
@@ -192,10 +196,13 @@ def test_onnxruntime_runs_every_quantized_conv_as_an_int8_kernel(quantized, tmp_
                          providers=["CPUExecutionProvider"])
     graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
     producer = {o: n for n in graph.node for o in n.output}
-    convs = [n for n in graph.node if n.op_type in ("Conv", "QLinearConv")]
-    assert sum(n.op_type == "QLinearConv" for n in convs) == 63
-    float_convs = [n for n in convs if n.op_type == "Conv"]
-    assert [n.name for n in float_convs] == ["/roi_heads/mask_heads.2/predictor/Conv"]
+    # FusedConv: ONNX Runtime's float32 Conv with its activation (the early blocks' ReLU6)
+    convs = [n for n in graph.node if n.op_type in ("Conv", "FusedConv", "QLinearConv")]
+    assert sum(n.op_type == "QLinearConv" for n in convs) == 54
+    float_convs = [n for n in convs if n.op_type != "QLinearConv"]
+    assert [n.name for n in float_convs if not n.name.startswith("/backbone/")] == [
+        "/roi_heads/mask_heads.2/predictor/Conv"]
+    assert len(float_convs) == 1 + 9
     assert all(producer[i].op_type != "DequantizeLinear"
                for n in float_convs for i in n.input if i in producer)
 
