@@ -28,7 +28,7 @@ def _grid(num_proposals: int) -> Tensor:
     """Boxes tiling the image on a g x g grid, g = ceil(sqrt(N)), filled row by row.
 
     Each box is one grid cell (w = h = 1 / g). Sparse R-CNN's "grid" initialisation (its
-    ablation of proposal boxes): on COCO it matches the whole-image init, and it starts every
+    ablation of proposal boxes): on COCO about equal to the whole-image init; it starts every
     query near the small, dense objects of a microscopy frame (docs/method.md §1.2).
     """
     g = math.ceil(math.sqrt(num_proposals))
