@@ -33,11 +33,11 @@ import argparse
 import json
 import math
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
-from qi_bench.results import cpu_model  # tools/qi_bench
+from qi_bench.measure import interleaved_times  # tools/qi_bench
+from qi_bench.results import cpu_model
 
 # name -> (batch, in channels, out channels, kernel, height, width) at 800x1344.
 SHAPES = {
@@ -58,16 +58,11 @@ def conv_flops(batch: int, cin: int, cout: int, k: int, h: int, w: int) -> int:
     return 2 * batch * h * w * cin * cout * k * k
 
 
-def _median_ms(fn, rounds: int, other=None):
-    """Median wall time of ``fn`` (and of ``other``, taking turns), milliseconds."""
-    times = {0: [], 1: []}
-    for _ in range(rounds):
-        for i, f in enumerate((fn, other)):
-            if f is not None:
-                start = time.perf_counter()
-                f()
-                times[i].append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(t) if t else None for t in times.values()]
+def _median_ms(fns: list, rounds: int) -> list:
+    """Median wall time of each function in milliseconds, after one untimed call of each;
+    the functions take turns (``qi_bench.measure.interleaved_times``)."""
+    times = interleaved_times(fns, iters=rounds, warmup=1, device="cpu")
+    return [statistics.median(t) * 1e3 for t in times]
 
 
 def _prepacked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pad: int):
@@ -109,13 +104,14 @@ def measure_shape(shape, rounds: int, scale: float = 1.0, seed: int = 0) -> dict
     bias = torch.randn(cout, generator=gen)
     pad = k // 2
     plain = lambda: F.conv2d(x, weight, bias, padding=pad)  # noqa: E731
-    plain()
     packed = _prepacked(x, weight, bias, pad)
-    plain_ms, packed_ms = _median_ms(plain, rounds, packed)
+    times = _median_ms([plain] if packed is None else [plain, packed], rounds)
+    plain_ms = times[0]
     gflop = conv_flops(n, cin, cout, k, h, w) / 1e9
     row = {"shape": [n, cin, cout, k, h, w], "gflop": round(gflop, 3), "plain_ms": round(plain_ms, 2),
            "plain_gflops_per_s": round(gflop / plain_ms * 1e3, 1)}
     if packed is not None:
+        packed_ms = times[1]
         row.update(prepacked_ms=round(packed_ms, 2),
                    prepacked_gflops_per_s=round(gflop / packed_ms * 1e3, 1),
                    prepacked_over_plain=round(packed_ms / plain_ms, 3),
@@ -127,8 +123,7 @@ def measure_shape(shape, rounds: int, scale: float = 1.0, seed: int = 0) -> dict
 def measure_gemm(size: int, rounds: int) -> dict:
     """Median time and rate of a ``size`` x ``size`` float32 ``torch.mm``."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    (ms, _) = _median_ms(lambda: a @ b, rounds)
+    (ms,) = _median_ms([lambda: a @ b], rounds)
     gflop = 2 * size ** 3 / 1e9
     return {"size": size, "gflop": round(gflop, 3), "ms": round(ms, 2),
             "gflops_per_s": round(gflop / ms * 1e3, 1)}
