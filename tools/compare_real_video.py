@@ -15,9 +15,10 @@ and its frames as images (``ctc_psc_val``):
     differ only in linking. laptrack's link cut-off: ``--laptrack-distance`` pixels (default:
     the median radius of the training clip's cells); ``--laptrack-sweep`` also reports other
     cut-offs.
-(c) Detectron2's Mask R-CNN with the same ImageNet MobileNetV2-FPN backbone, data,
-    iterations and input size (``configs/bundled/mask_rcnn_MNV2_FPN_ctc_psc.yaml``): frame
-    box / mask AP on the held-out frames (``COCOEvaluator``), next to QueryInst's.
+(c) Detectron2's Mask R-CNN with the same ImageNet MobileNetV2-FPN backbone, data and
+    input size (``configs/bundled/mask_rcnn_MNV2_FPN_ctc_psc.yaml``; 330 iterations, where
+    make demo's QueryInst now trains 300): frame box / mask AP on the held-out frames
+    (``COCOEvaluator``), next to QueryInst's.
 
 Checkpoints: ``--queryinst-weights`` and ``--mask-rcnn-weights`` are paths with ``{seed}``;
 a missing one is trained first (``train_net.py --resume``, ``SEED`` = the seed, so a run
