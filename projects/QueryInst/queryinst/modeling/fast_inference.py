@@ -36,22 +36,30 @@ __all__ = [
     "InferenceWeights",
     "bf16_supported",
     "check_inference_dtype",
+    "check_train_dtype",
     "conv_bn_pairs",
     "resolve_inference_dtype",
     "resolve_memory_format",
+    "resolve_train_dtype",
 ]
 
 # MODEL.QUERYINST.INFERENCE_DTYPE values -> torch dtype.
 INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _KEY = "MODEL.QUERYINST.INFERENCE_DTYPE"
+TRAIN_DTYPE_KEY = "MODEL.QUERYINST.TRAIN_DTYPE"
+TRAIN_DTYPES = ("float32", "bfloat16")  # its values
 
 
-def check_inference_dtype(name: str, device_type: str | None = None) -> torch.dtype:
+def check_inference_dtype(
+    name: str, device_type: str | None = None, key: str = _KEY
+) -> torch.dtype:
     """The torch dtype of an ``INFERENCE_DTYPE`` value, refusing what cannot run.
 
     Args:
         name: "float32", "bfloat16" or "float16".
         device_type: "cpu", "cuda", ...; None checks the name only.
+        key: the config key named in errors and warnings (``INFERENCE_DTYPE``, or
+            ``TRAIN_DTYPE`` for :func:`resolve_train_dtype`).
 
     Returns:
         torch.dtype: ``INFERENCE_DTYPES[name]``.
@@ -61,10 +69,10 @@ def check_inference_dtype(name: str, device_type: str | None = None) -> torch.dt
             CPU (no fast fp16 kernels there; the message names the key and the alternatives).
     """
     if name not in INFERENCE_DTYPES:
-        raise ValueError(f"{_KEY} {name!r} is not supported: use one of {list(INFERENCE_DTYPES)}")
+        raise ValueError(f"{key} {name!r} is not supported: use one of {list(INFERENCE_DTYPES)}")
     if name == "float16" and device_type == "cpu":
         raise ValueError(
-            f"{_KEY} float16 needs CUDA (MODEL.DEVICE cuda): the CPU has no fast fp16 "
+            f"{key} float16 needs CUDA (MODEL.DEVICE cuda): the CPU has no fast fp16 "
             f"kernels. On the CPU use bfloat16 (CPUs with AVX512-BF16 or AMX) or float32"
         )
     return INFERENCE_DTYPES[name]
@@ -85,12 +93,15 @@ def bf16_supported(device_type: str) -> bool:
     return True
 
 
-def resolve_inference_dtype(name: str, device_type: str) -> torch.dtype | None:
+def resolve_inference_dtype(
+    name: str, device_type: str, key: str = _KEY
+) -> torch.dtype | None:
     """The autocast dtype for inference on ``device_type``; None means plain fp32.
 
     Args:
         name: the ``INFERENCE_DTYPE`` value.
         device_type: the device the model runs on ("cpu", "cuda").
+        key: the config key named in the errors and the warning.
 
     Returns:
         ``torch.bfloat16`` / ``torch.float16``, or None for "float32", and for "bfloat16"
@@ -99,14 +110,15 @@ def resolve_inference_dtype(name: str, device_type: str) -> torch.dtype | None:
     Raises:
         ValueError: see :func:`check_inference_dtype`.
     """
-    dtype = check_inference_dtype(name, device_type)
+    dtype = check_inference_dtype(name, device_type, key)
     if dtype == torch.float32:
         return None
     if dtype == torch.bfloat16 and not bf16_supported(device_type):
+        what = "training" if key == TRAIN_DTYPE_KEY else "inference"
         warnings.warn(
-            f"{_KEY} bfloat16: this {device_type.upper()} has no native bf16 support (on "
+            f"{key} bfloat16: this {device_type.upper()} has no native bf16 support (on "
             f"CPUs: AVX512-BF16 or AMX), where bf16 runs much slower than fp32; running "
-            f"inference in float32 instead",
+            f"{what} in float32 instead",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -351,3 +363,40 @@ class InferenceWeights:
                 self._active -= 1
                 if self._active == 0:
                     self._swap_out()
+
+
+
+def check_train_dtype(name: str) -> None:
+    """Refuse a ``MODEL.QUERYINST.TRAIN_DTYPE`` value other than "float32" and "bfloat16".
+
+    Raises:
+        ValueError: naming the key and the valid values; for "float16" also why (fp16
+            training needs loss scaling, which is Detectron2's ``SOLVER.AMP.ENABLED`` on CUDA).
+    """
+    if name not in TRAIN_DTYPES:
+        why = (" (fp16 training needs loss scaling: Detectron2's SOLVER.AMP.ENABLED True, on "
+               "CUDA)" if name == "float16" else "")
+        raise ValueError(
+            f"{TRAIN_DTYPE_KEY} {name!r} is not supported{why}: use one of {list(TRAIN_DTYPES)}")
+
+
+def resolve_train_dtype(name: str, device_type: str) -> torch.dtype | None:
+    """The autocast dtype of the training forward pass (``MODEL.QUERYINST.TRAIN_DTYPE``).
+
+    Mixed precision as ``torch.autocast`` defines it: parameters, gradients and optimizer
+    state stay float32; matrix products and convolutions run in bf16. Box decoding, the
+    matching costs and the returned losses are float32 (docs/training.md, "bf16 training").
+
+    Args:
+        name: "float32" or "bfloat16".
+        device_type: the device the model trains on ("cpu", "cuda").
+
+    Returns:
+        ``torch.bfloat16``, or None (plain fp32) for "float32" and for "bfloat16" where
+        :func:`bf16_supported` is False (then with a ``RuntimeWarning``).
+
+    Raises:
+        ValueError: see :func:`check_train_dtype`.
+    """
+    check_train_dtype(name)
+    return resolve_inference_dtype(name, device_type, TRAIN_DTYPE_KEY)

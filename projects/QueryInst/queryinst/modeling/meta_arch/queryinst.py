@@ -19,8 +19,10 @@ from detectron2.structures import Boxes, Instances
 from ..fast_inference import (
     InferenceWeights,
     check_inference_dtype,
+    check_train_dtype,
     resolve_inference_dtype,
     resolve_memory_format,
+    resolve_train_dtype,
 )
 
 __all__ = ["QueryInst", "queryinst_postprocess"]
@@ -95,7 +97,7 @@ class QueryInst(GeneralizedRCNN):
     @configurable
     def __init__(self, *, channels_last: bool = False, fuse_bn_inference: bool = True,
                  inference_memory_format: str = "auto", inference_dtype: str = "float32",
-                 **kwargs):
+                 train_dtype: str = "float32", **kwargs):
         """
         Args:
             channels_last: store the backbone's conv weights channels-last
@@ -113,22 +115,26 @@ class QueryInst(GeneralizedRCNN):
             inference_dtype: "float32", "bfloat16" or "float16" (CUDA only), the autocast
                 dtype of inference (``MODEL.QUERYINST.INFERENCE_DTYPE``); RoIAlign, box
                 decoding, scores, top-k and mask pasting stay fp32.
+            train_dtype: "float32" or "bfloat16", the autocast dtype of the training
+                forward pass (``MODEL.QUERYINST.TRAIN_DTYPE``; :meth:`training_autocast`).
             kwargs: ``GeneralizedRCNN``'s arguments (backbone, proposal_generator,
                 roi_heads, pixel_mean, pixel_std, ...).
 
         Raises:
             ValueError: ``inference_dtype`` or ``inference_memory_format`` is not one of
-                its three names.
+                its three names, or ``train_dtype`` is neither "float32" nor "bfloat16".
         """
         super().__init__(**kwargs)
         if channels_last:
             # Module.to keeps this layout through later .to(device) and load_state_dict.
             self.backbone.to(memory_format=torch.channels_last)
         check_inference_dtype(inference_dtype)
+        check_train_dtype(train_dtype)
         resolve_memory_format(inference_memory_format, "cpu")  # refuses an unknown name
         self.fuse_bn_inference = fuse_bn_inference
         self.inference_memory_format = inference_memory_format
         self.inference_dtype = inference_dtype
+        self.train_dtype = train_dtype
         self._inference_weights = InferenceWeights(self)
         self._autocast_dtypes: dict = {}  # (name, device type) -> autocast dtype or None
 
@@ -142,7 +148,30 @@ class QueryInst(GeneralizedRCNN):
         # Refused before the model is built: an unknown name, float16 with MODEL.DEVICE cpu.
         check_inference_dtype(q.INFERENCE_DTYPE, torch.device(cfg.MODEL.DEVICE).type)
         ret["inference_dtype"] = q.INFERENCE_DTYPE
+        ret["train_dtype"] = q.TRAIN_DTYPE
         return ret
+
+    @contextlib.contextmanager
+    def training_autocast(self):
+        """Autocast of the training forward pass to ``train_dtype`` (docs/training.md, "bf16
+        training"); nothing for "float32", and float32 with a warning (once per model) on a
+        device without native bf16. Parameters, gradients and optimizer state stay float32.
+        """
+        key = (self.train_dtype, self.device.type, "train")
+        if key not in self._autocast_dtypes:  # warns once about a bf16 fallback
+            self._autocast_dtypes[key] = resolve_train_dtype(*key[:2])
+        dtype = self._autocast_dtypes[key]
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            yield
+
+    def forward(self, batched_inputs):
+        """``GeneralizedRCNN.forward``; in training under :meth:`training_autocast`, with the
+        losses returned as float32 scalars."""
+        if not self.training:
+            return super().forward(batched_inputs)
+        with self.training_autocast():
+            losses = super().forward(batched_inputs)
+        return {name: value.float() for name, value in losses.items()}
 
     def train(self, mode: bool = True):
         """``nn.Module.train``; also forgets the swapped inference weights (recomputed at the
