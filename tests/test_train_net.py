@@ -393,6 +393,7 @@ def test_run_demo_real_video_job(tmp_path, capsys):
     argv = ["--score-threshold", "0.0", "MODEL.WEIGHTS", "", "SOLVER.MAX_ITER", "2",
             "TEST.EVAL_PERIOD", "2", "MODEL.QUERYINST.NUM_PROPOSALS", "20",
             "MODEL.QUERYINST.TEST_TOPK", "20", "MODEL.QUERYINST.NUM_STAGES", "1",
+            "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "256",
             "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "256", "OUTPUT_DIR", out_dir]
     results = run_demo.main(argv)
     assert {"bbox", "segm"} <= set(results)
