@@ -15,7 +15,9 @@ None changes the method (docs/method.md) or what is trained or saved; all apply 
   swapped weights live outside the module tree, are swapped in for the call and back after
   it: ``state_dict()``, checkpoints and training never see them.
 - :func:`resolve_inference_dtype` (``MODEL.QUERYINST.INFERENCE_DTYPE``): the autocast dtype
-  of inference, with the checks and the fp32 fallback on CPUs without bf16 instructions.
+  of inference, with the checks and the fp32 fallback on CPUs without bf16 instructions;
+  :func:`resolve_train_dtype` (``MODEL.QUERYINST.TRAIN_DTYPE``) does the same for the
+  training forward pass (``QueryInst.training_autocast``), the one piece here that training uses.
 """
 from __future__ import annotations
 
@@ -363,7 +365,6 @@ class InferenceWeights:
                 self._active -= 1
                 if self._active == 0:
                     self._swap_out()
-
 
 
 def check_train_dtype(name: str) -> None:
