@@ -156,22 +156,25 @@ class QueryInst(GeneralizedRCNN):
         """Autocast of the training forward pass to ``train_dtype`` (docs/training.md, "bf16
         training"); nothing for "float32", and float32 with a warning (once per model) on a
         device without native bf16. Parameters, gradients and optimizer state stay float32.
+
+        Yields:
+            torch.dtype or None: the autocast dtype, None when none applies.
         """
         key = (self.train_dtype, self.device.type, "train")
         if key not in self._autocast_dtypes:  # warns once about a bf16 fallback
             self._autocast_dtypes[key] = resolve_train_dtype(*key[:2])
         dtype = self._autocast_dtypes[key]
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            yield
+            yield dtype
 
     def forward(self, batched_inputs):
         """``GeneralizedRCNN.forward``; in training under :meth:`training_autocast`, with the
-        losses returned as float32 scalars."""
+        losses returned as float32 scalars when autocast applied (else in the model's dtype)."""
         if not self.training:
             return super().forward(batched_inputs)
-        with self.training_autocast():
+        with self.training_autocast() as dtype:
             losses = super().forward(batched_inputs)
-        return {name: value.float() for name, value in losses.items()}
+        return losses if dtype is None else {k: v.float() for k, v in losses.items()}
 
     def train(self, mode: bool = True):
         """``nn.Module.train``; also forgets the swapped inference weights (recomputed at the

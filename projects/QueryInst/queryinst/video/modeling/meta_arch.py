@@ -126,13 +126,13 @@ class QueryInstVIS(QueryInst):
             raise ValueError("QueryInstVIS trains on (key, reference) frame pairs: each input "
                              "needs two images and two Instances (YTVISDatasetMapper)")
         targets = [f["instances"].to(self.device) for f in frames]
-        with self.training_autocast():  # MODEL.QUERYINST.TRAIN_DTYPE
+        with self.training_autocast() as dtype:  # MODEL.QUERYINST.TRAIN_DTYPE
             _, features, stages = self._stages(frames)
             matches = self.roi_heads.match(stages, targets)
             losses = self.roi_heads.losses(stages, features, targets, matches)
             if self.track_head is not None:
                 losses["loss_track"] = self.track_loss(stages[-1], targets, matches[-1])
-        return {name: value.float() for name, value in losses.items()}
+        return losses if dtype is None else {k: v.float() for k, v in losses.items()}
 
     def track_loss(self, last_stage, targets: list[Instances], indices: list) -> torch.Tensor:
         """The track head's loss over the (key, reference) pairs of a batch (docs/method.md §6.1).
