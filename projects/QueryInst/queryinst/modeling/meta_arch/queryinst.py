@@ -168,13 +168,20 @@ class QueryInst(GeneralizedRCNN):
             yield dtype
 
     def forward(self, batched_inputs):
-        """``GeneralizedRCNN.forward``; in training under :meth:`training_autocast`, with the
-        losses returned as float32 scalars when autocast applied (else in the model's dtype)."""
+        """``GeneralizedRCNN.forward``: :meth:`inference` in eval mode; in training
+        :meth:`training_losses` under :meth:`training_autocast`, the losses returned as
+        float32 scalars when autocast applied (else in the model's dtype)."""
         if not self.training:
             return super().forward(batched_inputs)
         with self.training_autocast() as dtype:
-            losses = super().forward(batched_inputs)
+            losses = self.training_losses(batched_inputs)
         return losses if dtype is None else {k: v.float() for k, v in losses.items()}
+
+    def training_losses(self, batched_inputs) -> dict:
+        """The training losses of a batch (``GeneralizedRCNN``'s training path; docs/method.md
+        §2): a dict of scalar tensors, ``s{t}_loss_{cls,bbox,giou,mask}``. Subclasses with
+        other training inputs (``QueryInstVIS``) override this, not :meth:`forward`."""
+        return super().forward(batched_inputs)
 
     def train(self, mode: bool = True):
         """``nn.Module.train``; also forgets the swapped inference weights (recomputed at the

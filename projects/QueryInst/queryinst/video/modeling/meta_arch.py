@@ -113,10 +113,14 @@ class QueryInstVIS(QueryInst):
         features = self.roi_heads.pooled_features(features)
         return images, features, self.roi_heads.forward_stages(features, proposals)
 
-    def forward(self, batched_inputs):
-        """Losses in training, tracks (or image detections) in inference; see the class."""
-        if not self.training:
-            return self.inference(batched_inputs)
+    def training_losses(self, batched_inputs) -> dict:
+        """Losses of a batch of (key, reference) frame pairs (see the class); ``forward``
+        (QueryInst's) runs this under ``MODEL.QUERYINST.TRAIN_DTYPE`` in training and
+        :meth:`inference` otherwise.
+
+        Raises:
+            ValueError: an input without exactly two images and two Instances.
+        """
         frames = [
             {"image": image, "instances": instances}
             for video in batched_inputs
@@ -126,13 +130,12 @@ class QueryInstVIS(QueryInst):
             raise ValueError("QueryInstVIS trains on (key, reference) frame pairs: each input "
                              "needs two images and two Instances (YTVISDatasetMapper)")
         targets = [f["instances"].to(self.device) for f in frames]
-        with self.training_autocast() as dtype:  # MODEL.QUERYINST.TRAIN_DTYPE
-            _, features, stages = self._stages(frames)
-            matches = self.roi_heads.match(stages, targets)
-            losses = self.roi_heads.losses(stages, features, targets, matches)
-            if self.track_head is not None:
-                losses["loss_track"] = self.track_loss(stages[-1], targets, matches[-1])
-        return losses if dtype is None else {k: v.float() for k, v in losses.items()}
+        _, features, stages = self._stages(frames)
+        matches = self.roi_heads.match(stages, targets)
+        losses = self.roi_heads.losses(stages, features, targets, matches)
+        if self.track_head is not None:
+            losses["loss_track"] = self.track_loss(stages[-1], targets, matches[-1])
+        return losses
 
     def track_loss(self, last_stage, targets: list[Instances], indices: list) -> torch.Tensor:
         """The track head's loss over the (key, reference) pairs of a batch (docs/method.md §6.1).
