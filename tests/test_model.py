@@ -32,7 +32,7 @@ from detectron2.structures import BitMasks, Boxes, ImageList, Instances, Polygon
 from torch import nn
 
 from queryinst import add_queryinst_config, queryinst_postprocess
-from queryinst.modeling.roi_heads.roi_heads import mask_targets_in_boxes
+from queryinst.modeling.roi_heads.roi_heads import mask_targets_in_boxes, stage_mask_targets
 
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "Base-QueryInst.yaml"
 
@@ -834,6 +834,83 @@ def test_mask_targets_pair_masks_with_boxes():
     expected0[:, :21] = 1
     assert torch.equal(target[0], expected0)
     assert torch.equal(target[1], torch.ones(28, 28))
+
+
+def _random_gt_masks(fmt: str, image_size, num: int, gen: torch.Generator):
+    """``num`` random rectangles as BitMasks or PolygonMasks."""
+    h, w = image_size
+    rects = []
+    for _ in range(num):
+        x0 = torch.randint(0, w - 8, (1,), generator=gen).item()
+        y0 = torch.randint(0, h - 8, (1,), generator=gen).item()
+        x1 = x0 + torch.randint(4, w - x0, (1,), generator=gen).item()
+        y1 = y0 + torch.randint(4, h - y0, (1,), generator=gen).item()
+        rects.append((x0, y0, x1, y1))
+    if fmt == "polygon":
+        return PolygonMasks([[[x0, y0, x1, y0, x1, y1, x0, y1]] for x0, y0, x1, y1 in rects])
+    m = torch.zeros(num, h, w, dtype=torch.bool)
+    for i, (x0, y0, x1, y1) in enumerate(rects):
+        m[i, y0:y1, x0:x1] = True
+    return BitMasks(m)
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "polygon"])
+def test_mask_targets_by_gt_index_equal_detectron2_crop_and_resize(fmt):
+    """With ``gt_indices`` (repeated, out of order, boxes partly outside the image) the targets
+    are Detectron2's own ``crop_and_resize`` of the indexed masks, value for value."""
+    gen = torch.Generator().manual_seed(0)
+    size = (50, 70)
+    masks = _random_gt_masks(fmt, size, 5, gen)
+    gt_idx = torch.tensor([3, 0, 3, 4, 1, 1, 2])
+    boxes = torch.rand(7, 2, generator=gen) * torch.tensor([70.0, 50.0]) - 5
+    boxes = torch.cat([boxes, boxes + 4 + torch.rand(7, 2, generator=gen) * 30], dim=1)
+    got = mask_targets_in_boxes(masks, boxes, size, 28, gt_indices=gt_idx)
+    clipped = Boxes(boxes.clone())
+    clipped.clip(size)
+    want = masks[gt_idx].crop_and_resize(clipped.tensor, 28).float()
+    assert got.shape == (7, 28, 28) and got.dtype == torch.float32
+    assert torch.equal(got, want)
+    assert 0 < got.mean() < 1  # the boxes see mask and background
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "polygon"])
+def test_stage_mask_targets_equal_one_call_per_stage(fmt):
+    """All stages at once (one call per image) give the rows of one call per stage and image,
+    in the same order; an image without matches gives no rows."""
+    gen = torch.Generator().manual_seed(1)
+    size = (40, 60)
+    targets = []
+    for num in (4, 0, 3):
+        inst = Instances(size)
+        if num:
+            inst.gt_masks = _random_gt_masks(fmt, size, num, gen)
+        elif fmt == "polygon":
+            inst.gt_masks = PolygonMasks([])
+        else:
+            inst.gt_masks = BitMasks(torch.zeros(0, *size, dtype=torch.bool))
+        inst.gt_classes = torch.zeros(num, dtype=torch.int64)
+        targets.append(inst)
+    matches, boxes = [], []
+    for _ in range(3):  # stages
+        stage_matches, stage_boxes = [], []
+        for tg in targets:
+            g = torch.randperm(len(tg), generator=gen)
+            q = torch.randperm(10, generator=gen)[: len(g)]
+            xy = torch.rand(len(g), 2, generator=gen) * 40
+            stage_matches.append((q, g))
+            wh = 5 + torch.rand(len(g), 2, generator=gen) * 20
+            stage_boxes.append(torch.cat([xy, xy + wh], 1))
+        matches.append(stage_matches)
+        boxes.append(stage_boxes)
+    got = stage_mask_targets(targets, boxes, matches, 28)
+    assert len(got) == 3
+    for t in range(3):
+        want = torch.cat([
+            mask_targets_in_boxes(tg.gt_masks[g], b, size, 28)
+            for tg, b, (_, g) in zip(targets, boxes[t], matches[t]) if len(g)
+        ])
+        assert torch.equal(got[t], want)
+    assert got[0].shape == (7, 28, 28)
 
 
 # ---------------------------------------------------------------- postprocess
