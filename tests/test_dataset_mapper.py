@@ -22,6 +22,7 @@ from queryinst import (
     add_queryinst_config,
     build_train_augmentation,
 )
+from queryinst.data.dataset_mapper import without_identity_resizes
 
 # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; not ours to fix.
 pytestmark = [
@@ -393,6 +394,23 @@ def test_vertical_flip_key_flips_image_masks_and_boxes_upside_down(nuclei):
     cfg.INPUT.VERTICAL_FLIP_PROB = 1.5
     with pytest.raises(ValueError, match="INPUT.VERTICAL_FLIP_PROB must be in"):
         build_train_augmentation(cfg)
+
+
+def test_identity_resizes_dropped_and_they_change_nothing():
+    """Only the resizes to the same size go; what they did is a copy (image, masks, points)."""
+    same = T.ResizeTransform(40, 60, 40, 60)
+    larger = T.ResizeTransform(40, 60, 80, 120)
+    flip = T.HFlipTransform(60)
+    kept = without_identity_resizes(T.TransformList([same, flip, larger]))
+    assert kept.transforms == [flip, larger]
+    rng = np.random.default_rng(0)
+    mask = (rng.random((40, 60)) > 0.5).astype(np.uint8)
+    assert (same.apply_segmentation(mask) == mask).all()
+    image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    assert (same.apply_image(image) == image).all()
+    points = rng.random((5, 2)) * [60, 40]
+    np.testing.assert_array_equal(same.apply_coords(points.copy()), points)
+    assert larger.apply_image(image).shape == (80, 120, 3)
 
 
 def _tagged(record):

@@ -31,7 +31,7 @@ from fvcore.transforms.transform import Transform
 from .image_io import read_image
 
 __all__ = ["ImageReadError", "QueryInstDatasetMapper", "RandomSelect", "boxes_from_masks_in_training",
-           "build_train_augmentation"]
+           "build_train_augmentation", "without_identity_resizes"]
 
 _AugLike = Union[T.Augmentation, Transform, Sequence[Union[T.Augmentation, Transform]]]
 
@@ -145,6 +145,28 @@ def boxes_from_masks_in_training(cfg) -> bool:
     return bool(cfg.MODEL.MASK_ON and cropping)
 
 
+def without_identity_resizes(transforms: T.TransformList) -> T.TransformList:
+    """``transforms`` less the ``ResizeTransform`` steps that keep the size.
+
+    ``ResizeShortestEdge`` returns a ``ResizeTransform`` even when the image already has the
+    drawn size, and replaying that on each RLE / bitmap annotation goes through PIL once per
+    mask: about a quarter of the loading time of a 536x700 time-lapse frame with ~70 cells,
+    for a copy. PIL's resize to the same size is a copy and the coordinate scale is 1, so
+    the result is the same.
+
+    Args:
+        transforms: as drawn by an ``AugmentationList``.
+
+    Returns:
+        T.TransformList: the other transforms, in their order.
+    """
+    kept = [
+        t for t in transforms.transforms
+        if not (isinstance(t, T.ResizeTransform) and (t.h, t.w) == (t.new_h, t.new_w))
+    ]
+    return T.TransformList(kept)
+
+
 class ImageReadError(OSError):
     """A dataset image cannot be read; the message names the file and the reader's error."""
 
@@ -228,7 +250,7 @@ class QueryInstDatasetMapper(DatasetMapper):
             sem_seg_gt = None
 
         aug_input = T.AugInput(image, sem_seg=sem_seg_gt)
-        transforms = self.augmentations(aug_input)
+        transforms = without_identity_resizes(self.augmentations(aug_input))
         image, sem_seg_gt = aug_input.image, aug_input.sem_seg
         image_shape = image.shape[:2]  # h, w
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))

@@ -20,7 +20,11 @@ from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
 from ...data.image_io import read_image
-from ...data.dataset_mapper import boxes_from_masks_in_training, build_train_augmentation
+from ...data.dataset_mapper import (
+    boxes_from_masks_in_training,
+    build_train_augmentation,
+    without_identity_resizes,
+)
 
 __all__ = ["YTVISDatasetMapper", "sample_frame_pair"]
 
@@ -174,7 +178,7 @@ class YTVISDatasetMapper:
         # The transforms are drawn on the first frame and replayed on the others: the same
         # resize, flip and crop for every frame of the call.
         aug_input = T.AugInput(self._read(video, frame_indices[0]))
-        transforms = self.augmentations(aug_input)
+        transforms = without_identity_resizes(self.augmentations(aug_input))
         images = [aug_input.image]
         images += [transforms.apply_image(self._read(video, t)) for t in frame_indices[1:]]
         out["image"] = [torch.as_tensor(np.ascontiguousarray(im.transpose(2, 0, 1)))
