@@ -130,18 +130,29 @@ def stage_mask_targets(
         list[Tensor]: per stage t, float (sum_i M_ti, mask_size, mask_size) in {0, 1}, image
         by image, row by row as ``boxes[t]``.
     """
-    per_image = []
-    for i, tg in enumerate(targets):
-        gt_idx = torch.cat([stage[i][1] for stage in matches])
-        stage_boxes = torch.cat([stage[i] for stage in boxes])
-        if len(gt_idx):
-            per_image.append(mask_targets_in_boxes(
-                tg.gt_masks, stage_boxes, tg.image_size, mask_size, gt_indices=gt_idx))
-        else:
-            per_image.append(stage_boxes.new_zeros((0, mask_size, mask_size)))
-    # Rows come image by image, then stage by stage: regroup them stage by stage.
-    blocks = [t.split([len(stage[i]) for stage in boxes]) for i, t in enumerate(per_image)]
-    return [torch.cat([b[t] for b in blocks]) for t in range(len(boxes))]
+    gt_indices = _stages_per_image([[g for _, g in stage] for stage in matches])
+    per_image = [
+        mask_targets_in_boxes(tg.gt_masks, b, tg.image_size, mask_size, gt_indices=g)
+        if len(g) else b.new_zeros((0, mask_size, mask_size))
+        for tg, b, g in zip(targets, _stages_per_image(boxes), gt_indices)
+    ]
+    return _regroup_by_stage(torch.cat(per_image), boxes)
+
+
+def _stages_per_image(rows: list[list[Tensor]]) -> list[Tensor]:
+    """Per stage, per image tensors -> per image, the stages' rows concatenated in order."""
+    return [torch.cat([stage[i] for stage in rows]) for i in range(len(rows[0]))]
+
+
+def _regroup_by_stage(rows: Tensor, boxes: list[list[Tensor]]) -> list[Tensor]:
+    """Rows ordered image by image, then stage by stage (as :func:`_stages_per_image` puts
+    ``boxes``) -> per stage, image by image; ``boxes[t][i]`` gives the row counts."""
+    num_images, num_stages = len(boxes[0]), len(boxes)
+    blocks = rows.split([len(stage[i]) for i in range(num_images) for stage in boxes])
+    return [
+        torch.cat([blocks[i * num_stages + t] for i in range(num_images)])
+        for t in range(num_stages)
+    ]
 
 
 def pool_stage_boxes(pooler: nn.Module, x, boxes: list[list[Tensor]]) -> list[Tensor]:
@@ -159,17 +170,8 @@ def pool_stage_boxes(pooler: nn.Module, x, boxes: list[list[Tensor]]) -> list[Te
     Returns:
         list[Tensor]: per stage t, (sum_i M_ti, C, S, S), image by image.
     """
-    num_images = len(boxes[0])
-    per_image = [torch.cat([stage[i] for stage in boxes]) for i in range(num_images)]
-    pooled = pooler(x, [Boxes(b) for b in per_image])
-    # Rows come image by image, then stage by stage: regroup them stage by stage.
-    counts = [len(stage[i]) for i in range(num_images) for stage in boxes]
-    blocks = pooled.split(counts)
-    num_stages = len(boxes)
-    return [
-        torch.cat([blocks[i * num_stages + t] for i in range(num_images)])
-        for t in range(num_stages)
-    ]
+    pooled = pooler(x, [Boxes(b) for b in _stages_per_image(boxes)])
+    return _regroup_by_stage(pooled, boxes)
 
 
 def _detections_per_image(test_topk: int, detections_per_image: int) -> int:
