@@ -32,23 +32,39 @@ def test_image_init_is_the_whole_image():
 
 
 def test_grid_init_of_seven_queries_by_hand():
-    # g = ceil(sqrt(7)) = 3: cells of 1/3, filled row by row, the last row holding one box
-    boxes = _absolute_boxes(_generator("grid", 7), 30, 60)  # cells of 20 x 10 pixels
+    # g = ceil(sqrt(7)) = 3 boxes a row, ceil(7 / 3) = 3 rows of 10 pixels; the last row's
+    # one box spans the whole width (a 3 x 3 grid filled row by row would leave 2/3 of it bare)
+    boxes = _absolute_boxes(_generator("grid", 7), 30, 60)  # full-row cells of 20 x 10 pixels
     expected = torch.tensor([[0, 0, 20, 10], [20, 0, 40, 10], [40, 0, 60, 10],
                              [0, 10, 20, 20], [20, 10, 40, 20], [40, 10, 60, 20],
-                             [0, 20, 20, 30]], dtype=torch.float32)
+                             [0, 20, 60, 30]], dtype=torch.float32)
     torch.testing.assert_close(boxes, expected, rtol=0, atol=1e-4)
 
 
-def test_grid_init_of_100_queries_tiles_the_image():
-    h, w = 320, 418
-    boxes = _absolute_boxes(_generator("grid", 100), h, w)
+@pytest.mark.parametrize("num_proposals", [2, 3, 100, 150, 500])
+def test_grid_init_tiles_the_whole_image(num_proposals):
+    h, w = 536, 700
+    boxes = _absolute_boxes(_generator("grid", num_proposals), h, w)
     iou = box_iou(boxes, boxes)
-    off_diagonal = iou[~torch.eye(100, dtype=torch.bool)]
+    off_diagonal = iou[~torch.eye(num_proposals, dtype=torch.bool)]
     assert off_diagonal.max() < 1e-4  # no two boxes overlap
-    assert abs(box_area(boxes).sum().item() - h * w) < 1e-2 * h * w / 100  # together: the image
-    assert boxes[:, :2].min() > -1e-4 and (boxes[:, 2] <= w + 1e-3).all()
+    assert abs(box_area(boxes).sum().item() - h * w) < 1e-4 * h * w  # together: the image
+    assert boxes[:, :2].min() > -1e-3 and (boxes[:, 2] <= w + 1e-3).all()
     assert (boxes[:, 3] <= h + 1e-3).all()
+    # every third pixel centre, brute force: in exactly one box (none left without a query)
+    ys, xs = torch.meshgrid(torch.arange(0, h, 3) + 0.5, torch.arange(0, w, 3) + 0.5,
+                            indexing="ij")
+    inside = ((xs[..., None] > boxes[:, 0]) & (xs[..., None] < boxes[:, 2])
+              & (ys[..., None] > boxes[:, 1]) & (ys[..., None] < boxes[:, 3]))
+    assert torch.equal(inside.sum(-1), torch.ones_like(xs, dtype=torch.long))
+
+
+def test_grid_init_of_a_square_count_is_the_square_grid():
+    boxes = _absolute_boxes(_generator("grid", 100), 100, 200)  # cells of 20 x 10 pixels
+    x0, y0 = boxes[:, 0], boxes[:, 1]
+    torch.testing.assert_close(x0, (torch.arange(100) % 10 * 20).float(), rtol=0, atol=1e-3)
+    torch.testing.assert_close(y0, (torch.arange(100) // 10 * 10).float(), rtol=0, atol=1e-3)
+    torch.testing.assert_close(boxes[:, 2] - x0, torch.full((100,), 20.0), rtol=0, atol=1e-3)
 
 
 def test_unknown_init_is_refused_with_the_key_and_the_choices():

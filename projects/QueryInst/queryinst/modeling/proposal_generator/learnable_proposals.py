@@ -25,18 +25,26 @@ def _whole_image(num_proposals: int) -> Tensor:
 
 
 def _grid(num_proposals: int) -> Tensor:
-    """Boxes tiling the image on a g x g grid, g = ceil(sqrt(N)), filled row by row.
+    """Boxes tiling the whole image: rows of g = ceil(sqrt(N)) boxes, the last row of the rest.
 
-    Each box is one grid cell (w = h = 1 / g). Sparse R-CNN's "grid" initialisation (its
-    ablation of proposal boxes): on COCO about equal to the whole-image init; it starts every
-    query near the small, dense objects of a microscopy frame (docs/method.md §1.2).
+    r = ceil(N / g) rows, each 1 / r high; a full row has g boxes 1 / g wide, the last row
+    its N - (r - 1) g boxes spread over the whole width. So every point of the image starts
+    inside exactly one box for any N (a g x g grid filled row by row, the version before
+    2026-12-06 22:30 UTC, left the bottom rows without a query when N < g * g: 19 of 169
+    cells for N = 150). N = g * g gives the same g x g grid as before. Sparse R-CNN's "grid"
+    initialisation (its ablation of proposal boxes): on COCO about equal to the whole-image
+    init; it starts every query near the small, dense objects of a microscopy frame
+    (docs/method.md §1.2).
     """
     g = math.ceil(math.sqrt(num_proposals))
-    idx = torch.arange(num_proposals, dtype=torch.float32)
-    cx = (idx % g + 0.5) / g
-    cy = (torch.div(idx, g, rounding_mode="floor") + 0.5) / g
-    size = torch.full_like(cx, 1.0 / g)
-    return torch.stack([cx, cy, size, size], dim=1)
+    rows = math.ceil(num_proposals / g)
+    idx = torch.arange(num_proposals)
+    row = torch.div(idx, g, rounding_mode="floor")
+    col = idx % g
+    per_row = torch.where(row == rows - 1, num_proposals - (rows - 1) * g, g).float()
+    cx = (col + 0.5) / per_row
+    cy = (row + 0.5) / rows
+    return torch.stack([cx, cy, 1.0 / per_row, torch.full_like(cx, 1.0 / rows)], dim=1)
 
 
 # MODEL.QUERYINST.PROPOSAL_BOX_INIT -> N -> (N, 4) float32 normalised (cx, cy, w, h)
