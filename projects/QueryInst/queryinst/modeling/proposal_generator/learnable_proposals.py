@@ -30,7 +30,7 @@ def _grid(num_proposals: int) -> Tensor:
     r = ceil(N / g) rows, each 1 / r high; a full row has g boxes 1 / g wide, the last row
     its N - (r - 1) g boxes spread over the whole width. So every point of the image starts
     inside exactly one box for any N (a g x g grid filled row by row, the version before
-    2026-12-06 22:30 UTC, left the bottom rows without a query when N < g * g: 19 of 169
+    2026-12-06 22:20 UTC, left the bottom rows without a query when N < g * g: 19 of 169
     cells for N = 150). N = g * g gives the same g x g grid as before. Sparse R-CNN's "grid"
     initialisation (its ablation of proposal boxes): on COCO about equal to the whole-image
     init; it starts every query near the small, dense objects of a microscopy frame
