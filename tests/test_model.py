@@ -32,7 +32,11 @@ from detectron2.structures import BitMasks, Boxes, ImageList, Instances, Polygon
 from torch import nn
 
 from queryinst import add_queryinst_config, queryinst_postprocess
-from queryinst.modeling.roi_heads.roi_heads import mask_targets_in_boxes, stage_mask_targets
+from queryinst.modeling.roi_heads.roi_heads import (
+    mask_targets_in_boxes,
+    maskness,
+    stage_mask_targets,
+)
 
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "Base-QueryInst.yaml"
 
@@ -311,6 +315,54 @@ def test_score_thresh_and_detections_per_image_are_honoured():
             assert torch.equal(capped.get(name), full.get(name)[:7])
         assert torch.equal(cut.pred_boxes.tensor, full.pred_boxes.tensor[keep])
         assert torch.equal(capped.pred_boxes.tensor, full.pred_boxes.tensor[:7])
+
+
+def test_maskness_by_hand():
+    """Mean probability over the pixels above 0.5; 0 for a mask with none (docs/method.md §3)."""
+    masks = torch.zeros(3, 2, 2)
+    masks[0] = torch.tensor([[0.9, 0.7], [0.5, 0.1]])  # 0.5 is not foreground: (0.9 + 0.7) / 2
+    masks[1] = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    masks[2] = torch.tensor([[0.2, 0.4], [0.5, 0.0]])  # no foreground pixel
+    assert maskness(masks).tolist() == pytest.approx([0.8, 1.0, 0.0], abs=1e-7)
+    assert maskness(masks.view(1, 3, 2, 2)).shape == (1, 3)
+
+
+def test_mask_scoring_rescales_and_resorts_the_same_detections():
+    """MODEL.QUERYINST.TEST_MASK_SCORING: the same k (box, class, mask) triples as without
+    it; each score times its own mask's maskness, computed here from the plain run's
+    masks by hand; sorted by the new score."""
+    cfg = small_cfg(num_classes=4, num_proposals=6, test_topk=10)
+    torch.manual_seed(11)
+    weights = build_model(cfg).state_dict()
+    inputs = [{"image": random_image(96, 128, seed=12)}, {"image": random_image(80, 120, seed=13)}]
+    cfg_m = cfg.clone()
+    cfg_m.MODEL.QUERYINST.TEST_MASK_SCORING = True
+
+    def raw(c):
+        model = build_model(c).eval()
+        model.load_state_dict(weights)
+        with torch.no_grad():
+            return model.inference(inputs, do_postprocess=False)
+
+    moved = 0
+    for plain, scored in zip(raw(cfg), raw(cfg_m)):
+        assert len(plain) == len(scored) == 10
+        expected = []
+        for j in range(10):
+            p = plain.pred_masks[j, 0]
+            fg = p[p > 0.5]
+            m = fg.mean().item() if fg.numel() else 0.0
+            expected.append((plain.scores[j].item() * m, j))
+        expected.sort(key=lambda t: -t[0])
+        order = [j for _, j in expected]
+        moved += order != list(range(10))
+        assert scored.scores.tolist() == pytest.approx([v for v, _ in expected], rel=1e-5)
+        assert scored.scores.tolist() == sorted(scored.scores.tolist(), reverse=True)
+        assert scored.query_indices.tolist() == plain.query_indices[order].tolist()
+        assert scored.pred_classes.tolist() == plain.pred_classes[order].tolist()
+        assert torch.equal(scored.pred_boxes.tensor, plain.pred_boxes.tensor[order])
+        assert torch.equal(scored.pred_masks, plain.pred_masks[order])
+    assert moved > 0  # the rescoring changed some ranking: the test can see a wrong sort
 
 
 def test_inference_runs_mask_head_once_per_distinct_query():

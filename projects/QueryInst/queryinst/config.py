@@ -83,6 +83,11 @@ def add_queryinst_config(cfg: CN) -> None:
     # Detectron2's keys apply too: k = min(TEST_TOPK, TEST.DETECTIONS_PER_IMAGE), then
     # detections scoring < MODEL.ROI_HEADS.SCORE_THRESH_TEST are dropped.
     _C.TEST_TOPK = 100
+    # Mask scoring: multiply each of the k detections' class score by its mask's "maskness"
+    # (the mean probability of the pixels its mask head calls foreground) and sort again, so a
+    # confident class with an unsure mask ranks lower (docs/method.md §3, "Mask scoring").
+    # Off in the official model (its scores are the class probabilities).
+    _C.TEST_MASK_SCORING = False
     # Official test rule: no score threshold, all k kept (Detectron2's default is 0.05).
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     # Keep the backbone's conv weights (and so its maps) in channels-last memory format. Same

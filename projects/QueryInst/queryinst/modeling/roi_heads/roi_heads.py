@@ -29,6 +29,7 @@ __all__ = [
     "QueryInstROIHeads",
     "clamp_size_deltas",
     "mask_targets_in_boxes",
+    "maskness",
     "stage_mask_targets",
     "pool_stage_boxes",
 ]
@@ -174,6 +175,24 @@ def pool_stage_boxes(pooler: nn.Module, x, boxes: list[list[Tensor]]) -> list[Te
     return _regroup_by_stage(pooled, boxes)
 
 
+def maskness(masks: Tensor, threshold: float = 0.5) -> Tensor:
+    """Mean foreground probability of each predicted mask: how sure the mask head is of the
+    pixels it calls foreground (docs/method.md §3, "Mask scoring").
+
+    Args:
+        masks: float (..., M, M) mask probabilities in [0, 1], e.g. (B, k, 1, 28, 28).
+        threshold: a pixel is foreground where its probability exceeds this (0.5, the
+            threshold the masks are pasted with).
+
+    Returns:
+        Tensor: float (...) in [0, 1]: the mean probability over the foreground pixels of each
+        mask, 0 for a mask without any.
+    """
+    foreground = (masks > threshold).to(masks.dtype)
+    total = (masks * foreground).flatten(-2).sum(-1)
+    return total / foreground.flatten(-2).sum(-1).clamp(min=1.0)
+
+
 def _detections_per_image(test_topk: int, detections_per_image: int) -> int:
     """k of the top-k: ``TEST_TOPK`` capped by Detectron2's ``TEST.DETECTIONS_PER_IMAGE``
     (a negative cap means none, as in Detectron2's ``fast_rcnn_inference``)."""
@@ -201,6 +220,7 @@ class QueryInstROIHeads(nn.Module):
         mask_heads: list[nn.Module] | None = None,
         test_topk: int = 100,
         test_score_thresh: float = 0.0,
+        test_mask_scoring: bool = False,
     ):
         """
         Args:
@@ -218,6 +238,9 @@ class QueryInstROIHeads(nn.Module):
                 ``TEST.DETECTIONS_PER_IMAGE``).
             test_score_thresh: after the top-k, detections scoring below this are dropped
                 (``MODEL.ROI_HEADS.SCORE_THRESH_TEST``; 0 keeps all k, as the official model).
+            test_mask_scoring: multiply each detection's class score by its mask's
+                :func:`maskness` and sort again (``MODEL.QUERYINST.TEST_MASK_SCORING``; off in
+                the official model).
 
         Raises:
             ValueError: if the number of mask heads differs from the number of box stages,
@@ -237,6 +260,10 @@ class QueryInstROIHeads(nn.Module):
         self.mask_heads = nn.ModuleList(mask_heads) if mask_heads is not None else None
         self.test_topk = test_topk
         self.test_score_thresh = test_score_thresh
+        self.test_mask_scoring = test_mask_scoring
+        if test_mask_scoring and mask_heads is None:
+            raise ValueError("MODEL.QUERYINST.TEST_MASK_SCORING needs the mask heads "
+                             "(MODEL.MASK_ON True)")
 
     @property
     def mask_on(self) -> bool:
@@ -306,6 +333,7 @@ class QueryInstROIHeads(nn.Module):
             ),
             "test_topk": _detections_per_image(q.TEST_TOPK, cfg.TEST.DETECTIONS_PER_IMAGE),
             "test_score_thresh": cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
+            "test_mask_scoring": q.TEST_MASK_SCORING,
         }
         if cfg.MODEL.MASK_ON:
             ret["mask_pooler"] = pooler(q.MASK_POOLER_RESOLUTION)
@@ -508,8 +536,10 @@ class QueryInstROIHeads(nn.Module):
         (docs/method.md §3).
 
         One query may give several detections with different classes. Each image uses its
-        own top-k indices (the mmdet 2.x bug of reusing the last image's is avoided). Then
-        detections with score < ``test_score_thresh`` are dropped (none at the default 0).
+        own top-k indices (the mmdet 2.x bug of reusing the last image's is avoided). With
+        ``test_mask_scoring`` each score is then multiplied by its mask's :func:`maskness` and
+        the k detections sorted again. Then detections with score < ``test_score_thresh`` are
+        dropped (none at the default 0).
 
         Returns:
             list[Instances]: per image, up to k detections sorted by score with ``pred_boxes``
@@ -527,6 +557,11 @@ class QueryInstROIHeads(nn.Module):
         boxes = torch.gather(last.pred_boxes, 1, queries.unsqueeze(-1).expand(-1, -1, 4))
         if self.mask_on:
             masks = self._top_k_masks(last, features, queries, labels)
+            if self.test_mask_scoring:
+                scores, order = (scores * maskness(masks.squeeze(2))).sort(dim=1, descending=True)
+                labels, queries = labels.gather(1, order), queries.gather(1, order)
+                boxes = boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4))
+                masks = masks[torch.arange(B, device=order.device)[:, None], order]
         results = []
         for i, image_size in enumerate(image_sizes):
             inst = Instances(image_size)
