@@ -365,6 +365,13 @@ def test_mask_scoring_rescales_and_resorts_the_same_detections():
     assert moved > 0  # the rescoring changed some ranking: the test can see a wrong sort
 
 
+def test_mask_scoring_without_masks_is_refused():
+    cfg = small_cfg(mask_on=False)
+    cfg.MODEL.QUERYINST.TEST_MASK_SCORING = True
+    with pytest.raises(ValueError, match="TEST_MASK_SCORING needs the mask heads"):
+        build_model(cfg)
+
+
 def test_inference_runs_mask_head_once_per_distinct_query():
     """Speed rule of the inference: the last mask head sees each selected query once."""
     model = build_small(seed=2, num_classes=4, num_proposals=6, test_topk=10).eval()

@@ -244,7 +244,8 @@ class QueryInstROIHeads(nn.Module):
 
         Raises:
             ValueError: if the number of mask heads differs from the number of box stages,
-                or only one of mask_pooler and mask_heads is given.
+                only one of mask_pooler and mask_heads is given, or test_mask_scoring is
+                asked for without mask heads.
         """
         super().__init__()
         if (mask_pooler is None) != (mask_heads is None):
