@@ -558,11 +558,6 @@ class QueryInstROIHeads(nn.Module):
         boxes = torch.gather(last.pred_boxes, 1, queries.unsqueeze(-1).expand(-1, -1, 4))
         if self.mask_on:
             masks = self._top_k_masks(last, features, queries, labels)
-            if self.test_mask_scoring:
-                scores, order = (scores * maskness(masks.squeeze(2))).sort(dim=1, descending=True)
-                labels, queries = labels.gather(1, order), queries.gather(1, order)
-                boxes = boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4))
-                masks = masks[torch.arange(B, device=order.device)[:, None], order]
         results = []
         for i, image_size in enumerate(image_sizes):
             inst = Instances(image_size)
@@ -572,6 +567,10 @@ class QueryInstROIHeads(nn.Module):
             inst.query_indices = queries[i]
             if self.mask_on:
                 inst.pred_masks = masks[i]
+            if self.test_mask_scoring:
+                # Instances indexing permutes every field alike.
+                inst.scores = inst.scores * maskness(inst.pred_masks[:, 0])
+                inst = inst[inst.scores.sort(descending=True).indices]
             if self.test_score_thresh > 0:
                 inst = inst[inst.scores >= self.test_score_thresh]
             results.append(inst)
