@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.modeling import build_model
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from queryinst.modeling.roi_heads.pooling import FlatMaps, MatrixROIPooler
+from queryinst.modeling.roi_heads.pooling import FlatMaps, MatrixROIPooler, WeightedRowSum
 from queryinst.modeling.roi_heads.roi_heads import (
     clamp_size_deltas,
     mask_targets_in_boxes,
@@ -77,6 +78,34 @@ def test_matrix_pooler_equals_detectron2_pooler(pooler_type, resolution):
     (got * weight).sum().backward()
     for a, b in zip(ref_maps, new_maps):
         assert torch.allclose(b.grad, a.grad, rtol=0, atol=1e-12 * float(a.grad.abs().max()))
+
+
+def test_weighted_row_sum_gradient_is_embedding_bags_bit_for_bit():
+    """The gather-based backward gives autograd's ``embedding_bag`` gradient exactly (same
+    float32 sums, same order), with repeated rows within and across bins, rows never read
+    (zero gradient), and no bins at all."""
+    gen = torch.Generator().manual_seed(21)
+    data = torch.randn(300, 7, generator=gen)
+    index = torch.randint(0, 250, (400, 16), generator=gen)  # rows 250-299 never read
+    index[:, 1] = index[:, 0]  # a row twice in one bin
+    weights = torch.rand(400, 16, generator=gen)
+    grad = torch.randn(400, 7, generator=gen)
+    expected, got = data.clone().requires_grad_(), data.clone().requires_grad_()
+    out_expected = F.embedding_bag(index, expected, per_sample_weights=weights, mode="sum")
+    out_got = WeightedRowSum.apply(got, index, weights)
+    assert torch.equal(out_got, out_expected)
+    out_expected.backward(grad)
+    out_got.backward(grad)
+    assert torch.equal(got.grad, expected.grad)
+    assert not got.grad[250:].any() and got.grad[:250].abs().sum(1).min() > 0
+    # By hand for one row: the sum over the entries that read it.
+    row = int(index[5, 3])
+    by_hand = sum(weights[i, k] * grad[i] for i in range(400) for k in range(16)
+                  if index[i, k] == row)
+    assert torch.allclose(got.grad[row], by_hand, rtol=1e-5, atol=1e-6)
+    empty = data.clone().requires_grad_()
+    WeightedRowSum.apply(empty, index[:0], weights[:0]).sum().backward()
+    assert empty.grad.shape == data.shape and not empty.grad.any()
 
 
 def test_matrix_pooler_prepared_maps_single_level_and_no_boxes():

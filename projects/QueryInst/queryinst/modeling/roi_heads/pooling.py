@@ -6,7 +6,8 @@ bin, averaged), the same weights for every channel. :class:`MatrixROIPooler` com
 (pixel, weight) pairs for every RoI at its FPN level, in one vectorised pass, and pools with
 one ``F.embedding_bag`` (weighted sum of rows) over the levels' maps flattened channels-last.
 In matrix terms: pooled = A @ maps with a sparse A of ``4 * sampling_ratio**2`` entries per
-row; autograd's backward is A^T @ grad (``embedding_bag``'s).
+row; its backward is A^T @ grad, a second ``embedding_bag`` over the entries grouped by
+input row (:class:`WeightedRowSum`).
 
 Same values as Detectron2's ``ROIPooler`` with torchvision's ``roi_align`` (up to float
 summation order), same level assignment. Why: on the CPU, torchvision's RoIAlign recomputes
@@ -33,7 +34,9 @@ from detectron2.structures import Boxes
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["FlatMaps", "MatrixROIPooler", "PooledFeatures", "roi_align_weights"]
+__all__ = [
+    "FlatMaps", "MatrixROIPooler", "PooledFeatures", "WeightedRowSum", "roi_align_weights",
+]
 
 
 @dataclass
@@ -190,6 +193,51 @@ def roi_align_weights(
     return cols.reshape(-1, per_bin), weights.reshape(-1, per_bin)
 
 
+class WeightedRowSum(torch.autograd.Function):
+    """``out[i] = sum_k weights[i, k] * data[index[i, k]]`` with a gather-based backward.
+
+    The forward is ``F.embedding_bag(mode="sum")``. Its autograd backward on the CPU
+    (``_embedding_bag_dense_backward``) cost ~65 ms a call on the 600 x 49 box bins of a
+    300-query training step (more than the forward and the sort together), ~0.26 s a step
+    in all. Here the backward sorts the entries by input row (the same ``torch.sort`` as
+    autograd's, so each row's entries add in the same order) and sums each row's
+    (bin, weight) entries with a second ``embedding_bag``: dL/d data = A^T @ dL/d out, the
+    same float values bit for bit, ~2x faster.
+
+    Args (of ``apply``):
+        data: float (N, C), the rows (``FlatMaps.data``).
+        index: int64 (M, K), rows in [0, N).
+        weights: float (M, K), ``data``'s dtype; constants (no gradient flows into them:
+            RoIAlign's boxes are not differentiated, as in torchvision).
+
+    Returns:
+        float (M, C).
+    """
+
+    @staticmethod
+    def forward(ctx, data: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+        ctx.save_for_backward(index, weights)
+        ctx.rows = data.shape[0]
+        return F.embedding_bag(index, data, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        index, weights = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        per_bin = index.shape[1]
+        rows, order = torch.sort(index.reshape(-1))
+        rows, counts = torch.unique_consecutive(rows, return_counts=True)
+        grad_rows = F.embedding_bag(
+            order.div(per_bin, rounding_mode="floor"), grad.contiguous(),
+            offsets=counts.cumsum(0) - counts,
+            per_sample_weights=weights.reshape(-1)[order], mode="sum",
+        )
+        grad_data = grad.new_zeros((ctx.rows, grad.shape[1]))
+        grad_data.index_copy_(0, rows, grad_rows)
+        return grad_data, None, None
+
+
 class PooledFeatures(dict):
     """The FPN maps the ROI heads pool from, by name, and the pooler input made from them.
 
@@ -311,5 +359,5 @@ class MatrixROIPooler(nn.Module):
         index, weights = roi_align_weights(
             rois, levels, x, self.scales, n, self.sampling_ratio, self.aligned
         )
-        pooled = F.embedding_bag(index, x.data, per_sample_weights=weights, mode="sum")
+        pooled = WeightedRowSum.apply(x.data, index, weights)
         return pooled.view(len(rois), n, n, channels).permute(0, 3, 1, 2).to(x.dtype)
