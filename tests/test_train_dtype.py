@@ -4,6 +4,7 @@ Truth: the same model in float32 (losses agree to bf16 rounding), the dtypes aut
 the ROI heads' linear layers, and the errors named in fast_inference's docstrings.
 """
 import copy
+import warnings
 
 import pytest
 import torch
@@ -108,7 +109,7 @@ def test_inference_ignores_train_dtype():
 
 @pytest.mark.parametrize("name,match", [
     ("float16", "TRAIN_DTYPE 'float16' is not supported .*SOLVER.AMP.ENABLED"),
-    ("bf16", r"TRAIN_DTYPE 'bf16' is not supported: use one of \['float32', 'bfloat16'\]"),
+    ("bf16", r"TRAIN_DTYPE 'bf16' is not supported: use one of \['float32', 'bfloat16', 'auto'\]"),
 ])
 def test_unsupported_train_dtype_is_refused_naming_the_key(name, match):
     with pytest.raises(ValueError, match=match):
@@ -125,3 +126,45 @@ def test_bf16_without_cpu_support_trains_in_float32_with_a_warning(monkeypatch):
     for h in handles:
         h.remove()
     assert seen and set(seen) == {torch.float32}
+
+
+@pytest.mark.parametrize("vendor,amx,avx512_bf16,want", [
+    ("AuthenticAMD", False, True, True),  # Zen 4: bf16 measured 1.27-1.42x faster
+    ("GenuineIntel", True, True, True),  # AMX
+    ("GenuineIntel", False, True, False),  # the Intel Xeon VM: bf16 1.18-1.28x slower
+    ("AuthenticAMD", False, False, False),  # Zen 3: no bf16 instructions
+    ("", False, True, False),  # vendor unknown (no /proc/cpuinfo)
+])
+def test_auto_train_dtype_picks_bf16_only_where_it_is_faster(
+        monkeypatch, vendor, amx, avx512_bf16, want):
+    """The rule of docs/training.md, "bf16 training", on each kind of CPU; the model then
+    trains under that autocast (the ROI heads' linear layers' output dtype), warning nothing."""
+    monkeypatch.setattr(fast_inference, "_cpu_vendor", lambda: vendor)
+    features = {"amx_tile": amx, "avx512_bf16": avx512_bf16}
+    monkeypatch.setattr(fast_inference, "_cpu_feature", lambda name: features[name])
+    monkeypatch.setattr(fast_inference, "bf16_supported", lambda device_type: avx512_bf16)
+    assert fast_inference.bf16_training_faster("cpu") is want
+    model = _image_model("auto")
+    seen, handles = _linear_output_dtypes(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(_image_batch())
+    for h in handles:
+        h.remove()
+    assert seen and set(seen) == {torch.bfloat16 if want else torch.float32}
+
+
+def test_cpu_probes_read_this_machine():
+    """The vendor is /proc/cpuinfo's (where Linux has one); the features are PyTorch's own
+    probes, the same answer as the flags the kernel lists."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    vendor = fast_inference._cpu_vendor()
+    assert vendor and f"vendor_id\t: {vendor}" in info
+    flags = set(next(line for line in info.splitlines() if line.startswith("flags")).split())
+    assert fast_inference._cpu_feature("avx512_bf16") == ("avx512_bf16" in flags)
+    assert fast_inference._cpu_feature("amx_tile") == ("amx_tile" in flags)
+    assert fast_inference._cpu_feature("no_such_feature") is False

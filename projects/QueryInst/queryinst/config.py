@@ -111,10 +111,12 @@ def add_queryinst_config(cfg: CN) -> None:
     # it is ~2x faster; elsewhere a warning and float32) or "float16" (CUDA only). RoIAlign,
     # box decoding, score sigmoid / top-k and mask pasting stay float32.
     _C.INFERENCE_DTYPE = "float32"
-    # Autocast dtype of the training forward pass: "float32" or "bfloat16" (mixed precision:
+    # Autocast dtype of the training forward pass: "float32", "bfloat16" (mixed precision:
     # weights, gradients and optimizer state stay float32; CPUs with AVX512-BF16 or AMX,
-    # elsewhere a warning and float32). 1.3-1.4x faster training iterations on the 2-core
-    # AMD EPYC (Zen 4) VM (docs/training.md, "bf16 training"). CUDA fp16: SOLVER.AMP.ENABLED.
+    # elsewhere a warning and float32) or "auto" (bf16 where it is faster: AMD Zen 4, AMX,
+    # CUDA with bf16; float32 on Intel CPUs without AMX, where bf16 was 1.18-1.28x slower).
+    # 1.3-1.4x faster training iterations on the 2-core AMD EPYC (Zen 4) VM
+    # (docs/training.md, "bf16 training"). CUDA fp16: SOLVER.AMP.ENABLED.
     _C.TRAIN_DTYPE = "float32"
 
     # MobileNetV2 bottom-up network (queryinst/modeling/backbone/mobilenet.py), used with

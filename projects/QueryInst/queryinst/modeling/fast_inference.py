@@ -22,6 +22,8 @@ None changes the method (docs/method.md) or what is trained or saved; all apply 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import threading
 import warnings
 from dataclasses import dataclass
@@ -49,7 +51,7 @@ __all__ = [
 INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _KEY = "MODEL.QUERYINST.INFERENCE_DTYPE"
 TRAIN_DTYPE_KEY = "MODEL.QUERYINST.TRAIN_DTYPE"
-TRAIN_DTYPES = ("float32", "bfloat16")  # its values
+TRAIN_DTYPES = ("float32", "bfloat16", "auto")  # its values
 
 
 def check_inference_dtype(
@@ -368,7 +370,7 @@ class InferenceWeights:
 
 
 def check_train_dtype(name: str) -> None:
-    """Refuse a ``MODEL.QUERYINST.TRAIN_DTYPE`` value other than "float32" and "bfloat16".
+    """Refuse a ``MODEL.QUERYINST.TRAIN_DTYPE`` value other than "float32", "bfloat16", "auto".
 
     Raises:
         ValueError: naming the key and the valid values; for "float16" also why (fp16
@@ -381,6 +383,55 @@ def check_train_dtype(name: str) -> None:
             f"{TRAIN_DTYPE_KEY} {name!r} is not supported{why}: use one of {list(TRAIN_DTYPES)}")
 
 
+def _cpu_vendor() -> str:
+    """The CPU's ``vendor_id`` from /proc/cpuinfo ("AuthenticAMD", "GenuineIntel"), or ""
+    where it cannot be read (not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _cpu_feature(name: str) -> bool:
+    """``torch.cpu._is_<name>_supported()`` (PyTorch's cpuinfo), False where PyTorch lacks it."""
+    probe = getattr(torch.cpu, f"_is_{name}_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+def bf16_training_faster(device_type: str) -> bool:
+    """Whether ``TRAIN_DTYPE`` "auto" trains in bf16 on this machine's ``device_type``.
+
+    CPU: only where bf16 was measured (or documented) faster than float32, for a whole
+    training step (docs/training.md, "bf16 training"):
+
+    - AMD CPUs with AVX512-BF16 (Zen 4): 1.27-1.42x faster on ``make demo``'s config;
+    - CPUs with AMX tiles (Intel Xeon 4th generation and later): 1,024 bf16 against 64 fp32
+      operations a cycle (PyTorch's AMX recipe); not measured in this project;
+    - not Intel CPUs with AVX512-BF16 but no AMX: the same step was 1.18-1.28x *slower* in
+      bf16 on the Intel Xeon VM, so these train in float32.
+
+    CUDA: ``torch.cuda.is_bf16_supported()``. Other devices: False.
+    """
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device_type != "cpu" or not bf16_supported("cpu"):
+        return False
+    if _cpu_feature("amx_tile"):
+        return True
+    return _cpu_vendor() == "AuthenticAMD" and _cpu_feature("avx512_bf16")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_auto_choice(device_type: str, dtype_name: str) -> None:
+    logging.getLogger(__name__).info(
+        "%s auto: training in %s on this %s (docs/training.md, \"bf16 training\")",
+        TRAIN_DTYPE_KEY, dtype_name, device_type.upper())
+
+
 def resolve_train_dtype(name: str, device_type: str) -> torch.dtype | None:
     """The autocast dtype of the training forward pass (``MODEL.QUERYINST.TRAIN_DTYPE``).
 
@@ -389,15 +440,20 @@ def resolve_train_dtype(name: str, device_type: str) -> torch.dtype | None:
     matching costs and the returned losses are float32 (docs/training.md, "bf16 training").
 
     Args:
-        name: "float32" or "bfloat16".
+        name: "float32", "bfloat16", or "auto" (bf16 where :func:`bf16_training_faster`,
+            else float32; the choice is logged once).
         device_type: the device the model trains on ("cpu", "cuda").
 
     Returns:
-        ``torch.bfloat16``, or None (plain fp32) for "float32" and for "bfloat16" where
-        :func:`bf16_supported` is False (then with a ``RuntimeWarning``).
+        ``torch.bfloat16``, or None (plain fp32) for "float32", for "auto" where bf16 is not
+        faster, and for "bfloat16" where :func:`bf16_supported` is False (then with a
+        ``RuntimeWarning``).
 
     Raises:
         ValueError: see :func:`check_train_dtype`.
     """
     check_train_dtype(name)
+    if name == "auto":
+        name = "bfloat16" if bf16_training_faster(device_type) else "float32"
+        _log_auto_choice(device_type, name)
     return resolve_inference_dtype(name, device_type, TRAIN_DTYPE_KEY)

@@ -115,14 +115,14 @@ class QueryInst(GeneralizedRCNN):
             inference_dtype: "float32", "bfloat16" or "float16" (CUDA only), the autocast
                 dtype of inference (``MODEL.QUERYINST.INFERENCE_DTYPE``); RoIAlign, box
                 decoding, scores, top-k and mask pasting stay fp32.
-            train_dtype: "float32" or "bfloat16", the autocast dtype of the training
+            train_dtype: "float32", "bfloat16" or "auto", the autocast dtype of the training
                 forward pass (``MODEL.QUERYINST.TRAIN_DTYPE``; :meth:`training_autocast`).
             kwargs: ``GeneralizedRCNN``'s arguments (backbone, proposal_generator,
                 roi_heads, pixel_mean, pixel_std, ...).
 
         Raises:
             ValueError: ``inference_dtype`` or ``inference_memory_format`` is not one of
-                its three names, or ``train_dtype`` is neither "float32" nor "bfloat16".
+                its three names, or ``train_dtype`` is not one of its three.
         """
         super().__init__(**kwargs)
         if channels_last:
@@ -154,8 +154,8 @@ class QueryInst(GeneralizedRCNN):
     @contextlib.contextmanager
     def training_autocast(self):
         """Autocast of the training forward pass to ``train_dtype`` (docs/training.md, "bf16
-        training"); nothing for "float32", and float32 with a warning (once per model) on a
-        device without native bf16. Parameters, gradients and optimizer state stay float32.
+        training"); nothing for "float32" (nor for "auto" where bf16 is not faster), and
+        float32 with a warning (once per model) for "bfloat16" on a device without native bf16. Parameters, gradients and optimizer state stay float32.
 
         Yields:
             torch.dtype or None: the autocast dtype, None when none applies.
