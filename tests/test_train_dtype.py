@@ -136,9 +136,12 @@ def test_bf16_without_cpu_support_trains_in_float32_with_a_warning(monkeypatch):
     ("", False, True, False),  # vendor unknown (no /proc/cpuinfo)
 ])
 def test_auto_train_dtype_picks_bf16_only_where_it_is_faster(
-        monkeypatch, vendor, amx, avx512_bf16, want):
+        monkeypatch, caplog, vendor, amx, avx512_bf16, want):
     """The rule of docs/training.md, "bf16 training", on each kind of CPU; the model then
-    trains under that autocast (the ROI heads' linear layers' output dtype), warning nothing."""
+    trains under that autocast (the ROI heads' linear layers' output dtype), warning nothing,
+    and Detectron2's log says which dtype it chose."""
+    fast_inference._log_auto_choice.cache_clear()
+    caplog.set_level("INFO", logger="detectron2")
     monkeypatch.setattr(fast_inference, "_cpu_vendor", lambda: vendor)
     features = {"amx_tile": amx, "avx512_bf16": avx512_bf16}
     monkeypatch.setattr(fast_inference, "_cpu_feature", lambda name: features[name])
@@ -152,6 +155,8 @@ def test_auto_train_dtype_picks_bf16_only_where_it_is_faster(
     for h in handles:
         h.remove()
     assert seen and set(seen) == {torch.bfloat16 if want else torch.float32}
+    chosen = "bfloat16" if want else "float32"
+    assert f"TRAIN_DTYPE auto: training in {chosen} on this CPU" in caplog.text
 
 
 def test_cpu_probes_read_this_machine():

@@ -427,7 +427,8 @@ def bf16_training_faster(device_type: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _log_auto_choice(device_type: str, dtype_name: str) -> None:
-    logging.getLogger(__name__).info(
+    # Detectron2's logger: the one train_net.py and tools/run_demo.py print and write to log.txt.
+    logging.getLogger("detectron2").info(
         "%s auto: training in %s on this %s (docs/training.md, \"bf16 training\")",
         TRAIN_DTYPE_KEY, dtype_name, device_type.upper())
 
