@@ -411,8 +411,8 @@ def bf16_training_faster(device_type: str) -> bool:
     - AMD CPUs with AVX512-BF16 (Zen 4): 1.27-1.42x faster on ``make demo``'s config;
     - CPUs with AMX tiles (Intel Xeon 4th generation and later): 1,024 bf16 against 64 fp32
       operations a cycle (PyTorch's AMX recipe); not measured in this project;
-    - not Intel CPUs with AVX512-BF16 but no AMX: the same step was 1.18-1.28x *slower* in
-      bf16 on the Intel Xeon VM, so these train in float32.
+    - but not Intel CPUs with AVX512-BF16 and no AMX: the same step was 1.18-1.28x *slower*
+      in bf16 on the Intel Xeon VM, so these train in float32.
 
     CUDA: ``torch.cuda.is_bf16_supported()``. Other devices: False.
     """
