@@ -106,6 +106,8 @@ def test_weighted_row_sum_gradient_is_embedding_bags_bit_for_bit():
     empty = data.clone().requires_grad_()
     WeightedRowSum.apply(empty, index[:0], weights[:0]).sum().backward()
     assert empty.grad.shape == data.shape and not empty.grad.any()
+    with pytest.raises(ValueError, match="weights must be constants"):
+        WeightedRowSum.apply(data, index, weights.clone().requires_grad_())
 
 
 def test_matrix_pooler_prepared_maps_single_level_and_no_boxes():

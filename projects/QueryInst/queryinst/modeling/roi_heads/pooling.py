@@ -212,10 +212,17 @@ class WeightedRowSum(torch.autograd.Function):
 
     Returns:
         float (M, C).
+
+    Raises:
+        ValueError: ``weights`` requires a gradient (this backward computes none for it,
+            and a silent None would be a wrong gradient).
     """
 
     @staticmethod
     def forward(ctx, data: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+        if ctx.needs_input_grad[2]:
+            raise ValueError("WeightedRowSum: weights must be constants (detach them); only "
+                             "data gets a gradient")
         ctx.save_for_backward(index, weights)
         ctx.rows = data.shape[0]
         return F.embedding_bag(index, data, per_sample_weights=weights, mode="sum")
