@@ -75,3 +75,24 @@ def test_command_prints_the_overrides_and_the_held_out_result(tmp_path):
     bad = subprocess.run(cmd[:3] + [str(tmp_path / "missing.json"), "--on", "train"],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "missing.json: cannot read tune_tracker rows" in bad.stderr
+
+
+def test_make_row_is_what_setting_of_reads_back():
+    # the row format lives in make_row (tune_tracker writes with it): the setting read back
+    # is the one put in, in its order, and every metric is kept
+    setting = {"NMS_THRESH": 0.5, "MIN_IOU": 0.1, "MAX_MISSED": 1}
+    row = choose_tracker.make_row("clip", setting, AP=61.5, AP50=80.0, tracks=70,
+                                  **{"ID switches": 2, "GT track-frames": 1109})
+    assert choose_tracker.setting_of(row) == (("NMS_THRESH", 0.5), ("MIN_IOU", 0.1),
+                                              ("MAX_MISSED", 1))
+    assert list(row)[0] == "dataset" and row["dataset"] == "clip"
+    assert (row["AP"], row["AP50"], row["ID switches"], row["GT track-frames"],
+            row["tracks"]) == (61.5, 80.0, 2, 1109, 70)
+
+
+def test_make_row_rejects_missing_metrics_and_clashing_keys():
+    with pytest.raises(ValueError, match="metrics must be"):
+        choose_tracker.make_row("clip", {"NMS_THRESH": 0.5}, AP=1.0, AP50=2.0, tracks=3)
+    with pytest.raises(ValueError, match=r"\['AP'\] are metric names"):
+        choose_tracker.make_row("clip", {"AP": 0.5}, AP=1.0, AP50=2.0, tracks=3,
+                                **{"ID switches": 0, "GT track-frames": 10})

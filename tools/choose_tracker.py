@@ -25,7 +25,30 @@ import json
 import statistics
 import sys
 
+# The keys of a tune_tracker row that are not tracker settings; make_row writes them.
 METRICS = ("dataset", "AP", "AP50", "ID switches", "GT track-frames", "tracks")
+
+
+def make_row(dataset: str, setting: dict, **metrics) -> dict:
+    """One ``tools/tune_tracker.py`` row: the dataset, the setting's keys, then the metrics.
+
+    The one place that fixes the row format that :func:`setting_of` reads back.
+
+    Args:
+        dataset (str): the video dataset scored.
+        setting (dict): tracker keys (``MODEL.QUERYINST_VIS.TRACKING.<KEY>``) -> values.
+        **metrics: ``AP``, ``AP50`` (VIS AP, percent), ``ID switches``, ``GT track-frames``,
+            ``tracks`` (pass those with spaces as ``**{"ID switches": n}``).
+
+    Raises:
+        ValueError: a metric missing or unknown, or a setting key that is a metric name.
+    """
+    if set(metrics) != set(METRICS[1:]):
+        raise ValueError(f"make_row: metrics must be {METRICS[1:]}, got {tuple(metrics)}")
+    clash = set(setting) & set(METRICS)
+    if clash:
+        raise ValueError(f"make_row: setting keys {sorted(clash)} are metric names")
+    return {"dataset": dataset, **setting, **{k: metrics[k] for k in METRICS[1:]}}
 
 
 def setting_of(row: dict) -> tuple:

@@ -28,6 +28,7 @@ import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
+sys.path.insert(0, os.path.join(_REPO, "tools"))
 
 import train_net  # noqa: E402,F401  (registers the model and the bundled datasets)
 import torch  # noqa: E402
@@ -40,6 +41,8 @@ from queryinst.checkpoint import CheckpointError, QueryInstCheckpointer  # noqa:
 from queryinst.config_loading import CONFIG_ERRORS, merge_config  # noqa: E402
 from queryinst.video.evaluation.evaluator import load_json  # noqa: E402
 from queryinst.video.evaluation.ytvis_metric import evaluate_ytvis, identity_switches  # noqa: E402
+
+from choose_tracker import make_row  # noqa: E402  (the row format choose_tracker reads)
 
 TRACKING_KEYS = ("SCORE_WEIGHT", "IOU_WEIGHT", "LABEL_WEIGHT", "DET_SCORE_THRESH",
                  "INIT_SCORE_THRESH", "MAX_MISSED", "MIN_IOU", "NMS_THRESH",
@@ -156,9 +159,9 @@ def main(argv=None) -> list[dict]:
             results = replay(tracker, videos, to_dataset_id)
             metrics, _ = evaluate_ytvis(gt, results)
             ids = identity_switches(gt, results)
-            row = {"dataset": name, **setting, "AP": metrics["AP"], "AP50": metrics["AP50"],
-                   "ID switches": ids["ID switches"], "GT track-frames": ids["GT track-frames"],
-                   "tracks": len(results)}
+            row = make_row(name, setting, AP=metrics["AP"], AP50=metrics["AP50"],
+                           tracks=len(results), **{k: ids[k] for k in ("ID switches",
+                                                                        "GT track-frames")})
             rows.append(row)
             print("[tune] " + json.dumps(row), flush=True)
     if args.out:
