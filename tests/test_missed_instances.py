@@ -75,9 +75,18 @@ def test_bad_input_names_the_problem(tmp_path):
         missed_instances.analyse(gt, preds)
     with pytest.raises(ValueError, match="--iou"):
         missed_instances.analyse(gt, [], 0)
+    boxes_only = [{"image_id": 1, "score": 0.5, "bbox": [0, 0, 5, 5]}]
+    with pytest.raises(ValueError, match="image_id 1 has no segmentation"):
+        missed_instances.analyse(gt, boxes_only)
     gt_path = tmp_path / "gt.json"
     gt_path.write_text(json.dumps(gt))
     bad = subprocess.run([sys.executable, os.path.join(REPO, "tools", "missed_instances.py"),
                           "--gt", str(gt_path), "--pred", str(tmp_path / "none.json")],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "none.json: cannot read the results json" in bad.stderr
+    (tmp_path / "boxes.json").write_text(json.dumps([{"image_id": 1, "score": 0.5,
+                                                      "bbox": [0, 0, 5, 5]}]))
+    bad = subprocess.run([sys.executable, os.path.join(REPO, "tools", "missed_instances.py"),
+                          "--gt", str(gt_path), "--pred", str(tmp_path / "boxes.json")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "boxes.json: the result of image_id 1" in bad.stderr

@@ -109,8 +109,8 @@ def analyse(gt: dict, results: list, iou_thresh: float = 0.5) -> dict:
         by "missed_median_area" and "median_area" (pixels; 0 when there are none).
 
     Raises:
-        ValueError: a result names an image that the GT does not have, or ``iou_thresh``
-        outside (0, 1].
+        ValueError: a result names an image that the GT does not have or has no
+        segmentation, or ``iou_thresh`` outside (0, 1].
     """
     if not 0 < iou_thresh <= 1:
         raise ValueError(f"--iou must be in (0, 1], got {iou_thresh}")
@@ -124,6 +124,9 @@ def analyse(gt: dict, results: list, iou_thresh: float = 0.5) -> dict:
         if r["image_id"] not in images:
             raise ValueError(f"a result names image_id {r['image_id']}, which the GT json does "
                              f"not have: pass the GT json the results were evaluated on")
+        if "segmentation" not in r:
+            raise ValueError(f"the result of image_id {r['image_id']} has no segmentation: "
+                             f"this needs the masks of an instance segmentation run")
         preds[r["image_id"]][0].append(_segmentation(r, images[r["image_id"]]))
         preds[r["image_id"]][1].append(r["score"])
     total = {"missed_areas": [], "areas": []}
@@ -156,7 +159,10 @@ def main(argv=None) -> dict:
     gt = _load(args.gt, "GT")
     report = {}
     for path in args.pred:
-        report[path] = analyse(gt, _load(path, "results"), args.iou)
+        try:
+            report[path] = analyse(gt, _load(path, "results"), args.iou)
+        except ValueError as e:
+            raise ValueError(e if str(e).startswith(path) else f"{path}: {e}") from e
         print(_line(path, report[path]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
