@@ -33,6 +33,7 @@ from torch import nn
 
 from queryinst import add_queryinst_config, queryinst_postprocess
 from queryinst.modeling.roi_heads.roi_heads import (
+    float_masks_where_read,
     mask_targets_in_boxes,
     maskness,
     stage_mask_targets,
@@ -930,6 +931,62 @@ def test_mask_targets_by_gt_index_equal_detectron2_crop_and_resize(fmt):
     assert got.shape == (7, 28, 28) and got.dtype == torch.float32
     assert torch.equal(got, want)
     assert 0 < got.mean() < 1  # the boxes see mask and background
+
+
+def _edge_case_rois(num_masks: int, size, gen: torch.Generator) -> torch.Tensor:
+    """RoIs (gt index, x0, y0, x1, y1) clipped to ``size``: random fractional boxes from under a
+    pixel to most of the image, boxes on every border, a zero-width and a zero-area one."""
+    h, w = size
+    xy = torch.rand(60, 2, generator=gen) * torch.tensor([w + 10.0, h + 10.0]) - 5
+    wh = torch.rand(60, 2, generator=gen) ** 3 * torch.tensor([w * 0.8, h * 0.8])
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    boxes = torch.cat([boxes, torch.tensor([
+        [0.0, 0.0, 3.5, 2.25], [w - 2.75, h - 1.5, w, h], [0.0, h - 4.0, w, h],
+        [7.0, 3.0, 7.0, 9.0], [5.5, 5.5, 5.5, 5.5], [w - 0.25, 0.0, w, h],
+    ])])
+    clipped = Boxes(boxes)
+    clipped.clip(size)
+    index = torch.randint(0, num_masks - 1, (len(boxes), 1), generator=gen).float()
+    return torch.cat([index, clipped.tensor], dim=1)  # the last mask gets no RoI
+
+
+def test_float_masks_where_read_give_the_whole_copys_roi_align_bit_for_bit():
+    """Random-noise masks (any pixel read outside a mask's window would change a value): the
+    windowed copy gives aligned RoIAlign the values of the whole float copy, sample for
+    sample, and a mask without RoIs is not copied at all."""
+    from detectron2.layers import ROIAlign
+    gen = torch.Generator().manual_seed(3)
+    size = (47, 66)
+    masks = torch.rand(5, *size, generator=gen) < 0.5
+    rois = _edge_case_rois(len(masks), size, gen)
+    windowed = float_masks_where_read(masks, rois)
+    whole = masks[:, None].float()
+    assert windowed.shape == whole.shape and windowed.dtype == torch.float32
+    for sampling_ratio in (0, 2):
+        align = ROIAlign((28, 28), 1.0, sampling_ratio, aligned=True)
+        assert torch.equal(align(windowed, rois), align(whole, rois))
+    assert not windowed[-1].any() and whole[-1].any()
+    assert 0 < windowed.sum() < whole[:-1].sum()  # windows, not the whole frames
+
+
+def test_float_masks_where_read_copy_everything_for_a_non_finite_roi():
+    masks = torch.rand(2, 10, 12) < 0.5
+    rois = torch.tensor([[0.0, 1.0, 1.0, 4.0, 4.0], [1.0, float("nan"), 0.0, 5.0, 5.0]])
+    assert torch.equal(float_masks_where_read(masks, rois), masks[:, None].float())
+
+
+def test_mask_targets_of_noise_masks_equal_detectron2_crop_and_resize():
+    """The targets of the training loss, by gt index, against Detectron2's own
+    ``BitMasks.crop_and_resize`` of each box's mask, on noise masks and the edge-case boxes."""
+    gen = torch.Generator().manual_seed(4)
+    size = (47, 66)
+    masks = BitMasks(torch.rand(5, *size, generator=gen) < 0.5)
+    rois = _edge_case_rois(len(masks), size, gen)
+    gt_idx = rois[:, 0].long()
+    got = mask_targets_in_boxes(masks, rois[:, 1:], size, 28, gt_indices=gt_idx)
+    want = masks[gt_idx].crop_and_resize(rois[:, 1:], 28).float()
+    assert torch.equal(got, want)
+    assert 0.2 < got.mean() < 0.8
 
 
 @pytest.mark.parametrize("fmt", ["bitmask", "polygon"])
