@@ -54,6 +54,9 @@ def test_where_and_missing_settings():
         choose_tracker.rank_settings(runs, "test", 0.02)
     with pytest.raises(ValueError, match="INIT_SCORE_THRESH=0.3"):
         choose_tracker.parse_where(["INIT_SCORE_THRESH"])
+    # a --where key that the grid never varied: an error naming it, not "no setting qualifies"
+    with pytest.raises(ValueError, match="--where MIN_IOU: not a key.*MAX_MISSED, NMS_THRESH"):
+        choose_tracker.rank_settings(runs, "train", 0.02, {"MIN_IOU": 0.1})
 
 
 def test_command_prints_the_overrides_and_the_held_out_result(tmp_path):

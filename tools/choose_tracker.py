@@ -90,7 +90,8 @@ def rank_settings(runs: list[list[dict]], on: str, max_switch_rate: float,
         order among equals).
 
     Raises:
-        ValueError: no runs, or no setting has rows on ``on`` for every model.
+        ValueError: no runs, no setting has rows on ``on`` for every model, or a ``where``
+            key is not a grid key of the rows (it would silently disqualify every setting).
     """
     if not runs:
         raise ValueError("no tune_tracker rows given (--rows)")
@@ -116,6 +117,12 @@ def rank_settings(runs: list[list[dict]], on: str, max_switch_rate: float,
     if not ranked:
         raise ValueError(f"no setting has rows on {on!r} for all {len(runs)} models: "
                          f"were they tuned with --datasets {on}?")
+    grid_keys = set().union(*(r["setting"] for r in ranked))
+    unknown = sorted(set(where) - grid_keys)
+    if unknown:
+        raise ValueError(f"--where {', '.join(unknown)}: not a key of the tune_tracker rows "
+                         f"(their grid keys: {', '.join(sorted(grid_keys))}); tune with "
+                         f"--grid {unknown[0]}=... or drop it from --where")
     ranked.sort(key=lambda r: -r["mean AP"])
     return ranked
 
