@@ -207,6 +207,62 @@ def test_onnxruntime_runs_every_quantized_conv_as_an_int8_kernel(quantized, tmp_
                for n in float_convs for i in n.input if i in producer)
 
 
+@pytest.mark.parametrize("machine, flags, saturates", [
+    ("x86_64", "fpu sse2 avx2 fma", True),  # AVX2 only (AMD Zen 3)
+    ("x86_64", "avx2 avx512f avx512bw", True),  # AVX-512 without VNNI (Skylake-SP)
+    ("x86_64", "avx2 avx512f avx512_vnni avx512_bf16", False),  # Zen 4, Cascade Lake on
+    ("x86_64", "avx2 avx_vnni", False),  # AVX-VNNI (Alder Lake)
+    ("aarch64", "", False),  # not x86: other kernels
+])
+def test_u8s8_saturates_where_x86_lacks_vnni(machine, flags, saturates, tmp_path, monkeypatch):
+    from queryinst.export import quantize
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: X\nflags\t\t: {flags}\n\n")
+    monkeypatch.setattr(quantize.platform, "machine", lambda: machine)
+    assert quantize.u8s8_saturates(str(cpuinfo)) is saturates
+
+
+def test_int8_weights_use_the_recorded_range(quantized):
+    """The record's ``reduce_range`` is this CPU's rule, and the graph holds it: with it every
+    int8 weight lies in the 7-bit range [-64, 63], without it the per-channel scales reach
+    the 8-bit ends (+-127)."""
+    from onnx import numpy_helper
+
+    from queryinst.export.quantize import u8s8_saturates
+
+    out, _ = quantized
+    record = json.loads((out / "model.json").read_text())["int8"]
+    assert record["reduce_range"] is u8s8_saturates()
+    graph = onnx.load(str(out / "model.int8.onnx")).graph
+    weights = [numpy_helper.to_array(t) for t in graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and t.dims and len(t.dims) > 1]
+    assert len(weights) >= 54
+    largest = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert largest <= 64 if record["reduce_range"] else largest == 127
+
+
+def test_predictor_warns_when_8_bit_weights_meet_a_cpu_without_vnni(quantized, tmp_path,
+                                                                    monkeypatch, caplog):
+    import shutil
+
+    from queryinst.export import predictor
+
+    out, _ = quantized
+    for name in ("model.int8.onnx", "model.json"):
+        shutil.copy(out / name, tmp_path / name)
+    info = json.loads((tmp_path / "model.json").read_text())
+    info["int8"]["reduce_range"] = False
+    (tmp_path / "model.json").write_text(json.dumps(info))
+    for saturates, warned in ((True, True), (False, False)):
+        monkeypatch.setattr(predictor, "u8s8_saturates", lambda: saturates)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            ExportedPredictor(str(tmp_path / "model.int8.onnx"), num_threads=1)
+        assert ("saturate on this CPU" in caplog.text) is warned
+        assert ("--reduce-range on" in caplog.text) is warned
+
+
 def test_unshare_initializers_gives_each_layer_its_own_copy(tmp_path):
     """Two Convs reading one bias (one directly, one through an Identity, as the ONNX
     exporter writes equal constants) and a weight of their own: afterwards each reads an
@@ -297,7 +353,9 @@ def fresh_loggers():
     (["--format", "onnx", "--quantize", "int8", "--calibration-dataset", "no_such_set"],
      "ERROR: --calibration-dataset no_such_set is not a registered dataset"),
     (["--format", "onnx", "--calibration-dataset", "nuclei_dsb_train"],
-     "ERROR: --calibration-dataset and --fp32-nodes go with --quantize int8"),
+     "ERROR: --calibration-dataset, --fp32-nodes and --reduce-range go with --quantize int8"),
+    (["--format", "onnx", "--reduce-range", "on"],
+     "ERROR: --calibration-dataset, --fp32-nodes and --reduce-range go with --quantize int8"),
 ])
 def test_unsupported_quantization_is_refused(extra, message, export_tool, tmp_path, capsys,
                                              fresh_loggers):

@@ -29,7 +29,8 @@ onnx`` only) also writes ``model.int8.onnx`` beside ``model.onnx``: ONNX Runtime
 ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations (U8S8, ONNX
 Runtime's x86 int8 kernels) calibrated on N images of the training dataset NAME; RoIAlign,
 box decoding, the sigmoids and the layers feeding them stay float32), recorded under ``"int8"`` in ``model.json``; see
-``queryinst/export/quantize.py``. NAME must not be, nor share an image with, a dataset of
+``queryinst/export/quantize.py``. ``--reduce-range auto`` (default) quantizes the weights to
+7 bits on x86 CPUs without VNNI, whose int8 kernels saturate with 8-bit weights. NAME must not be, nor share an image with, a dataset of
 ``DATASETS.TEST`` (exit 2 with one ``ERROR:`` line, as for a TorchScript format or an opset
 the quantizer does not take). ``demo/demo.py --exported DIR/model.int8.onnx`` runs it.
 
@@ -99,6 +100,10 @@ def get_parser() -> argparse.ArgumentParser:
                         "(never one of DATASETS.TEST), e.g. nuclei_dsb_train")
     p.add_argument("--calibration-images", type=int, default=16, metavar="N",
                    help="with --quantize: images of it, spread evenly (default 16)")
+    p.add_argument("--reduce-range", choices=("auto", "on", "off"), default="auto",
+                   help="with --quantize: 7-bit weights, for x86 CPUs without VNNI whose "
+                        "int8 kernels saturate with 8-bit ones; auto (default): on where "
+                        "this CPU lacks VNNI (queryinst.export.quantize.u8s8_saturates)")
     p.add_argument("--fp32-nodes", action="append", default=[], metavar="REGEX",
                    help="with --quantize: also keep the Conv/MatMul/Gemm nodes whose name "
                         "matches in float32 (repeatable)")
@@ -139,8 +144,9 @@ def main(argv=None) -> int:
             if args.calibration_images < 1:
                 raise QuantizeError(f"--calibration-images {args.calibration_images}: "
                                     f"pass 1 or more")
-        elif args.calibration_dataset or args.fp32_nodes:
-            raise QuantizeError("--calibration-dataset and --fp32-nodes go with --quantize int8")
+        elif args.calibration_dataset or args.fp32_nodes or args.reduce_range != "auto":
+            raise QuantizeError("--calibration-dataset, --fp32-nodes and --reduce-range go "
+                                "with --quantize int8")
         cfg = inference_config(args.config_file, args.opts)
         check_exportable(cfg, args.format, args.opset)
         calibration = (calibration_dicts(cfg, args.calibration_dataset)
@@ -175,8 +181,9 @@ def main(argv=None) -> int:
         reader = CalibrationImages(calibration, args.calibration_images, "image",
                                    cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST,
                                    cfg.INPUT.MAX_SIZE_TEST)
+        reduce_range = {"auto": None, "on": True, "off": False}[args.reduce_range]
         quantize_int8(path, reader, extra_fp32=args.fp32_nodes,
-                      calibration_dataset=args.calibration_dataset)
+                      calibration_dataset=args.calibration_dataset, reduce_range=reduce_range)
     return 0
 
 

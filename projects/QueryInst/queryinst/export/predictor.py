@@ -28,7 +28,7 @@ from detectron2.structures import Boxes, Instances
 
 from ..modeling.meta_arch.queryinst import queryinst_postprocess
 from .exporter import export_info_path
-from .quantize import graph_input
+from .quantize import graph_input, u8s8_saturates
 
 __all__ = ["ExportedPredictor"]
 
@@ -81,6 +81,8 @@ class ExportedPredictor:
         if path.endswith(".onnx"):
             import onnxruntime as ort
 
+            self._warn_if_int8_saturates(path)
+
             options = ort.SessionOptions()
             if num_threads is not None:
                 options.intra_op_num_threads = num_threads
@@ -93,6 +95,18 @@ class ExportedPredictor:
             self._run = self._run_torchscript
         else:
             raise ValueError(f"{path}: an exported model is a .onnx or .ts file")
+
+    def _warn_if_int8_saturates(self, path: str) -> None:
+        # A graph quantized with 8-bit weights (on a CPU with VNNI) gives wrong boxes on an
+        # x86 CPU without it (queryinst/export/quantize.py): say so rather than mislead.
+        int8 = self.info.get("int8") or {}
+        if (int8.get("file") == os.path.basename(path) and not int8.get("reduce_range")
+                and u8s8_saturates()):
+            logger.warning(
+                "%s has 8-bit int8 weights, which ONNX Runtime's int8 kernels saturate on "
+                "this CPU (x86 without VNNI): boxes and masks can be far off. Quantize again "
+                "on this machine (tools/export_model.py --quantize int8 picks 7-bit weights "
+                "here) or with --reduce-range on, or run the float32 model.onnx.", path)
 
     def _run_onnx(self, image: np.ndarray) -> list[torch.Tensor]:
         outputs = self._session.run(self.output_names, {self.info["input_name"]: image})
