@@ -397,6 +397,7 @@ def test_channels_last_option_gives_the_same_detections():
     cfg = small_cfg(num_proposals=6, test_topk=10)
     cfg.defrost()
     cfg.MODEL.QUERYINST.CHANNELS_LAST = True
+    cfg.MODEL.QUERYINST.FPN_OUTPUT_MEMORY_FORMAT = "channels_last"  # not "auto": all of it
     model = build_model(cfg).eval()
     model.load_state_dict(reference.state_dict())
     def convs(module):

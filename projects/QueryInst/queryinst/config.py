@@ -95,6 +95,12 @@ def add_queryinst_config(cfg: CN) -> None:
     # (docs/benchmark.md). This is the layout of training too; inference on the CPU is
     # channels-last anyway (INFERENCE_MEMORY_FORMAT). Off by default, as in Detectron2.
     _C.CHANNELS_LAST = False
+    # With CHANNELS_LAST, the layout of the FPN's output (3x3) convolutions in training:
+    # "auto" keeps them contiguous on CPUs without AVX-512, where oneDNN's channels-last
+    # weight gradient of a dense 3x3 conv is 3-4x slower than the contiguous one (a training
+    # step of make demo's config ~1.1x faster on an AMD Zen 3; docs/training.md,
+    # "Channels-last training"), channels-last elsewhere; or "channels_last" / "contiguous".
+    _C.FPN_OUTPUT_MEMORY_FORMAT = "auto"
     # Inference speed-ups (queryinst/modeling/fast_inference.py; docs/deployment.md;
     # measured in docs/benchmark.md). None of the three applies in training or changes state_dict().
     # Fold each BatchNorm with fixed statistics (FrozenBN, and BN in eval mode) into the conv

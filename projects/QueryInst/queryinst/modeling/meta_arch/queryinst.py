@@ -24,6 +24,7 @@ from ..fast_inference import (
     resolve_memory_format,
     resolve_train_dtype,
 )
+from ..memory_format import apply_channels_last, resolve_fpn_output_memory_format
 
 __all__ = ["QueryInst", "queryinst_postprocess"]
 
@@ -95,14 +96,19 @@ class QueryInst(GeneralizedRCNN):
     """
 
     @configurable
-    def __init__(self, *, channels_last: bool = False, fuse_bn_inference: bool = True,
-                 inference_memory_format: str = "auto", inference_dtype: str = "float32",
-                 train_dtype: str = "float32", **kwargs):
+    def __init__(self, *, channels_last: bool = False, fpn_output_memory_format: str = "auto",
+                 fuse_bn_inference: bool = True, inference_memory_format: str = "auto",
+                 inference_dtype: str = "float32", train_dtype: str = "float32", **kwargs):
         """
         Args:
             channels_last: store the backbone's conv weights channels-last
                 (``MODEL.QUERYINST.CHANNELS_LAST``), so its convolutions run and return
                 channels-last maps, in training too: faster on CPUs.
+            fpn_output_memory_format: with ``channels_last``, the layout of the FPN's output
+                convolutions (``MODEL.QUERYINST.FPN_OUTPUT_MEMORY_FORMAT``; module
+                :mod:`queryinst.modeling.memory_format`): "channels_last", "contiguous" or
+                "auto" (here resolved for the CPU; ``from_config`` resolves it for
+                ``MODEL.DEVICE``).
             fuse_bn_inference: fold every conv + fixed-statistics BatchNorm pair into one
                 convolution during inference (``MODEL.QUERYINST.FUSE_BN_INFERENCE``;
                 :class:`~queryinst.modeling.fast_inference.InferenceWeights`): the same outputs
@@ -121,13 +127,14 @@ class QueryInst(GeneralizedRCNN):
                 roi_heads, pixel_mean, pixel_std, ...).
 
         Raises:
-            ValueError: ``inference_dtype`` or ``inference_memory_format`` is not one of
-                its three names, or ``train_dtype`` is not one of its three.
+            ValueError: ``inference_dtype``, ``inference_memory_format`` or
+                ``fpn_output_memory_format`` is not one of its three names, or
+                ``train_dtype`` is not one of its three.
         """
         super().__init__(**kwargs)
+        fpn_format = resolve_fpn_output_memory_format(fpn_output_memory_format, "cpu")
         if channels_last:
-            # Module.to keeps this layout through later .to(device) and load_state_dict.
-            self.backbone.to(memory_format=torch.channels_last)
+            apply_channels_last(self.backbone, fpn_format)
         check_inference_dtype(inference_dtype)
         check_train_dtype(train_dtype)
         resolve_memory_format(inference_memory_format, "cpu")  # refuses an unknown name
@@ -143,6 +150,8 @@ class QueryInst(GeneralizedRCNN):
         ret = super().from_config(cfg)
         q = cfg.MODEL.QUERYINST
         ret["channels_last"] = q.CHANNELS_LAST
+        ret["fpn_output_memory_format"] = resolve_fpn_output_memory_format(
+            q.FPN_OUTPUT_MEMORY_FORMAT, torch.device(cfg.MODEL.DEVICE).type)
         ret["fuse_bn_inference"] = q.FUSE_BN_INFERENCE
         ret["inference_memory_format"] = q.INFERENCE_MEMORY_FORMAT
         # Refused before the model is built: an unknown name, float16 with MODEL.DEVICE cpu.
