@@ -62,7 +62,8 @@ def test_ctc_round_trip_of_ground_truth_and_an_identity_swap(psc_val, tmp_path):
     gt = rv.gt_ctc_tracks(psc_val, 1, num_frames=3)
     assert len(gt.rows) > 50 and all(r[1] == 0 and r[2] == 2 for r in gt.rows[:5])
     perfect = rv.ctc_measures(str(tmp_path / "perfect"), gt, gt)
-    assert perfect == {"DET": 1.0, "SEG": 1.0, "TRA": 1.0, "LNK": 1.0}
+    assert perfect == {"DET": 1.0, "SEG": 1.0, "TRA": 1.0, "LNK": 1.0,
+                       "fp_edges": 0, "fn_edges": 0, "ws_edges": 0}
     a, b = gt.rows[0][0], gt.rows[1][0]
     swapped = gt.labels.copy()
     for t in (1, 2):
@@ -71,6 +72,9 @@ def test_ctc_round_trip_of_ground_truth_and_an_identity_swap(psc_val, tmp_path):
     scores = rv.ctc_measures(str(tmp_path / "swap"), gt, rv.split_at_gaps(swapped))
     assert scores["DET"] == 1.0 and scores["SEG"] == 1.0
     assert scores["TRA"] < 1.0 and scores["LNK"] < 1.0
+    # by hand: a0->b1 and b0->a1 are links the reference lacks, a0->a1 and b0->b1 are
+    # missed; a1->a2 and b1->b2 are kept (under each other's label)
+    assert (scores["fp_edges"], scores["fn_edges"], scores["ws_edges"]) == (2, 2, 0)
     # the result folder is the CTC layout: one mask per frame and the track file
     assert sorted(os.listdir(tmp_path / "perfect" / "res")) == [
         "mask000.tif", "mask001.tif", "mask002.tif", "res_track.txt"]
@@ -114,7 +118,10 @@ def test_script_end_to_end_on_three_frames(tmp_path):
     for key in ("ours", "laptrack", "laptrack_20px"):
         assert all(0.0 <= res[key][k] <= 1.0 for k in ("DET", "SEG", "TRA", "LNK"))
         assert res[key]["GT track-frames"] > 0
+        assert all(isinstance(res[key][k], int) and res[key][k] >= 0
+                   for k in ("fp_edges", "fn_edges", "ws_edges"))
     assert len(os.listdir(tmp_path / "out" / "seed1" / "ours" / "res")) == 4  # 3 masks + txt
     assert "segm" in res["queryinst_frame"] and "segm" in res["mask_rcnn_frame"]
     text = md.read_text()
     assert "| laptrack (20 px): TRA |" in text and "- CPU model: " in text
+    assert "| QueryInst-VIS (EmbeddingTracker): reference links missed | " in text

@@ -8,7 +8,9 @@ and its frames as images (``ctc_psc_val``):
     ``configs/bundled/queryinst_vis_MNV2_FPN_ctc_psc.yaml``, tracked through the model's own
     online path) as Cell Tracking Challenge label images + ``res_track.txt``; the CTC
     measures DET, SEG, TRA and LNK against the clip's reference (traccuracy; SEG by
-    py-ctcmetrics), next to ``YTVISEvaluator``'s VIS AP and identity switches.
+    py-ctcmetrics) and traccuracy's counts of the link errors behind TRA and LNK (links
+    not in the reference, reference links missed, links of the wrong kind), next to
+    ``YTVISEvaluator``'s VIS AP and identity switches.
 (b) laptrack (LAP linking of centroids, gap closing) on the same model's per-frame masks,
     without our tracker: the same measures. Both take the detections scoring at least
     ``--score-threshold`` among those the tracker receives, so both have the same masks and
@@ -16,8 +18,9 @@ and its frames as images (``ctc_psc_val``):
     the median radius of the training clip's cells); ``--laptrack-sweep`` also reports other
     cut-offs.
 (c) Detectron2's Mask R-CNN with the same ImageNet MobileNetV2-FPN backbone, data and
-    input size (``configs/bundled/mask_rcnn_MNV2_FPN_ctc_psc.yaml``; 330 iterations, where
-    make demo's QueryInst now trains 300): frame box / mask AP on the held-out frames
+    input size (``configs/bundled/mask_rcnn_MNV2_FPN_ctc_psc.yaml``; 330 iterations, as
+    make demo's QueryInst; the results pages use shorter schedules of equal time): frame
+    box / mask AP on the held-out frames
     (``COCOEvaluator``), next to QueryInst's.
 
 Checkpoints: ``--queryinst-weights`` and ``--mask-rcnn-weights`` are paths with ``{seed}``;
@@ -52,6 +55,10 @@ QI_CONFIG = os.path.join("configs", "bundled", "queryinst_vis_MNV2_FPN_ctc_psc.y
 MRCNN_CONFIG = os.path.join("configs", "bundled", "mask_rcnn_MNV2_FPN_ctc_psc.yaml")
 VIDEO, IMAGES, TRAIN_VIDEO = "ctc_psc_video_val", "ctc_psc_val", "ctc_psc_video_train"
 CTC_KEYS = ("DET", "SEG", "TRA", "LNK")
+# traccuracy's link errors, which TRA and LNK weigh (1, 1.5 and 1): where two trackers differ
+EDGE_ROWS = (("fp_edges", "links not in the reference"),
+             ("fn_edges", "reference links missed"),
+             ("ws_edges", "links of the wrong kind"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -225,6 +232,8 @@ def render(runs: list, command: str, env: dict, distances) -> str:
     for key, name in methods:
         for m in CTC_KEYS:
             track_rows.append(row(f"{name}: {m}", key, m))
+        for edges, what in EDGE_ROWS:
+            track_rows.append(row(f"{name}: {what}", key, edges, digits=0, mean_digits=1))
         track_rows.append(row(f"{name}: VIS AP", key, "AP", digits=1))
         track_rows.append(row(f"{name}: ID switches", key, "ID switches", digits=0, mean_digits=1))
     track_rows.append(row("QueryInst-VIS, all tracks (make demo): VIS AP", "ours_all_tracks",

@@ -182,11 +182,15 @@ def write_ctc_pair(out_dir: str, gt: CTCTracks, res: CTCTracks) -> Tuple[str, st
 
 def ctc_measures(out_dir: str, gt: CTCTracks, res: CTCTracks) -> Dict[str, float]:
     """DET, SEG, TRA and LNK of ``res`` against ``gt`` (see the module for which package
-    computes which), in [0, 1]; the files are written under ``out_dir`` (:func:`write_ctc_pair`).
+    computes which), in [0, 1], and the link errors behind TRA and LNK; the files are written
+    under ``out_dir`` (:func:`write_ctc_pair`).
 
     Returns:
-        {"DET", "SEG", "TRA", "LNK"}; all 0 for a result without any cell, LNK NaN when the
-        reference has no link (a one-frame clip).
+        {"DET", "SEG", "TRA", "LNK", "fp_edges", "fn_edges", "ws_edges"}: the last three are
+        traccuracy's counts of result links absent from the reference, reference links the
+        result misses, and links of the wrong kind (division or not); only the four
+        measures, all 0, for a result without any cell; LNK NaN when the reference has no
+        link (a one-frame clip).
     """
     from ctc_metrics.scripts.evaluate import evaluate_sequence
     from traccuracy import run_metrics
@@ -206,7 +210,8 @@ def ctc_measures(out_dir: str, gt: CTCTracks, res: CTCTracks) -> Dict[str, float
         seg = evaluate_sequence(res_dir, gt_dir, metrics=["SEG"], threads=1)["SEG"]
     scores = results[0]["results"]
     return {"DET": float(scores["DET"]), "SEG": float(seg), "TRA": float(scores["TRA"]),
-            "LNK": float(scores["LNK"])}
+            "LNK": float(scores["LNK"]),
+            **{k: int(scores[k]) for k in ("fp_edges", "fn_edges", "ws_edges")}}
 
 
 def gt_label_images(gt: dict, video_id: int, num_frames: Optional[int] = None
