@@ -358,10 +358,9 @@ def u8s8_saturates(cpuinfo: str = "/proc/cpuinfo") -> bool:
     except OSError:
         flags = None
     if flags is None:
-        import torch
+        from ..modeling.fast_inference import _cpu_feature
 
-        probe = getattr(torch.cpu, "_is_vnni_supported", None)
-        return not (probe is not None and probe())
+        return not _cpu_feature("vnni")
     return not ({"avx512_vnni", "avx_vnni"} & set(flags))
 
 

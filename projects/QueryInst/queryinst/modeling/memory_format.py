@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fast_inference import _cpu_feature
+
 __all__ = [
     "FPN_OUTPUT_MEMORY_FORMATS",
     "apply_channels_last",
@@ -49,7 +51,7 @@ def resolve_fpn_output_memory_format(name: str, device_type: str) -> str:
                          f"{list(FPN_OUTPUT_MEMORY_FORMATS)}")
     if name != "auto":
         return name
-    slow_weight_grad = device_type == "cpu" and not torch.cpu._is_avx512_supported()
+    slow_weight_grad = device_type == "cpu" and not _cpu_feature("avx512")
     return "contiguous" if slow_weight_grad else "channels_last"
 
 
