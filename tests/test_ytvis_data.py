@@ -25,10 +25,12 @@ from queryinst.data import DatasetFormatError, datasets_root
 from queryinst.video import (
     PREDEFINED_YTVIS_SPLITS,
     YTVISDatasetMapper,
+    build_vis_train_loader,
     load_ytvis_json,
     register_ytvis_instances,
     sample_frame_pair,
 )
+from queryinst.video.data import key_frame_records
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
 
@@ -285,6 +287,31 @@ def test_sample_frame_pair_range_and_uniformity():
         sample_frame_pair(0, 5)
 
 
+def test_sample_frame_pair_given_key():
+    rng = np.random.RandomState(0)
+    pairs = {sample_frame_pair(6, 2, rng, key=1) for _ in range(400)}
+    assert pairs == {(1, 0), (1, 2), (1, 3)}  # the key kept, every reference in range drawn
+    with pytest.raises(ValueError, match="key frame 6 outside 0..5"):
+        sample_frame_pair(6, 2, key=6)
+
+
+def test_key_frame_records_windows():
+    video = {"video_id": 7, "height": H, "width": W, "length": 6,
+             "file_names": [f"f{t}" for t in range(6)],
+             "annotations": [[{"id": 100 + t}] for t in range(6)]}
+    records = key_frame_records(video, 2)
+    windows = [(0, 3), (0, 4), (0, 5), (1, 6), (2, 6), (3, 6)]  # frames t-2..t+2, clipped
+    assert len(records) == 6
+    for t, (record, (lo, hi)) in enumerate(zip(records, windows)):
+        assert record["file_names"] == [f"f{i}" for i in range(lo, hi)]
+        assert record["annotations"] == [[{"id": 100 + i}] for i in range(lo, hi)]
+        assert record["frame_offset"] == lo and record["key_frame"] == t - lo
+        assert (record["video_id"], record["height"], record["length"]) == (7, H, 6)
+    assert [r["file_names"] for r in key_frame_records(video, 0)] == [[f"f{t}"] for t in range(6)]
+    with pytest.raises(ValueError, match="SAMPLING_FRAME_RANGE"):
+        key_frame_records(video, -1)
+
+
 def _mapper(is_train, augmentations, mask_format="bitmask", frame_range=1, **kwargs):
     return YTVISDatasetMapper(is_train, augmentations=augmentations, image_format="RGB",
                               use_instance_mask=True, instance_mask_format=mask_format,
@@ -317,6 +344,56 @@ def test_mapper_pairs_ids_and_absent_objects(tiny, mask_format):
             for tid, cls in zip(inst.gt_ids.tolist(), inst.gt_classes.tolist()):
                 assert cls == {100: 3, 101: 7}[tid]  # identity keeps its category
     assert seen == {(0, 1), (1, 0), (1, 2), (2, 1)}
+
+
+def test_mapper_on_key_frame_records(tiny):
+    """A key-frame record keeps its key; frame indices and objects are the whole video's."""
+    json_file, image_root = tiny
+    video = load_ytvis_json(json_file, image_root)[0]  # video 10, 3 frames
+    mapper = _mapper(True, [T.ResizeShortestEdge(40, 100)])
+    for t, record in enumerate(key_frame_records(video, 1)):
+        refs = set()
+        for seed in range(12):
+            np.random.seed(seed)
+            out = mapper(copy.deepcopy(record))
+            k, r = out["frame_indices"]
+            assert k == t and abs(r - t) == 1 and out["length"] == 3
+            refs.add(r)
+            assert out["file_names"] == [video["file_names"][k], video["file_names"][r]]
+            for i, inst in zip((k, r), out["instances"]):
+                assert sorted(inst.gt_ids.tolist()) == sorted(o["id"]
+                                                              for o in video["annotations"][i])
+        assert refs == {r for r in (t - 1, t + 1) if 0 <= r < 3}
+
+
+def _vis_train_cfg(name, sampling):
+    cfg = get_cfg()
+    add_queryinst_config(cfg)
+    cfg.DATASETS.TRAIN = (name,)
+    cfg.INPUT.KEY_FRAME_SAMPLING = sampling
+    cfg.INPUT.SAMPLING_FRAME_RANGE = 1
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (H,), 100
+    cfg.INPUT.FORMAT, cfg.INPUT.MASK_FORMAT, cfg.MODEL.MASK_ON = "RGB", "bitmask", True
+    cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS, cfg.SEED = 1, 0, 3
+    return cfg
+
+
+def test_train_loader_key_frame_sampling(tiny):
+    """"frame": each frame of each video is the key once an epoch (6 draws: all 6 frames).
+    An unknown value is refused, naming the key."""
+    json_file, image_root = tiny
+    name = "test_ytvis_key_frames"
+    for catalog in (DatasetCatalog, MetadataCatalog):
+        if name in catalog.list():
+            catalog.remove(name)
+    register_ytvis_instances(name, {}, json_file, image_root)
+    loader = iter(build_vis_train_loader(_vis_train_cfg(name, "frame")))
+    for _epoch in range(3):
+        keys = [(b[0]["video_id"], b[0]["frame_indices"][0]) for b in
+                (next(loader) for _ in range(6))]
+        assert sorted(keys) == [(v, t) for v in (10, 20) for t in range(3)]
+    with pytest.raises(ValueError, match="INPUT.KEY_FRAME_SAMPLING"):
+        build_vis_train_loader(_vis_train_cfg(name, "clip"))
 
 
 @pytest.mark.parametrize("mask_format", ["bitmask", "polygon"])

@@ -62,6 +62,10 @@ def add_queryinst_vis_config(cfg: CN) -> None:
     # the video's frames at most this many frames from the key frame (the key excluded
     # when the video has more than one frame).
     cfg.INPUT.SAMPLING_FRAME_RANGE = 20
+    # What the training sampler draws: "video", a video, whose key frame the mapper draws
+    # uniformly; "frame", a key frame, each frame once an epoch (MaskTrack R-CNN's indexing;
+    # every frame seen equally often, which a short schedule on one video needs).
+    cfg.INPUT.KEY_FRAME_SAMPLING = "video"
 
 
 def use_query_tracker(cfg: CN) -> CN:

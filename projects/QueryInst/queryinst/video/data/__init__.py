@@ -4,6 +4,7 @@ from .build import (
     build_vis_train_loader,
     check_video_model,
     is_video_dataset,
+    key_frame_records,
 )
 from .builtin import (
     BUNDLED_VIDEO_DATASETS,

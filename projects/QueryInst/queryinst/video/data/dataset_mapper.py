@@ -2,7 +2,8 @@
 in inference (docs/method.md §6.1).
 
 Training follows MaskTrack R-CNN's pair sampling: a key frame drawn uniformly among the
-video's T frames, and a reference frame drawn uniformly among the other frames at most
+video's T frames (or the key frame that a key-frame record names, ``INPUT.KEY_FRAME_SAMPLING``
+"frame"), and a reference frame drawn uniformly among the other frames at most
 ``INPUT.SAMPLING_FRAME_RANGE`` frames away. Both get the same augmentation (the transforms
 drawn for the key frame are applied to the reference frame, random crops included), so an
 object keeps its place relative to the image, and its identity (the YouTube-VIS track id).
@@ -10,7 +11,7 @@ object keeps its place relative to the image, and its identity (the YouTube-VIS 
 from __future__ import annotations
 
 import copy
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,11 +30,12 @@ from ...data.dataset_mapper import (
 __all__ = ["YTVISDatasetMapper", "sample_frame_pair"]
 
 
-def sample_frame_pair(length: int, frame_range: int, rng=np.random) -> Tuple[int, int]:
+def sample_frame_pair(length: int, frame_range: int, rng=np.random,
+                      key: Optional[int] = None) -> Tuple[int, int]:
     """Draw a (key, reference) pair of frame indices (docs/method.md §6.1).
 
-    The key is uniform over 0..T-1; the reference is uniform over the frames t with
-    ``|t - key| <= frame_range`` and ``t != key``. A video of one frame (or
+    The key is uniform over 0..T-1 (or the given ``key``); the reference is uniform over the
+    frames t with ``|t - key| <= frame_range`` and ``t != key``. A video of one frame (or
     ``frame_range`` 0) gives the key twice.
 
     Args:
@@ -41,17 +43,21 @@ def sample_frame_pair(length: int, frame_range: int, rng=np.random) -> Tuple[int
         frame_range (int): the largest key-reference distance, in frames (>= 0).
         rng: a ``numpy.random.RandomState``-like object with ``randint``; default numpy's
             global one (which Detectron2 seeds per data-loader worker).
+        key (int or None): the key frame, 0 <= key < T; None draws it.
 
     Returns:
         (key, ref) frame indices.
 
     Raises:
-        ValueError: ``length`` < 1 or ``frame_range`` < 0.
+        ValueError: ``length`` < 1, ``frame_range`` < 0 or ``key`` outside 0..T-1.
     """
     if length < 1 or frame_range < 0:
         raise ValueError(f"sample_frame_pair: need length >= 1 and frame_range >= 0, got "
                          f"{length}, {frame_range}")
-    key = int(rng.randint(length))
+    if key is None:
+        key = int(rng.randint(length))
+    elif not 0 <= key < length:
+        raise ValueError(f"sample_frame_pair: key frame {key} outside 0..{length - 1}")
     candidates = [t for t in range(max(0, key - frame_range), min(length, key + frame_range + 1))
                   if t != key]
     if not candidates:
@@ -62,10 +68,11 @@ def sample_frame_pair(length: int, frame_range: int, rng=np.random) -> Tuple[int
 class YTVISDatasetMapper:
     """Map one video dict of :func:`queryinst.video.data.ytvis.load_ytvis_json` to model inputs.
 
-    Training output, one dict per video (a new key / reference pair on every call)::
+    Training output, one dict per video record (a new key / reference pair on every call; a
+    key-frame record of :func:`queryinst.video.data.build.key_frame_records` keeps its key)::
 
         {"video_id", "height", "width", "length",
-         "file_names": [key path, ref path], "frame_indices": [k, r],
+         "file_names": [key path, ref path], "frame_indices": [k, r] (in the whole video),
          "image": [key, ref]: uint8 tensors (C, H', W') in ``INPUT.FORMAT``, augmented alike,
          "instances": [key, ref]: Instances of size (H', W') with gt_boxes (Boxes, XYXY
              absolute pixels), gt_classes (int64 (R,)), gt_ids (int64 (R,), the YouTube-VIS
@@ -166,14 +173,17 @@ class YTVISDatasetMapper:
         """Map one video dict (see the class docstring for the output)."""
         length = len(video["file_names"])
         if self.is_train:
-            frame_indices = list(sample_frame_pair(length, self.sampling_frame_range))
+            # A key-frame record (INPUT.KEY_FRAME_SAMPLING "frame") names its key frame.
+            frame_indices = list(sample_frame_pair(length, self.sampling_frame_range,
+                                                   key=video.get("key_frame")))
         else:
             frame_indices = list(range(length))
         out = {key: video[key] for key in ("video_id", "height", "width") if key in video}
-        out["length"] = length
+        out["length"] = video.get("length", length)
         out["file_names"] = [video["file_names"][t] for t in frame_indices]
         if self.is_train:
-            out["frame_indices"] = frame_indices
+            offset = video.get("frame_offset", 0)  # a key-frame record's first frame
+            out["frame_indices"] = [offset + t for t in frame_indices]
 
         # The transforms are drawn on the first frame and replayed on the others: the same
         # resize, flip and crop for every frame of the call.
