@@ -159,6 +159,16 @@ def test_auto_train_dtype_picks_bf16_only_where_it_is_faster(
     assert f"TRAIN_DTYPE auto: training in {chosen} on this CPU" in caplog.text
 
 
+
+def test_cpuinfo_field(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu avx2\n"
+                       "processor\t: 1\nvendor_id\t: other\n")
+    assert fast_inference.cpuinfo_field("vendor_id", str(cpuinfo)) == "GenuineIntel"  # first
+    assert fast_inference.cpuinfo_field("flags", str(cpuinfo)) == "fpu avx2"
+    assert fast_inference.cpuinfo_field("model name", str(cpuinfo)) is None
+    assert fast_inference.cpuinfo_field("flags", str(tmp_path / "missing")) is None
+
 def test_cpu_probes_read_this_machine():
     """The vendor is /proc/cpuinfo's (where Linux has one); the features are PyTorch's own
     probes, the same answer as the flags the kernel lists."""

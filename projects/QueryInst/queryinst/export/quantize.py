@@ -351,17 +351,12 @@ def u8s8_saturates(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return False
-    try:
-        with open(cpuinfo, encoding="ascii", errors="replace") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f
-                          if line.startswith("flags")), None)
-    except OSError:
-        flags = None
-    if flags is None:
-        from ..modeling.fast_inference import _cpu_feature
+    from ..modeling.fast_inference import _cpu_feature, cpuinfo_field
 
+    flags = cpuinfo_field("flags", cpuinfo)
+    if flags is None:
         return not _cpu_feature("vnni")
-    return not ({"avx512_vnni", "avx_vnni"} & set(flags))
+    return not ({"avx512_vnni", "avx_vnni"} & set(flags.split()))
 
 
 def quantize_int8(fp32_path: str, reader: CalibrationImages,

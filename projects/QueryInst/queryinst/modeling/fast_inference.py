@@ -26,6 +26,7 @@ import functools
 import logging
 import threading
 import warnings
+from typing import Optional
 from dataclasses import dataclass
 
 import torch
@@ -383,17 +384,24 @@ def check_train_dtype(name: str) -> None:
             f"{TRAIN_DTYPE_KEY} {name!r} is not supported{why}: use one of {list(TRAIN_DTYPES)}")
 
 
-def _cpu_vendor() -> str:
-    """The CPU's ``vendor_id`` from /proc/cpuinfo ("AuthenticAMD", "GenuineIntel"), or ""
-    where it cannot be read (not Linux)."""
+def cpuinfo_field(name: str, cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
+    """The value of the first ``name`` line of ``cpuinfo`` (Linux's /proc/cpuinfo), e.g.
+    "AuthenticAMD" for "vendor_id" or the space-separated flags for "flags"; None where the
+    file cannot be read (not Linux) or has no such line."""
     try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
-    return ""
+    return None
+
+
+def _cpu_vendor() -> str:
+    """The CPU's ``vendor_id`` ("AuthenticAMD", "GenuineIntel"), or "" where unknown."""
+    return cpuinfo_field("vendor_id") or ""
 
 
 def _cpu_feature(name: str) -> bool:
