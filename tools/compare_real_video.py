@@ -51,14 +51,12 @@ _TOOLS = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(_TOOLS)
 sys.path[:0] = [_TOOLS, os.path.join(_REPO, "projects", "QueryInst")]
 
+from qi_bench.real_video import EDGE_ERRORS  # noqa: E402  (numpy only; the rest is lazy)
+
 QI_CONFIG = os.path.join("configs", "bundled", "queryinst_vis_MNV2_FPN_ctc_psc.yaml")
 MRCNN_CONFIG = os.path.join("configs", "bundled", "mask_rcnn_MNV2_FPN_ctc_psc.yaml")
 VIDEO, IMAGES, TRAIN_VIDEO = "ctc_psc_video_val", "ctc_psc_val", "ctc_psc_video_train"
 CTC_KEYS = ("DET", "SEG", "TRA", "LNK")
-# traccuracy's link errors, which TRA and LNK weigh (1, 1.5 and 1): where two trackers differ
-EDGE_ROWS = (("fp_edges", "links not in the reference"),
-             ("fn_edges", "reference links missed"),
-             ("ws_edges", "links of the wrong kind"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -232,7 +230,7 @@ def render(runs: list, command: str, env: dict, distances) -> str:
     for key, name in methods:
         for m in CTC_KEYS:
             track_rows.append(row(f"{name}: {m}", key, m))
-        for edges, what in EDGE_ROWS:
+        for edges, what in EDGE_ERRORS.items():  # where two trackers differ
             track_rows.append(row(f"{name}: {what}", key, edges, digits=0, mean_digits=1))
         track_rows.append(row(f"{name}: VIS AP", key, "AP", digits=1))
         track_rows.append(row(f"{name}: ID switches", key, "ID switches", digits=0, mean_digits=1))

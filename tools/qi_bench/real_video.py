@@ -25,11 +25,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["CTCTracks", "Detection", "ctc_measures", "detection_labels", "first_frames",
+__all__ = ["CTCTracks", "Detection", "EDGE_ERRORS", "ctc_measures", "detection_labels", "first_frames",
            "frame_ap", "gt_ctc_tracks", "gt_label_images", "laptrack_identities",
            "linking_distance", "load_config", "load_model", "ours_labels", "paint_labels",
            "relabel", "split_at_gaps", "track_clip", "video_tracks", "write_ctc",
            "write_ctc_pair", "ytvis_scores"]
+
+
+# traccuracy's link errors returned by ctc_measures, which TRA and LNK weigh (1, 1.5 and 1)
+EDGE_ERRORS = {"fp_edges": "links not in the reference",
+               "fn_edges": "reference links missed",
+               "ws_edges": "links of the wrong kind"}
 
 
 @dataclass
@@ -211,7 +217,7 @@ def ctc_measures(out_dir: str, gt: CTCTracks, res: CTCTracks) -> Dict[str, float
     scores = results[0]["results"]
     return {"DET": float(scores["DET"]), "SEG": float(seg), "TRA": float(scores["TRA"]),
             "LNK": float(scores["LNK"]),
-            **{k: int(scores[k]) for k in ("fp_edges", "fn_edges", "ws_edges")}}
+            **{k: int(scores[k]) for k in EDGE_ERRORS}}
 
 
 def gt_label_images(gt: dict, video_id: int, num_frames: Optional[int] = None
