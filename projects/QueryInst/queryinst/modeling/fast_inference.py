@@ -26,8 +26,8 @@ import functools
 import logging
 import threading
 import warnings
-from typing import Optional
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from detectron2.layers import Conv2d as D2Conv2d
