@@ -25,8 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["CTCTracks", "Detection", "EDGE_ERRORS", "ctc_measures", "detection_labels", "first_frames",
-           "frame_ap", "gt_ctc_tracks", "gt_label_images", "laptrack_identities",
+__all__ = ["CTCTracks", "Detection", "EDGE_ERRORS", "ctc_measures", "detection_labels",
+           "first_frames", "frame_ap", "gt_ctc_tracks", "gt_label_images", "laptrack_identities",
            "linking_distance", "load_config", "load_model", "ours_labels", "paint_labels",
            "relabel", "split_at_gaps", "track_clip", "video_tracks", "write_ctc",
            "write_ctc_pair", "ytvis_scores"]
