@@ -8,6 +8,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 
+from queryinst.modeling.meta_arch.queryinst import QueryInst
 from queryinst.video.modeling.meta_arch import one_detection_per_query
 from queryinst.video.modeling.track_head import TrackHead, track_match_loss, track_match_targets
 from queryinst.video.structures import decode_mask
@@ -94,6 +95,48 @@ def test_training_step_reaches_track_head_and_queries():
     assert all(g is not None and g.abs().sum() > 0 for g in head_grads)
     query_grad = model.proposal_generator.init_proposal_features.weight.grad
     assert query_grad is not None and query_grad.abs().sum() > 0
+
+
+def frame_pair(seed):
+    return {
+        "image": [random_image(64, 80, seed), random_image(64, 80, seed + 1)],
+        "instances": [frame_instances([[4, 4, 30, 40], [40, 10, 70, 50]], [5, 6]),
+                      frame_instances([[8, 6, 34, 42], [20, 30, 50, 60]], [5, 9])],
+    }
+
+
+def test_unsupervised_reference_frame_trains_on_key_frames_only():
+    """SUPERVISE_REFERENCE_FRAME False: the image losses are the image model's on the key
+    frames alone, the track loss is the one of the supervised mode (same embeddings), and the
+    reference frames run forward without autograd."""
+    torch.manual_seed(0)
+    cfg = vis_cfg()
+    cfg.MODEL.QUERYINST_VIS.SUPERVISE_REFERENCE_FRAME = False
+    model = build_model(cfg)
+    model.train()
+    assert not model.supervise_reference_frame
+    videos = [frame_pair(1), frame_pair(3)]
+    backbone_calls = []
+    model.backbone.register_forward_hook(
+        lambda m, inp, out: backbone_calls.append((inp[0].shape[0], torch.is_grad_enabled()))
+    )
+    key_only = model(videos)
+    assert backbone_calls == [(2, True), (2, False)]  # keys with autograd, references without
+
+    keys = [{"image": v["image"][0], "instances": v["instances"][0]} for v in videos]
+    image_losses = QueryInst.training_losses(model, keys)
+    assert set(key_only) == set(image_losses) | {"loss_track"}
+    for name, value in image_losses.items():
+        torch.testing.assert_close(key_only[name], value, msg=name)
+
+    model.supervise_reference_frame = True
+    both = model(videos)
+    torch.testing.assert_close(key_only["loss_track"], both["loss_track"], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(key_only["s1_loss_mask"], both["s1_loss_mask"])  # 2 frames there
+
+    key_only["loss_track"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.track_head.parameters())
 
 
 def test_training_needs_pairs():

@@ -29,6 +29,14 @@ def add_queryinst_vis_config(cfg: CN) -> None:
     _C.TRACK_HEAD.EMBED_DIM = 256  # width of the hidden layers and of the embedding
     _C.TRACK_HEAD.LOSS_WEIGHT = 1.0  # weight of the matching cross-entropy (MaskTrack: 1)
 
+    # Training (docs/method.md §6.1): True, both frames of a (key, reference) pair take
+    # QueryInst's image losses and gradients; False, only the key frame does, and the
+    # reference frame runs forward only, under no_grad, to give the track loss its targets
+    # (the embeddings of its matched queries). False skips the reference frame's backward
+    # pass and mask heads: an iteration costs about two thirds, for half the image
+    # supervision of two nearly equal frames.
+    _C.SUPERVISE_REFERENCE_FRAME = True
+
     # Online tracking, frame by frame (docs/method.md §6.2). The association score of a
     # detection and a track is: embedding match + SCORE_WEIGHT * log(detection score)
     # + IOU_WEIGHT * IoU(track's last box, box) + LABEL_WEIGHT * [same class]

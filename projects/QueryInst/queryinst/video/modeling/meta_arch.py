@@ -47,8 +47,9 @@ class QueryInstVIS(QueryInst):
 
     Training input: ``list[dict]``, one per video, with "image" = [key frame, reference
     frame] (C, H, W) tensors and "instances" = their Instances with ``gt_ids``
-    (``YTVISDatasetMapper``). Losses: QueryInst's image losses on both frames plus
-    ``loss_track`` (the track head's matching cross-entropy, key -> reference).
+    (``YTVISDatasetMapper``). Losses: QueryInst's image losses on both frames (on the key
+    frame only if ``supervise_reference_frame`` is False) plus ``loss_track`` (the track
+    head's matching cross-entropy, key -> reference).
 
     Inference input: one dict per video with "image" = the T frames, "height", "width"
     (original size). Output per video: {"tracks": list[VideoTrack], "image_size": (height,
@@ -66,6 +67,7 @@ class QueryInstVIS(QueryInst):
         track_head: nn.Module | None = None,
         track_loss_weight: float = 1.0,
         det_score_thresh: float = 0.05,
+        supervise_reference_frame: bool = True,
         **kwargs,
     ):
         """
@@ -75,6 +77,9 @@ class QueryInstVIS(QueryInst):
                 queries, as ``QueryCosineTracker`` does).
             track_loss_weight: weight of ``loss_track``.
             det_score_thresh: detections below this score are neither tracked nor pasted.
+            supervise_reference_frame: whether the reference frame of each training pair
+                takes the image losses (True) or only runs forward, under no_grad, for the
+                track loss (False; ``MODEL.QUERYINST_VIS.SUPERVISE_REFERENCE_FRAME``).
             kwargs: ``QueryInst``'s arguments.
 
         Raises:
@@ -91,6 +96,7 @@ class QueryInstVIS(QueryInst):
         self.track_head = track_head
         self.track_loss_weight = track_loss_weight
         self.det_score_thresh = det_score_thresh
+        self.supervise_reference_frame = supervise_reference_frame
 
     @classmethod
     def from_config(cls, cfg):
@@ -103,6 +109,7 @@ class QueryInstVIS(QueryInst):
             )
         ret["track_loss_weight"] = vis.TRACK_HEAD.LOSS_WEIGHT
         ret["det_score_thresh"] = vis.TRACKING.DET_SCORE_THRESH
+        ret["supervise_reference_frame"] = vis.SUPERVISE_REFERENCE_FRAME
         return ret
 
     def _stages(self, batched_inputs):
@@ -116,7 +123,8 @@ class QueryInstVIS(QueryInst):
     def training_losses(self, batched_inputs) -> dict:
         """Losses of a batch of (key, reference) frame pairs (see the class); ``forward``
         (QueryInst's) runs this under ``MODEL.QUERYINST.TRAIN_DTYPE`` in training and
-        :meth:`inference` otherwise.
+        :meth:`inference` otherwise. With ``supervise_reference_frame`` False only the key
+        frames take the image losses (:meth:`_key_frame_losses`).
 
         Raises:
             ValueError: an input without exactly two images and two Instances.
@@ -130,36 +138,65 @@ class QueryInstVIS(QueryInst):
             raise ValueError("QueryInstVIS trains on (key, reference) frame pairs: each input "
                              "needs two images and two Instances (YTVISDatasetMapper)")
         targets = [f["instances"].to(self.device) for f in frames]
+        if not self.supervise_reference_frame:
+            return self._key_frame_losses(frames[0::2], frames[1::2], targets)
         _, features, stages = self._stages(frames)
         matches = self.roi_heads.match(stages, targets)
         losses = self.roi_heads.losses(stages, features, targets, matches)
         if self.track_head is not None:
-            losses["loss_track"] = self.track_loss(stages[-1], targets, matches[-1])
+            embeds = self.track_head(stages[-1].object_feats)  # (2B, N, E)
+            losses["loss_track"] = self.track_loss(
+                embeds[0::2], embeds[1::2], targets, matches[-1][0::2], matches[-1][1::2]
+            )
         return losses
 
-    def track_loss(self, last_stage, targets: list[Instances], indices: list) -> torch.Tensor:
+    def _key_frame_losses(self, keys: list[dict], refs: list[dict], targets: list) -> dict:
+        """Image losses of the key frames only; the reference frames run forward under
+        no_grad, for the track loss's targets alone (``SUPERVISE_REFERENCE_FRAME`` False,
+        docs/method.md §6.1).
+
+        Args:
+            keys, refs: B frame dicts each ("image", "instances").
+            targets: the 2B frames' Instances on the model's device, key_0, ref_0, key_1, ...
+        """
+        _, features, stages = self._stages(keys)
+        matches = self.roi_heads.match(stages, targets[0::2])
+        losses = self.roi_heads.losses(stages, features, targets[0::2], matches)
+        if self.track_head is not None:
+            with torch.no_grad():
+                ref_stage = self._stages(refs)[2][-1]
+                ref_matches = self.roi_heads.match([ref_stage], targets[1::2])[0]
+                ref_embeds = self.track_head(ref_stage.object_feats)
+            losses["loss_track"] = self.track_loss(
+                self.track_head(stages[-1].object_feats), ref_embeds, targets,
+                matches[-1], ref_matches,
+            )
+        return losses
+
+    def track_loss(
+        self, key_embeds, ref_embeds, targets: list[Instances], key_indices: list,
+        ref_indices: list,
+    ) -> torch.Tensor:
         """The track head's loss over the (key, reference) pairs of a batch (docs/method.md §6.1).
 
         Args:
-            last_stage (StageOutput): the last box stage on 2B frames, ordered key_0, ref_0,
-                key_1, ref_1, ...
-            targets: the 2B frames' Instances with ``gt_ids``, resized-image pixels.
-            indices: the last stage's Hungarian matches (``roi_heads.match(...)[-1]``): per
-                frame (query indices, GT indices).
+            key_embeds, ref_embeds: float (B, N, E) track-head embeddings of the last stage's
+                object queries of the key frames and of the reference frames.
+            targets: the 2B frames' Instances with ``gt_ids``, ordered key_0, ref_0, key_1,
+                ref_1, ...
+            key_indices, ref_indices: the last stage's Hungarian matches of the B key and the
+                B reference frames: per frame (query indices, GT indices).
 
         Returns:
             Tensor: scalar, weight x (summed cross-entropy / number of supervised key
             queries, at least 1).
         """
-        embeds = self.track_head(last_stage.object_feats)  # (2B, N, E)
-        total, count = embeds.new_zeros(()), 0
-        for key in range(0, len(targets), 2):
-            ref = key + 1
+        total, count = key_embeds.new_zeros(()), 0
+        for b, (key, ref) in enumerate(zip(key_indices, ref_indices)):
             match = track_match_targets(
-                embeds.shape[1], indices[key], targets[key].gt_ids,
-                indices[ref], targets[ref].gt_ids,
+                key_embeds.shape[1], key, targets[2 * b].gt_ids, ref, targets[2 * b + 1].gt_ids
             )
-            loss, n = track_match_loss(embeds[key], embeds[ref][indices[ref][0]], match)
+            loss, n = track_match_loss(key_embeds[b], ref_embeds[b][ref[0]], match)
             total, count = total + loss, count + n
         return self.track_loss_weight * total / max(count, 1)
 
