@@ -140,15 +140,23 @@ class QueryInstVIS(QueryInst):
         targets = [f["instances"].to(self.device) for f in frames]
         if not self.supervise_reference_frame:
             return self._key_frame_losses(frames[0::2], frames[1::2], targets)
+        losses, last_stage, last_matches = self._image_losses(frames, targets)
+        if self.track_head is not None:
+            embeds = self.track_head(last_stage.object_feats)  # (2B, N, E)
+            losses["loss_track"] = self.track_loss(
+                embeds[0::2], embeds[1::2], targets[0::2], targets[1::2],
+                last_matches[0::2], last_matches[1::2],
+            )
+        return losses
+
+    def _image_losses(self, frames: list[dict], targets: list[Instances]):
+        """QueryInst's image losses of ``frames`` (docs/method.md §2), with the last stage
+        and its Hungarian matches (one (query indices, GT indices) per frame) for the track
+        loss."""
         _, features, stages = self._stages(frames)
         matches = self.roi_heads.match(stages, targets)
         losses = self.roi_heads.losses(stages, features, targets, matches)
-        if self.track_head is not None:
-            embeds = self.track_head(stages[-1].object_feats)  # (2B, N, E)
-            losses["loss_track"] = self.track_loss(
-                embeds[0::2], embeds[1::2], targets, matches[-1][0::2], matches[-1][1::2]
-            )
-        return losses
+        return losses, stages[-1], matches[-1]
 
     def _key_frame_losses(self, keys: list[dict], refs: list[dict], targets: list) -> dict:
         """Image losses of the key frames only; the reference frames run forward under
@@ -159,31 +167,29 @@ class QueryInstVIS(QueryInst):
             keys, refs: B frame dicts each ("image", "instances").
             targets: the 2B frames' Instances on the model's device, key_0, ref_0, key_1, ...
         """
-        _, features, stages = self._stages(keys)
-        matches = self.roi_heads.match(stages, targets[0::2])
-        losses = self.roi_heads.losses(stages, features, targets[0::2], matches)
+        losses, last_stage, last_matches = self._image_losses(keys, targets[0::2])
         if self.track_head is not None:
             with torch.no_grad():
                 ref_stage = self._stages(refs)[2][-1]
                 ref_matches = self.roi_heads.match([ref_stage], targets[1::2])[0]
                 ref_embeds = self.track_head(ref_stage.object_feats)
             losses["loss_track"] = self.track_loss(
-                self.track_head(stages[-1].object_feats), ref_embeds, targets,
-                matches[-1], ref_matches,
+                self.track_head(last_stage.object_feats), ref_embeds, targets[0::2],
+                targets[1::2], last_matches, ref_matches,
             )
         return losses
 
     def track_loss(
-        self, key_embeds, ref_embeds, targets: list[Instances], key_indices: list,
-        ref_indices: list,
+        self, key_embeds, ref_embeds, key_targets: list[Instances],
+        ref_targets: list[Instances], key_indices: list, ref_indices: list,
     ) -> torch.Tensor:
         """The track head's loss over the (key, reference) pairs of a batch (docs/method.md §6.1).
 
         Args:
             key_embeds, ref_embeds: float (B, N, E) track-head embeddings of the last stage's
                 object queries of the key frames and of the reference frames.
-            targets: the 2B frames' Instances with ``gt_ids``, ordered key_0, ref_0, key_1,
-                ref_1, ...
+            key_targets, ref_targets: the B key and the B reference frames' Instances with
+                ``gt_ids``.
             key_indices, ref_indices: the last stage's Hungarian matches of the B key and the
                 B reference frames: per frame (query indices, GT indices).
 
@@ -192,11 +198,12 @@ class QueryInstVIS(QueryInst):
             queries, at least 1).
         """
         total, count = key_embeds.new_zeros(()), 0
-        for b, (key, ref) in enumerate(zip(key_indices, ref_indices)):
+        pairs = zip(key_embeds, ref_embeds, key_targets, ref_targets, key_indices, ref_indices)
+        for key_embed, ref_embed, key_target, ref_target, key, ref in pairs:
             match = track_match_targets(
-                key_embeds.shape[1], key, targets[2 * b].gt_ids, ref, targets[2 * b + 1].gt_ids
+                key_embeds.shape[1], key, key_target.gt_ids, ref, ref_target.gt_ids
             )
-            loss, n = track_match_loss(key_embeds[b], ref_embeds[b][ref[0]], match)
+            loss, n = track_match_loss(key_embed, ref_embed[ref[0]], match)
             total, count = total + loss, count + n
         return self.track_loss_weight * total / max(count, 1)
 
