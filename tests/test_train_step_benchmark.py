@@ -1,6 +1,7 @@
 """tools/train_step_benchmark.py: argument checks, the timing and ratio logic on fake trainers
 with a fake clock, and (slow, bundled PSC data) one real step of two variants."""
 import os
+import time
 
 import pytest
 
@@ -43,7 +44,7 @@ class FakeTrainer:
 
 def test_rounds_take_turns_drop_warmup_and_ratio_to_the_first(monkeypatch, tmp_path):
     clock = FakeClock()
-    monkeypatch.setattr(tsb.time, "perf_counter", clock)
+    monkeypatch.setattr(time, "perf_counter", clock)  # the clock qi_bench.measure reads
     # warm-up steps are slow (10 s) and must not count; then 1, 1, 4 s (median 1) against
     # 3, 3, 3 s (median 3): ratio 3 in every round
     fakes = [FakeTrainer(clock, [10, 1, 1, 4]), FakeTrainer(clock, [10, 3, 3, 3])]

@@ -3,9 +3,10 @@
 
 Each variant is the config plus ``KEY VALUE`` overrides and gets its own ``train_net.Trainer``
 (Detectron2's ``DefaultTrainer``: the config's own data loader, model and optimizer; ``SEED``
-as configured). The variants take turns in rounds in one process: each round runs
-``--warmup`` untimed and then ``--steps`` timed ``run_step`` calls of every variant in turn, so
-that the load of a shared machine falls on all of them alike. Printed per round: each
+as configured). The variants take turns step by step in one process
+(``qi_bench.measure.interleaved_times``): each round runs ``--warmup`` untimed and then
+``--steps`` timed ``run_step`` calls of every variant, alternating, so that the load of a
+shared machine falls on all of them alike. Printed per round: each
 variant's median step time and its ratio to the first variant's; at the end, the median of
 the per-round ratios (the number to report) and the CPU model. The learning-rate schedule
 is not stepped (no hooks run): these are speed measurements, not training.
@@ -26,11 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
-import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)  # train_net.py (it puts the package of this checkout on the path)
@@ -39,16 +38,10 @@ import torch  # noqa: E402
 import train_net  # noqa: E402  (registers the model and the bundled datasets)
 from detectron2.engine import default_argument_parser  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
+from qi_bench.measure import interleaved_times  # noqa: E402  (tools/qi_bench)
+from qi_bench.results import cpu_model  # noqa: E402
 
 from queryinst.modeling.fast_inference import cpuinfo_field  # noqa: E402
-
-
-def cpu_model() -> str:
-    """The CPU as lscpu names it, with family and model ("AMD EPYC (family 25, model 1)"):
-    one name covers several generations, and the numbers depend on the generation."""
-    name = cpuinfo_field("model name") or platform.processor() or "unknown CPU"
-    family, model = cpuinfo_field("cpu family"), cpuinfo_field("model")
-    return f"{name} (family {family}, model {model})" if family and model else name
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,17 +77,13 @@ def build_trainer(config_file: str, opts: list[str], output_dir: str):
     return trainer
 
 
-def timed_steps(trainer, storage: EventStorage, warmup: int, steps: int) -> list[float]:
-    """Seconds of each of ``steps`` ``run_step`` calls after ``warmup`` untimed ones."""
-    trainer.storage = storage
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
+def step_fn(trainer, storage: EventStorage):
+    """One ``run_step`` of ``trainer`` in ``storage`` (whose iteration it advances)."""
+    def step():
+        trainer.storage = storage
         trainer.run_step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
         storage.iter += 1
-    return times
+    return step
 
 
 def main(argv=None) -> dict:
@@ -104,8 +93,9 @@ def main(argv=None) -> dict:
     rounds = []
     with EventStorage(0) as storage:
         for r in range(args.rounds):
-            medians = [statistics.median(timed_steps(t, storage, args.warmup, args.steps))
-                       for t in trainers]
+            times = interleaved_times([step_fn(t, storage) for t in trainers],
+                                      args.steps, args.warmup, "cpu")
+            medians = [statistics.median(t) for t in times]
             rounds.append(medians)
             print(f"[train_step_benchmark] round {r + 1}: " + ", ".join(
                 f"{v or '(config)'!r} {m:.3f} s ({m / medians[0]:.3f}x)"
@@ -117,14 +107,17 @@ def main(argv=None) -> dict:
         "median_ratio_to_first": [
             statistics.median(r[i] / r[0] for r in rounds) for i in range(len(trainers))],
         "steps": args.steps, "warmup": args.warmup,
-        "cpu": cpu_model(),
+        # one lscpu name covers several generations, whose numbers differ
+        "cpu": cpu_model(), "cpu_family_model": [cpuinfo_field("cpu family"),
+                                                 cpuinfo_field("model")],
         "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
     print("[train_step_benchmark] median of per-round ratios: " + ", ".join(
         f"{v or '(config)'!r} {x:.3f}x" for v, x in zip(args.variant,
                                                        result["median_ratio_to_first"])))
-    print(f"[train_step_benchmark] {result['cpu']}, {result['threads']} threads, "
-          f"torch {result['torch']}")
+    family, model = result["cpu_family_model"]
+    print(f"[train_step_benchmark] {result['cpu']} (family {family}, model {model}), "
+          f"{result['threads']} threads, torch {result['torch']}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=1)
