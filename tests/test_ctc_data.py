@@ -80,6 +80,27 @@ def test_epicure_float_labels(epicure):
     assert all(t["parent"] == 0 for t in tracks.values())  # no lineage file: no parents
 
 
+def test_frames_written_as_gray_png_read_as_three_equal_channels(epicure):
+    """Each frame is one 8-bit grayscale PNG: the sequence's 1st / 99.8th percentiles map to
+    0 / 255 (computed here by hand), and Detectron2's reader gives it as three equal BGR
+    channels, the input a model trained on RGB frames sees."""
+    import io
+
+    from detectron2.data.detection_utils import convert_PIL_to_numpy
+    from PIL import Image
+
+    out = ctc.convert_ctc_sequence(**epicure, video_name="013")
+    stack = np.stack(epicure["frames"]).astype(np.float64)
+    lo, hi = np.percentile(stack, [1, 99.8])
+    expected = np.round(np.clip((stack - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+    for t in (0, 10):
+        image = Image.open(io.BytesIO(out["all"].files[f"013/t{t:03d}.png"]))
+        assert (image.format, image.mode, image.size) == ("PNG", "L", stack.shape[:0:-1])
+        assert np.array_equal(np.asarray(image), expected[t])
+        bgr = convert_PIL_to_numpy(image, "BGR")
+        assert bgr.shape == stack.shape[1:] + (3,) and (bgr == expected[t][:, :, None]).all()
+
+
 def test_crop_and_split_counts(epicure):
     splits = ctc.temporal_split(11)
     assert list(splits["train"]) == list(range(7)) and list(splits["val"]) == [7, 8, 9, 10]

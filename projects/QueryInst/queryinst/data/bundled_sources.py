@@ -86,9 +86,10 @@ def normalize_to_uint8(image: np.ndarray, low_pct: float = 1.0, high_pct: float 
     return np.round(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _encode_png(rgb: np.ndarray) -> bytes:
+def _encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 (H, W) grayscale or (H, W, 3) RGB image."""
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
+    Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
 
 

@@ -196,17 +196,18 @@ def temporal_split(num_frames: int, val_fraction: float = 0.3) -> Dict[str, rang
                                                                   num_frames)}
 
 
-def _frames_to_rgb(frames: Sequence[np.ndarray]) -> List[np.ndarray]:
-    """uint8 frames unchanged; other dtypes: the 1st / 99.8th percentiles of the whole
-    sequence -> 0 / 255 (one mapping for all frames, so brightness changes stay real)."""
+def _frames_to_uint8(frames: Sequence[np.ndarray]) -> np.ndarray:
+    """(T, H, W) uint8: uint8 frames unchanged; other dtypes: the 1st / 99.8th percentiles of
+    the whole sequence -> 0 / 255 (one mapping for all frames, so brightness changes stay
+    real)."""
     stack = np.stack(frames)
-    if stack.dtype != np.uint8:
-        stack = normalize_to_uint8(stack)
-    return [np.repeat(f[:, :, None], 3, axis=2) for f in stack]
+    return stack if stack.dtype == np.uint8 else normalize_to_uint8(stack)
 
 
 def _rle(mask: np.ndarray) -> dict:
-    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    """Compressed RLE with str counts of a binary (H, W) mask; no copy for a Fortran-ordered
+    uint8 mask (pycocotools encodes column-major)."""
+    rle = mask_util.encode(np.asfortranarray(mask, dtype=np.uint8))
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
@@ -221,8 +222,11 @@ def convert_ctc_sequence(
     """Convert one CTC sequence into YouTube-VIS 2019 and COCO datasets, one pair per split.
 
     Args:
-        frames: T (H, W) raw frames, any numeric dtype (see ``_frames_to_rgb``); written as
-            8-bit RGB PNG ``<video_name>/tTTT.png`` (TTT = the frame's index in the sequence).
+        frames: T (H, W) raw frames, any numeric dtype (see ``_frames_to_uint8``); written as
+            8-bit grayscale PNG ``<video_name>/tTTT.png`` (TTT = the frame's index in the
+            sequence). Detectron2's ``read_image`` with format "BGR" or "RGB" gives them as
+            three equal channels, the same pixels as an RGB PNG of the frame, at a fifth of
+            its encoding time.
         labels: T (H, W) label images (integers, or floats holding integers).
         frame_names, label_names: the files they came from, for errors.
         video_name: the video's folder name in the outputs.
@@ -261,7 +265,7 @@ def convert_ctc_sequence(
     ids = [label_ids(lab, name) for lab, name in zip(labels, label_names)]
     tracks = ctc_tracks(ids, label_names, lineage, lineage_file)
     y0, y1, x0, x1 = crop if crop is not None else (0, height, 0, width)
-    rgb = _frames_to_rgb([np.asarray(f)[y0:y1, x0:x1] for f in frames])
+    gray = _frames_to_uint8([np.asarray(f)[y0:y1, x0:x1] for f in frames])
     ids = [lab[y0:y1, x0:x1] for lab in ids]
     height, width = y1 - y0, x1 - x0
 
@@ -271,7 +275,7 @@ def convert_ctc_sequence(
         for index, box in enumerate(ndimage.find_objects(lab), start=1):
             if box is None:
                 continue
-            mask = np.zeros((height, width), dtype=bool)
+            mask = np.zeros((height, width), dtype=np.uint8, order="F")  # as pycocotools'
             mask[box] = lab[box] == index
             rle = _rle(mask)
             area = int(mask_util.area(rle))
@@ -280,7 +284,7 @@ def convert_ctc_sequence(
                 cells[(t, index)] = (rle, bbox, area)
 
     splits = splits if splits is not None else {"all": range(len(frames))}
-    files = {f"{video_name}/t{t:03d}.png": _encode_png(rgb[t]) for t in range(len(frames))}
+    files = {f"{video_name}/t{t:03d}.png": _encode_png(gray[t]) for t in range(len(frames))}
     categories = [{"id": 1, "name": category}]
     out: Dict[str, ConvertedDataset] = {}
     for split, indices in splits.items():
