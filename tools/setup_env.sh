@@ -2,6 +2,7 @@
 # Create or update the project's virtualenv: dependencies, detectron2, queryinst (editable).
 # Idempotent: a stamp keyed to the dependency specification makes a repeated run a no-op.
 #   VENV=.venv (default)   PYTHON=python3 (interpreter used to create the venv)
+#   QUERYINST_SETUP_MIN_FREE_GB=7: free disk needed to create a new venv (0: no check)
 # A user with a working detectron2 (e.g. a full build with compiled ops) can point VENV at
 # that environment: tools/install_detectron2.py leaves an importable detectron2 untouched.
 set -euo pipefail
@@ -25,6 +26,19 @@ stamp="$VENV/.queryinst-setup-$key"
 [ -f "$stamp" ] && { install_extras; exit 0; }
 
 echo "[setup] preparing $VENV (first run: a few minutes, torch is large)"
+# A new venv takes ~6.2 GB (PyPI's torch for x86_64 is a CUDA build). Check first: pip that
+# runs out of disk stops midway with "No space left on device" and leaves a broken venv.
+min_gb=${QUERYINST_SETUP_MIN_FREE_GB:-7}
+if [ ! -x "$VENV/bin/python" ] && [ "$min_gb" -gt 0 ]; then
+  parent=$(dirname "$VENV"); mkdir -p "$parent"
+  free_kb=$(df -Pk "$parent" | awk 'NR == 2 {print $4}')
+  if [ "$free_kb" -lt $((min_gb * 1024 * 1024)) ]; then
+    echo "[setup] error: $((free_kb / 1024 / 1024)) GB free on the disk of $parent, but a new" \
+      "$VENV needs about $min_gb GB (torch). Free some space, or set VENV to a path on a" \
+      "larger disk (QUERYINST_SETUP_MIN_FREE_GB=0 skips this check)." >&2
+    exit 1
+  fi
+fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt
