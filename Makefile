@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 export VENV
 
 SETUP_TEST := bash tools/setup_env.sh requirements-compare.txt
+# make demo's config (tools/run_demo.py's default); it builds only the datasets this one uses.
+DEMO_CONFIG := configs/bundled/queryinst_vis_MNV2_FPN_ctc_psc.yaml
 
 .PHONY: setup data weights demo test test-slow test-all clean-venv
 
@@ -17,8 +19,9 @@ data: setup
 weights: setup
 	@$(PY) tools/prepare_weights.py
 
-demo: data weights
-	@$(PY) tools/run_demo.py
+demo: setup weights
+	@$(PY) tools/prepare_datasets.py --config-file $(DEMO_CONFIG)
+	@$(PY) tools/run_demo.py --config-file $(DEMO_CONFIG)
 
 test:
 	@$(SETUP_TEST)
