@@ -34,13 +34,11 @@ from queryinst.config_loading import merge_config  # noqa: E402
 from queryinst.data import (  # noqa: E402
     BUNDLED_DATASETS,
     datasets_root,
-    prepare_bundled_datasets,
     register_bundled_datasets,
     write_cityscapes_sample,
 )
 from queryinst.video.data.builtin import (  # noqa: E402
     BUNDLED_VIDEO_DATASETS,
-    prepare_bundled_video_datasets,
     register_bundled_video_datasets,
 )
 
@@ -89,9 +87,7 @@ def main(argv=None) -> int:
             names = _config_datasets(args.config_file)
         except ValueError as e:
             parser.error(str(e))  # exit code 2
-    else:
-        prepare_bundled_datasets(args.root)
-        prepare_bundled_video_datasets(args.root)
+    else:  # each is built by its first DatasetCatalog.get, in _row
         names = list(BUNDLED_DATASETS) + list(BUNDLED_VIDEO_DATASETS)
     rows = [("name", "images", "instances", "json")] + [_row(name) for name in names]
     if not args.config_file:
