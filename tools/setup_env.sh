@@ -3,6 +3,7 @@
 # Idempotent: a stamp keyed to the dependency specification makes a repeated run a no-op.
 #   VENV=.venv (default)   PYTHON=python3 (interpreter used to create the venv)
 #   QUERYINST_SETUP_MIN_FREE_GB=7: free disk needed to create a new venv (0: no check)
+#   QUERYINST_SETUP_INSTALLER=uv: installs requirement files with uv, or pip (tools/install_requirements.py)
 # A user with a working detectron2 (e.g. a full build with compiled ops) can point VENV at
 # that environment: tools/install_detectron2.py leaves an importable detectron2 untouched.
 set -euo pipefail
@@ -15,12 +16,13 @@ install_extras() {
     local stamp_x="$VENV/.queryinst-extra-$(basename "$req")-$(sha256sum < "$req" | cut -c1-16)"
     [ -f "$stamp_x" ] && continue
     echo "[setup] installing $req"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$req"
+    "$VENV/bin/python" tools/install_requirements.py -r "$req"
     rm -f "$VENV/.queryinst-extra-$(basename "$req")-"*
     touch "$stamp_x"
   done
 }
 key=$(cat requirements.txt pyproject.toml tools/install_detectron2.py tools/setup_env.sh \
+      tools/install_requirements.py \
       | sha256sum | cut -c1-16)
 stamp="$VENV/.queryinst-setup-$key"
 [ -f "$stamp" ] && { install_extras; exit 0; }
@@ -41,7 +43,8 @@ if [ ! -x "$VENV/bin/python" ] && [ "$min_gb" -gt 0 ]; then
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
-"$PY" -m pip install -q --disable-pip-version-check -r requirements.txt
+# uv where pip's settings allow (several times faster than pip), else pip
+"$PY" tools/install_requirements.py -r requirements.txt
 "$PY" tools/install_detectron2.py
 "$PY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 "$PY" -W ignore -c "import detectron2, detectron2.modeling, queryinst" \
