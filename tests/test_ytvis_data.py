@@ -366,6 +366,45 @@ def test_mapper_on_key_frame_records(tiny):
         assert refs == {r for r in (t - 1, t + 1) if 0 <= r < 3}
 
 
+def test_mapper_without_reference_masks_changes_nothing_else(tiny):
+    """reference_masks False: the reference frame has no gt_masks; images, the key frame's
+    Instances and the reference frame's boxes, classes and ids are those of the mapper that
+    keeps them, under the same random draws."""
+    json_file, image_root = tiny
+    video = load_ytvis_json(json_file, image_root)[0]
+    augs = [T.ResizeShortestEdge(40, 100), T.RandomFlip(0.5)]
+    full, lean = _mapper(True, augs), _mapper(True, augs, reference_masks=False)
+    for seed in range(8):
+        outs = []
+        for mapper in (full, lean):
+            np.random.seed(seed)
+            outs.append(mapper(copy.deepcopy(video)))
+        (a, b) = outs
+        assert a["frame_indices"] == b["frame_indices"]
+        assert all(torch.equal(x, y) for x, y in zip(a["image"], b["image"]))
+        (key_a, ref_a), (key_b, ref_b) = a["instances"], b["instances"]
+        assert torch.equal(key_a.gt_masks.tensor, key_b.gt_masks.tensor)
+        assert ref_a.has("gt_masks") and not ref_b.has("gt_masks")
+        for field in ("gt_ids", "gt_classes"):
+            assert torch.equal(ref_a.get(field), ref_b.get(field))
+        assert torch.equal(ref_a.gt_boxes.tensor, ref_b.gt_boxes.tensor)
+    with pytest.raises(ValueError, match="reference_masks"):
+        _mapper(True, augs, recompute_boxes=True, reference_masks=False)
+
+
+@pytest.mark.parametrize("supervised, crop, expected", [
+    (True, False, True), (False, False, False), (False, True, True)])
+def test_mapper_from_config_keeps_reference_masks_where_used(supervised, crop, expected):
+    """The reference frame's masks: where the model supervises that frame, or where the
+    boxes are recomputed from masks after a crop."""
+    cfg = get_cfg()
+    add_queryinst_config(cfg)
+    cfg.MODEL.MASK_ON = True
+    cfg.MODEL.QUERYINST_VIS.SUPERVISE_REFERENCE_FRAME = supervised
+    cfg.INPUT.CROP.ENABLED = crop
+    assert YTVISDatasetMapper(cfg, is_train=True).reference_masks is expected
+
+
 def _vis_train_cfg(name, sampling):
     cfg = get_cfg()
     add_queryinst_config(cfg)

@@ -77,7 +77,8 @@ class YTVISDatasetMapper:
          "instances": [key, ref]: Instances of size (H', W') with gt_boxes (Boxes, XYXY
              absolute pixels), gt_classes (int64 (R,)), gt_ids (int64 (R,), the YouTube-VIS
              track id, equal for the same object in both frames) and, with MODEL.MASK_ON,
-             gt_masks (PolygonMasks or BitMasks (R, H', W') as INPUT.MASK_FORMAT says)}
+             gt_masks (PolygonMasks or BitMasks (R, H', W') as INPUT.MASK_FORMAT says; the
+             reference frame's only with ``reference_masks``)}
 
     Each frame holds only the objects annotated in it; crowd objects are dropped and objects
     left empty by the augmentation (``filter_empty_instances``) are removed from that frame
@@ -95,7 +96,7 @@ class YTVISDatasetMapper:
     def __init__(self, is_train: bool, *, augmentations: Sequence[T.Augmentation],
                  image_format: str, use_instance_mask: bool = False,
                  instance_mask_format: str = "polygon", sampling_frame_range: int = 20,
-                 recompute_boxes: bool = False):
+                 recompute_boxes: bool = False, reference_masks: bool = True):
         """
         Args:
             is_train (bool): sample a frame pair with annotations, or map every frame.
@@ -107,15 +108,22 @@ class YTVISDatasetMapper:
                 "bitmask", Detectron2 raises ValueError otherwise).
             sampling_frame_range (int): largest key-reference distance in frames (>= 0).
             recompute_boxes (bool): boxes from the masks after augmentation (with crops).
+            reference_masks (bool): False, the reference frame (the second of each training
+                pair) gets no gt_masks, only boxes, classes and ids: a model that supervises
+                the key frame alone matches the reference frame by boxes and classes
+                (``MODEL.QUERYINST_VIS.SUPERVISE_REFERENCE_FRAME`` False), and decoding its
+                masks is wasted work (~70 cell masks a PSC frame: 0.1 s an iteration).
 
         Raises:
-            ValueError: ``sampling_frame_range`` < 0.
+            ValueError: ``sampling_frame_range`` < 0; ``recompute_boxes`` without
+                ``use_instance_mask`` or without ``reference_masks`` (the boxes come from
+                the masks).
         """
         if sampling_frame_range < 0:
             raise ValueError(f"INPUT.SAMPLING_FRAME_RANGE must be >= 0, got "
                              f"{sampling_frame_range}")
-        if recompute_boxes and not use_instance_mask:
-            raise ValueError("recompute_boxes needs use_instance_mask")
+        if recompute_boxes and not (use_instance_mask and reference_masks):
+            raise ValueError("recompute_boxes needs use_instance_mask and reference_masks")
         self.is_train = is_train
         self.augmentations = T.AugmentationList(list(augmentations))
         self.image_format = image_format
@@ -123,12 +131,14 @@ class YTVISDatasetMapper:
         self.instance_mask_format = instance_mask_format
         self.sampling_frame_range = sampling_frame_range
         self.recompute_boxes = recompute_boxes
+        self.reference_masks = reference_masks
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> dict:
         """Training: :func:`queryinst.build_train_augmentation` (the image model's),
-        ``INPUT.SAMPLING_FRAME_RANGE``; inference: ``ResizeShortestEdge(INPUT.MIN_SIZE_TEST,
-        INPUT.MAX_SIZE_TEST)``.
+        ``INPUT.SAMPLING_FRAME_RANGE``, the reference frame's masks only where the model
+        supervises that frame or the boxes come from masks; inference:
+        ``ResizeShortestEdge(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)``.
 
         Raises:
             ValueError: see :func:`queryinst.build_train_augmentation`.
@@ -138,6 +148,7 @@ class YTVISDatasetMapper:
         else:
             augmentations = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST,
                                                   cfg.INPUT.MAX_SIZE_TEST, "choice")]
+        recompute_boxes = is_train and boxes_from_masks_in_training(cfg)
         return {
             "is_train": is_train,
             "augmentations": augmentations,
@@ -145,7 +156,9 @@ class YTVISDatasetMapper:
             "use_instance_mask": cfg.MODEL.MASK_ON,
             "instance_mask_format": cfg.INPUT.MASK_FORMAT,
             "sampling_frame_range": cfg.INPUT.SAMPLING_FRAME_RANGE,
-            "recompute_boxes": is_train and boxes_from_masks_in_training(cfg),
+            "recompute_boxes": recompute_boxes,
+            "reference_masks": (recompute_boxes
+                                or cfg.MODEL.QUERYINST_VIS.SUPERVISE_REFERENCE_FRAME),
         }
 
     def _read(self, video: dict, t: int) -> np.ndarray:
@@ -153,13 +166,15 @@ class YTVISDatasetMapper:
         utils.check_image_size(video, image)  # every frame has the video's size
         return image
 
-    def _frame_instances(self, objects: List[dict], transforms, image_shape) -> Instances:
-        """One frame's objects -> filtered Instances with gt_ids (see the class docstring)."""
+    def _frame_instances(self, objects: List[dict], transforms, image_shape,
+                         masks: bool = True) -> Instances:
+        """One frame's objects -> filtered Instances with gt_ids (see the class docstring);
+        without gt_masks unless ``masks`` and ``use_instance_mask``."""
         annos = []
         for obj in copy.deepcopy(objects):
             if obj.get("iscrowd", 0):
                 continue
-            if not self.use_instance_mask:
+            if not (masks and self.use_instance_mask):
                 obj.pop("segmentation", None)
             annos.append(utils.transform_instance_annotations(obj, transforms, image_shape))
         instances = utils.annotations_to_instances(annos, image_shape,
@@ -196,7 +211,8 @@ class YTVISDatasetMapper:
         if self.is_train:
             image_shape = images[0].shape[:2]
             out["instances"] = [
-                self._frame_instances(video["annotations"][t], transforms, image_shape)
-                for t in frame_indices
+                self._frame_instances(video["annotations"][t], transforms, image_shape,
+                                      masks=i == 0 or self.reference_masks)
+                for i, t in enumerate(frame_indices)
             ]
         return out
