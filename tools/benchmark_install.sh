@@ -9,7 +9,9 @@ rounds=${1:-2}
 PYTHON=${PYTHON:-python3}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'); $(nproc) cores; $("$PYTHON" --version)"
+field() { lscpu | sed -n "s/^$1: *//p"; }
+echo "CPU: $(field 'Model name') (family $(field 'CPU family'), model $(field 'Model')); $(nproc)" \
+  "cores; $("$PYTHON" --version)"
 timed() {  # label, command...: a fresh venv, then the command's wall time
   rm -rf "$work/venv" "$work/uv-cache"; "$PYTHON" -m venv "$work/venv"
   local start end; start=$(date +%s.%N); "${@:2}" >/dev/null; end=$(date +%s.%N)
