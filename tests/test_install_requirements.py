@@ -70,6 +70,19 @@ def test_pip_installs_when_asked_and_says_why(tmp_path):
     assert "[setup] installing with pip: QUERYINST_SETUP_INSTALLER=pip" in result.stdout
 
 
+def test_a_pip_setting_without_translation_hands_the_install_to_pip(tmp_path):
+    """PIP_NO_INDEX (no uv flag here): pip installs, offline, a requirement already met,
+    and the message names the setting."""
+    req = tmp_path / "req.txt"
+    req.write_text("pytest\n")
+    env = {**os.environ, "PIP_NO_INDEX": "1", "QUERYINST_SETUP_INSTALLER": "uv"}
+    result = subprocess.run([sys.executable, SCRIPT, "-r", str(req)], env=env, timeout=300,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert ("[setup] installing with pip: pip setting(s) no-index have no uv equivalent here"
+            in result.stdout), result.stdout
+
+
 def test_a_missing_requirements_file_is_named(tmp_path):
     missing = str(tmp_path / "nope.txt")
     result = subprocess.run([sys.executable, SCRIPT, "-r", missing], timeout=120,
