@@ -112,7 +112,7 @@ class YTVISDatasetMapper:
                 pair) gets no gt_masks, only boxes, classes and ids: a model that supervises
                 the key frame alone matches the reference frame by boxes and classes
                 (``MODEL.QUERYINST_VIS.SUPERVISE_REFERENCE_FRAME`` False), and decoding its
-                masks is wasted work (~70 cell masks a PSC frame: 0.1 s an iteration).
+                masks is wasted work (~70 cell masks a PSC frame: 0.07 s an iteration).
 
         Raises:
             ValueError: ``sampling_frame_range`` < 0; ``recompute_boxes`` without
