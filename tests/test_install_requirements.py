@@ -20,6 +20,7 @@ global.cert='/etc/ssl/certs/ca-certificates.crt'
 global.constraint='/etc/pip/constraints.txt'
 global.extra-index-url='file:///srv/a/simple file:///srv/b/simple'
 global.find-links='/opt/wheels'
+global.trusted-host=''
 install.timeout='60'
 """
 
@@ -32,6 +33,7 @@ def test_pip_settings_reads_the_sections_pip_install_reads():
         "cert": ["/etc/ssl/certs/ca-certificates.crt"],
         "constraint": ["/etc/pip/constraints.txt"],
         "extra-index-url": ["file:///srv/a/simple", "file:///srv/b/simple"],
+        "trusted-host": [],  # set empty: no flag
         "timeout": ["60"],
     }  # download.dest is `pip download`'s, not install's
 

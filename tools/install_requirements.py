@@ -79,7 +79,7 @@ def pip_settings(config_list: str) -> Dict[str, List[str]]:
             raise ValueError(f"unexpected line in `pip config list`: {line!r}")
         if section not in SECTIONS:
             continue
-        if value[:1] in "'\"":
+        if value[:1] in ("'", '"'):  # pip prints each value as a Python literal
             value = ast.literal_eval(value)
         settings.setdefault(name, []).extend(value.split())
     return settings
