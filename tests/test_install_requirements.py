@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from install_requirements import UvPlan, pip_settings, uv_plan
+from install_requirements import UvPlan, pip_settings, uv_command, uv_plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tools", "install_requirements.py")
@@ -96,16 +96,16 @@ def test_a_missing_requirements_file_is_named(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("uv") is None,
                     reason="uv is not installed here (setup ran with pip)")
 def test_uv_with_this_machines_pip_settings_resolves_the_installed_environment():
-    """With the flags translated from this machine's pip settings, uv resolves
-    requirements.txt to exactly what this environment holds: it would change nothing."""
+    """The script's uv command, with the flags translated from this machine's pip
+    settings, resolves requirements.txt to exactly what this environment holds: it would
+    change nothing."""
     listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], check=True,
                             capture_output=True, text=True).stdout
     plan = uv_plan(pip_settings(listed))
     assert plan.unsupported == []
-    result = subprocess.run(
-        [sys.executable, "-m", "uv", "pip", "install", "--dry-run", "--python", sys.executable,
-         "--index-strategy", "unsafe-best-match", *plan.flags,
-         "-r", os.path.join(REPO, "requirements.txt")],
-        env={**os.environ, **plan.env}, timeout=300, capture_output=True, text=True)
+    command = uv_command(plan, [os.path.join(REPO, "requirements.txt")], "--dry-run")
+    command.remove("-q")  # the dry run's verdict is printed, not quiet
+    result = subprocess.run(command, env={**os.environ, **plan.env}, timeout=300,
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "Would make no changes" in result.stderr, result.stderr

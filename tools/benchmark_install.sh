@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Time the install of requirements.txt into fresh venvs: pip against
-# tools/install_requirements.py's uv, with uv's cache as it is and with an empty one.
+# Time tools/install_requirements.py's install of requirements.txt into fresh venvs: pip
+# against uv, with uv's cache as it is and with an empty one.
 # One install at a time, in a temporary folder (about 6 GB at a time, 12 GB with the empty
 # cache), removed at the end. Usage: bash tools/benchmark_install.sh [ROUNDS (default 2)]
 set -euo pipefail
@@ -19,8 +19,8 @@ timed() {  # label, command...: a fresh venv, then the command's wall time
 }
 for round in $(seq "$rounds"); do
   echo "round $round"
-  timed "pip install -r requirements.txt" \
-    "$work/venv/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt
+  timed "pip install -r requirements.txt" env QUERYINST_SETUP_INSTALLER=pip \
+    "$work/venv/bin/python" tools/install_requirements.py -r requirements.txt
   timed "uv, its cache as it is" env QUERYINST_SETUP_INSTALLER=uv \
     "$work/venv/bin/python" tools/install_requirements.py -r requirements.txt
   timed "uv, an empty cache" env QUERYINST_SETUP_INSTALLER=uv UV_CACHE_DIR="$work/uv-cache" \

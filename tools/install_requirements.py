@@ -38,13 +38,15 @@ UV_FLAGS = {
     "trusted-host": "--allow-insecure-host",
 }
 # pip settings that become uv's environment variables.
-UV_ENV = {"cert": "SSL_CERT_FILE", "timeout": "UV_HTTP_TIMEOUT", "default-timeout": "UV_HTTP_TIMEOUT"}
+UV_ENV = {"cert": "SSL_CERT_FILE", "timeout": "UV_HTTP_TIMEOUT",
+          "default-timeout": "UV_HTTP_TIMEOUT"}
 # pip settings about pip's own output or cache: they change nothing that gets installed.
 IGNORED = {
     "disable-pip-version-check", "no-input", "progress-bar", "quiet", "verbose", "cache-dir",
     "no-cache-dir", "no-warn-script-location", "root-user-action", "require-virtualenv",
 }
 SECTIONS = ("global", "install", ":env:")  # those `pip install` reads
+PIP_INSTALL = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
 
 
 class UvPlan(NamedTuple):
@@ -104,11 +106,28 @@ def uv_plan(settings: Dict[str, List[str]]) -> UvPlan:
     return UvPlan(flags, env, unsupported)
 
 
+def _requirement_args(requirements: List[str]) -> List[str]:
+    return [arg for req in requirements for arg in ("-r", req)]
+
+
+def uv_command(plan: UvPlan, requirements: List[str], *options: str) -> List[str]:
+    """The ``uv pip install`` command line of :func:`_uv` for the running Python.
+
+    Args:
+        plan: :func:`uv_plan`'s flags (its ``env`` goes into the command's environment).
+        requirements: requirements file paths.
+        options: further ``uv pip install`` options (e.g. "--dry-run").
+
+    Returns:
+        list[str]: the command, run as ``python -m uv`` (uv installed into this Python).
+    """
+    return [sys.executable, "-m", "uv", "pip", "install", "-q", "--python", sys.executable,
+            "--index-strategy", "unsafe-best-match", "--compile-bytecode", *options,
+            *plan.flags, *_requirement_args(requirements)]
+
+
 def _pip(requirements: List[str]) -> int:
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    for req in requirements:
-        cmd += ["-r", req]
-    return subprocess.call(cmd)
+    return subprocess.call(PIP_INSTALL + _requirement_args(requirements))
 
 
 def _uv(requirements: List[str]) -> str:
@@ -122,14 +141,9 @@ def _uv(requirements: List[str]) -> str:
     plan = uv_plan(pip_settings(listed.stdout))
     if plan.unsupported:
         return f"pip setting(s) {', '.join(plan.unsupported)} have no uv equivalent here"
-    if importlib.util.find_spec("uv") is None and subprocess.call(
-            [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "uv"]):
+    if importlib.util.find_spec("uv") is None and subprocess.call(PIP_INSTALL + ["uv"]):
         return "uv could not be installed"
-    cmd = [sys.executable, "-m", "uv", "pip", "install", "-q", "--python", sys.executable,
-           "--index-strategy", "unsafe-best-match", "--compile-bytecode", *plan.flags]
-    for req in requirements:
-        cmd += ["-r", req]
-    code = subprocess.call(cmd, env={**os.environ, **plan.env})
+    code = subprocess.call(uv_command(plan, requirements), env={**os.environ, **plan.env})
     return f"uv failed with exit code {code}" if code else ""
 
 
